@@ -1,0 +1,3 @@
+from guardrl.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Group-relative advantages (GRPO): each sample's reward against the other samples of its prompt.
+
+Shape legend: B samples, G group size, N = B / G groups. Groups are contiguous: samples [g*G, (g+1)*G).
+"""
+
+from __future__ import annotations
+
+import torch
+
+STD_SCOPES = ("group", "global")
+
+
+def group_advantages(
+    rewards_B: torch.Tensor,
+    group_size: int,
+    std_scope: str = "group",
+    eps: float = 1e-4,
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """A_i = (r_i - mean_group(r)) / (std + eps), clipped to [-clip, clip].
+
+    Args:
+        rewards_B: (B,) rewards; B must be a multiple of group_size.
+        std_scope: "group" divides by each group's std (FlowGRPO's per-prompt tracker with
+            global_std=False, the GRPO-Guard configs); "global" by the std of all B rewards.
+        eps: added to the std, as the reference implementations do (1e-4).
+        clip: advantage clip (FlowGRPO: 5); None disables it.
+
+    A group whose rewards are all equal carries no preference and gets exactly zero advantage (computed
+    as r - mean, its rounding error divided by eps would otherwise give values of order 1e-13 * 1e4).
+    """
+    if rewards_B.ndim != 1:
+        raise ValueError(f"rewards must have shape (B,), got {tuple(rewards_B.shape)}")
+    if group_size < 1 or rewards_B.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of samples ({rewards_B.numel()}): "
+            "every prompt contributes exactly group_size samples"
+        )
+    if std_scope not in STD_SCOPES:
+        raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
+    rewards_NG = rewards_B.reshape(-1, group_size)
+    centered_NG = rewards_NG - rewards_NG.mean(dim=1, keepdim=True)
+    if std_scope == "group":
+        std_N1 = rewards_NG.std(dim=1, unbiased=False, keepdim=True)
+    else:
+        std_N1 = rewards_B.std(unbiased=False).expand(rewards_NG.shape[0], 1)
+    advantages_NG = centered_NG / (std_N1 + eps)
+    constant_group_N1 = (rewards_NG == rewards_NG[:, :1]).all(dim=1, keepdim=True)
+    advantages_NG = advantages_NG.masked_fill(constant_group_N1, 0.0)
+    if clip is not None:
+        advantages_NG = advantages_NG.clamp(-clip, clip)
+    return advantages_NG.reshape(-1)

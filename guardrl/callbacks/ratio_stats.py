@@ -1,0 +1,72 @@
+"""RatioStatsCallback: the per-denoising-step diagnostics of the GRPO-Guard paper, in TensorBoard.
+
+For each trained sampler step k (0 = pure noise), over all updates of one GRPO iteration and all ranks:
+    ratio/mean_t{k}, ratio/std_t{k}     of the ratio used for clipping (exp of the variant's log-ratio)
+    clip/frac_pos_upper_t{k}            share of positive-advantage samples with ratio > 1 + c
+    clip/frac_neg_lower_t{k}            share of negative-advantage samples with ratio < 1 - c
+    grad/norm_t{k}                      norm of the gradient of step k's loss (mean over updates)
+    ratio/log_ratio_t{k}      histogram of the log-ratio used for clipping
+    ratio/raw_log_ratio_t{k}  histogram of the plain log r, whatever the variant
+The x axis is the GRPO iteration, as for every scalar guardrl logs.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+class RatioStatsCallback(Callback):
+    def __init__(self, log_histograms: bool = True, histogram_every_n_iterations: int = 1) -> None:
+        """
+        Args:
+            log_histograms: write the per-step log-ratio histograms.
+            histogram_every_n_iterations: histogram cadence (scalars follow trainer.log_every_n_steps).
+        """
+        if histogram_every_n_iterations < 1:
+            raise ValueError(f"histogram_every_n_iterations must be >= 1, got {histogram_every_n_iterations}")
+        self.log_histograms = log_histograms
+        self.histogram_every_n_iterations = histogram_every_n_iterations
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        if not outputs or "step_stats" not in outputs:
+            return
+        clip_range = outputs["clip_range"]
+        iteration = pl_module.num_iterations - 1  # the iteration just finished; Lightning logs at this step
+        write_histograms = (
+            self.log_histograms
+            and trainer.is_global_zero
+            and (iteration + 1) % self.histogram_every_n_iterations == 0
+        )
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        log = dict(on_step=True, on_epoch=False, batch_size=len(outputs["advantages"]))
+        for stats in outputs["step_stats"]:
+            k = stats.step_index
+            # Collectives run on every rank; only rank zero writes (see DESIGN.md).
+            log_ratio = pl_module.all_gather(stats.cat("log_ratio")).reshape(-1).double()
+            raw_log_ratio = pl_module.all_gather(stats.cat("raw_log_ratio")).reshape(-1).double()
+            advantages = pl_module.all_gather(stats.cat("advantages")).reshape(-1)
+            ratio = log_ratio.exp()
+            positive, negative = advantages > 0, advantages < 0
+            upper = (ratio > 1 + clip_range) & positive
+            lower = (ratio < 1 - clip_range) & negative
+            pl_module.log(f"ratio/mean_t{k}", ratio.mean().float(), **log)
+            pl_module.log(f"ratio/std_t{k}", ratio.std(unbiased=False).float(), **log)
+            pl_module.log(f"ratio/log_ratio_mean_t{k}", log_ratio.mean().float(), **log)
+            pl_module.log(f"ratio/raw_log_ratio_mean_t{k}", raw_log_ratio.mean().float(), **log)
+            pl_module.log(f"clip/frac_pos_upper_t{k}", _share(upper, positive), **log)
+            pl_module.log(f"clip/frac_neg_lower_t{k}", _share(lower, negative), **log)
+            if stats.grad_norms:
+                pl_module.log(f"grad/norm_t{k}", float(sum(stats.grad_norms) / len(stats.grad_norms)), **log)
+            if write_histograms:
+                for writer in writers:
+                    writer.add_histogram(f"ratio/log_ratio_t{k}", log_ratio.cpu(), iteration)
+                    writer.add_histogram(f"ratio/raw_log_ratio_t{k}", raw_log_ratio.cpu(), iteration)
+
+
+def _share(selected: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """Fraction of `among` that is `selected`; 0 when `among` is empty (nothing to clip)."""
+    count = among.sum()
+    return (selected.sum() / count.clamp(min=1)).float()

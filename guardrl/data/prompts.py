@@ -1,0 +1,138 @@
+"""Prompt files read line by line (never loaded whole), split across ranks, repeated per group.
+
+Formats: `.txt` (one prompt per line; blank lines skipped) and `.jsonl` (one JSON object per line, the prompt
+under `prompt_field`). The stream is endless: after the last prompt it starts the file again (epoch + 1).
+Shuffling, when asked, uses a bounded buffer seeded by (seed, epoch), so order is reproducible without
+holding the file in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import IterableDataset
+
+from guardrl.types import PromptBatch
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+def check_prompt_file(path: str, option: str = "data.train_prompts") -> None:
+    """Fail early, naming the option, when a prompt file is missing, of an unknown type or has no prompt."""
+    if not path:
+        raise ValueError(f"{option} is required: a .txt or .jsonl prompt file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{option}={path!r}: no such file")
+    if not path.endswith(PROMPT_FILE_SUFFIXES):
+        raise ValueError(f"{option}={path!r}: the file must end in one of {PROMPT_FILE_SUFFIXES}")
+
+
+def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "data.train_prompts") -> Iterator[str]:
+    """Yield the prompts of a file in order, one line at a time."""
+    is_jsonl = path.endswith(".jsonl")
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason})") from None
+            if not line:
+                continue
+            if not is_jsonl:
+                yield line
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{option}={path!r}: line {line_number} is not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
+                raise ValueError(
+                    f"{option}={path!r}: line {line_number} has no string field {prompt_field!r} "
+                    f"(set data.prompt_field to the key that holds the prompt)"
+                )
+            yield record[prompt_field]
+
+
+class PromptStream(IterableDataset):
+    """Endless stream of `PromptBatch`es for one rank.
+
+    Rank r of W takes the prompts whose index in the (shuffled) pass satisfies i % W == r, so every group
+    lives on one rank. Each batch holds `prompts_per_batch` distinct prompts, each repeated `group_size` times.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        group_size: int,
+        prompts_per_batch: int,
+        prompt_field: str = "prompt",
+        shuffle_buffer_size: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_position: int = 0,
+    ) -> None:
+        self.path = path
+        self.group_size = group_size
+        self.prompts_per_batch = prompts_per_batch
+        self.prompt_field = prompt_field
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_position = start_position
+
+    def _one_pass(self, epoch: int) -> Iterator[str]:
+        prompts = iter_prompt_file(self.path, self.prompt_field)
+        if self.shuffle_buffer_size <= 1:
+            yield from prompts
+            return
+        rng = random.Random(f"{self.seed}-{epoch}")
+        buffer: list[str] = []
+        for prompt in prompts:
+            buffer.append(prompt)
+            if len(buffer) >= self.shuffle_buffer_size:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _rank_prompts(self) -> Iterator[tuple[int, int, str]]:
+        """(epoch, global index within the pass, prompt) for this rank, forever."""
+        epoch = 0
+        while True:
+            found = False
+            for index, prompt in enumerate(self._one_pass(epoch)):
+                if index % self.world_size == self.rank:
+                    found = True
+                    yield epoch, index, prompt
+            if not found:
+                raise ValueError(
+                    f"data.train_prompts={self.path!r} has no prompt for rank {self.rank} of {self.world_size}: "
+                    "it needs at least as many prompts as there are ranks"
+                )
+            epoch += 1
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        position = 0
+        pending: list[tuple[int, int, str]] = []
+        for item in self._rank_prompts():
+            position += 1
+            if position <= self.start_position:
+                continue  # resuming: skip what an earlier run consumed
+            pending.append(item)
+            if len(pending) < self.prompts_per_batch:
+                continue
+            prompts = [p for _, _, p in pending for _ in range(self.group_size)]
+            group_ids = torch.tensor([i for _, i, _ in pending], dtype=torch.long)
+            yield PromptBatch(
+                prompts=prompts,
+                group_ids=group_ids.repeat_interleave(self.group_size),
+                group_size=self.group_size,
+                stream_position=position,
+                epoch=pending[-1][0],
+            )
+            pending = []

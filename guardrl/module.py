@@ -1,0 +1,340 @@
+"""GRPOModule: the one orchestrator. One `training_step` = one GRPO iteration (SPEC.md section 2):
+
+    1. encode the prompts (frozen text encoders, cached)
+    2. roll out with the old policy (no grad): SDE on the SDE steps, Euler elsewhere
+    3. decode and score; group advantages (rewards all-gathered, groups never span ranks)
+    4. update: for each inner epoch, minibatch and trained step, recompute mu_theta, take the configured
+       ratio variant, the clipped loss (+ KL), backward; optimizer step every `gradient_accumulation_steps`
+    5. sync the old-policy snapshot on its cadence; EMA after each optimizer step
+    6. return detached per-step statistics for RatioStatsCallback; log rewards, loss, KL
+
+Everything backbone-specific is behind `FlowBackbone`; everything mathematical is in sampling/ and
+algorithm/. Manual optimization, because one iteration takes several optimizer steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from guardrl.algorithm import (
+    RATIO_VARIANTS,
+    clipped_policy_loss,
+    compute_ratio_terms,
+    effective_clip_range,
+    group_advantages,
+    kl_to_reference,
+)
+from guardrl.options import GRPOOptions, SamplingOptions, check_compatible
+from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
+from guardrl.rewards import Reward
+from guardrl.sampling import noise_scales, sample_rollouts, step_mean_and_std
+from guardrl.types import PromptBatch, StepStats, Trajectory
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [g.detach().float().norm() for g in grads]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2 DTensor shards
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: FlowBackbone,
+        rewards: list[Reward],
+        sampling: SamplingOptions = SamplingOptions(),
+        grpo: GRPOOptions = GRPOOptions(),
+        lora: Optional[LoraSpec] = LoraSpec(),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        group_size: int = 4,
+        max_iterations: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            backbone: the flow-matching model (SD3Backbone, FluxBackbone, TinySD3Backbone, ...).
+            rewards: proxy rewards, summed with their weights.
+            sampling: how rollouts are sampled.
+            grpo: the GRPO update.
+            lora: LoRA settings; null for full fine-tuning.
+            optimizer: built over the trainable parameters (default AdamW).
+            lr_scheduler: optional, stepped after every optimizer step.
+            group_size: samples per prompt (linked from data.group_size).
+            max_iterations: stop after this many GRPO iterations (trainer.max_steps counts optimizer steps).
+            seed: seed of the rollout noise and of the timestep/minibatch choices, mixed with the iteration
+                number (and the rank for the noise), so a resumed run draws what the original would have.
+        """
+        super().__init__()
+        if not rewards:
+            raise ValueError("model.rewards must list at least one reward")
+        if group_size < 2:
+            raise ValueError(f"model.group_size must be >= 2, got {group_size}")
+        if max_iterations is not None and max_iterations < 1:
+            raise ValueError(f"model.max_iterations must be >= 1 or null, got {max_iterations}")
+        check_compatible(sampling, grpo)
+        self.save_hyperparameters(ignore=["backbone", "rewards", "optimizer", "lr_scheduler"])
+        self.sampling = sampling
+        self.grpo = grpo
+        self.group_size = group_size
+        self.max_iterations = max_iterations
+        self.seed = seed
+        self.policy = FlowPolicy(
+            backbone, lora, ema_decay=grpo.ema_decay, keep_reference=grpo.needs_reference
+        )
+        self.rewards = torch.nn.ModuleList(rewards)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.ratio_fn = RATIO_VARIANTS[grpo.ratio_variant]
+        self.automatic_optimization = False
+        # Checkpoints keep only trainable state (adapters / snapshots), so loading is not strict.
+        self.strict_loading = False
+        self.num_iterations = 0
+        self.stream_position = 0
+
+    @property
+    def backbone(self) -> FlowBackbone:
+        return self.policy.backbone
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        self.policy.build()
+        self.sigmas = self.backbone.sigmas(self.sampling.num_inference_steps)
+        start, end = self.sampling.sde_steps_range()
+        self.noise_scales = noise_scales(
+            self.sigmas, self.sampling.noise_level, self.sampling.sde_type, range(start, end)
+        )
+        self.num_latent_elements = self.backbone.latent_numel()
+        self.clip_range = effective_clip_range(
+            self.grpo.clip_range, self.grpo.clip_range_unit, self.sampling.log_prob_reduction,
+            self.num_latent_elements,
+        )
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+
+    def _check_batch(self, batch: PromptBatch) -> None:
+        size = len(batch)
+        if batch.group_size != self.group_size:
+            raise ValueError(f"data.group_size={batch.group_size} differs from model.group_size={self.group_size}")
+        minibatch = self.grpo.minibatch_size or size
+        if size % minibatch:
+            raise ValueError(
+                f"grpo.minibatch_size={minibatch} must divide the rank's batch of {size} samples "
+                f"(data.prompts_per_batch * data.group_size)"
+            )
+        updates = self.grpo.num_inner_epochs * (size // minibatch)
+        if updates % self.grpo.gradient_accumulation_steps:
+            raise ValueError(
+                f"grpo.gradient_accumulation_steps={self.grpo.gradient_accumulation_steps} must divide the "
+                f"{updates} minibatch updates of an iteration (num_inner_epochs * batch / minibatch_size)"
+            )
+
+    # ------------------------------------------------------------------ one GRPO iteration
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        self._check_batch(batch)
+        use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
+        cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
+        trajectory = self._rollout(cond, len(batch))
+        images = self.backbone.decode(trajectory.final_latents)
+        rewards, per_reward = self._score(images, batch.prompts)
+        advantages = self._advantages(rewards)
+        step_stats, losses = self._update(trajectory, cond, advantages)
+
+        self.num_iterations += 1
+        self.stream_position = batch.stream_position
+        if self.num_iterations % self.grpo.old_policy_sync_every == 0:
+            self.policy.sync_old()
+        if self.max_iterations is not None and self.num_iterations >= self.max_iterations:
+            self.trainer.should_stop = True
+
+        self._log_iteration(rewards, per_reward, advantages, losses, step_stats, len(batch))
+        return {
+            "step_stats": step_stats,
+            "clip_range": self.clip_range,
+            "rewards": rewards.detach(),
+            "advantages": advantages.detach(),
+            "images": images.detach(),
+            "prompts": batch.prompts,
+        }
+
+    def _seed(self, *key: int) -> int:
+        # SeedSequence mixes (seed, iteration, ...) into well-separated streams.
+        return int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
+
+    def _generator(self, *key: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self._seed(*key))
+
+    @torch.no_grad()
+    def _rollout(self, cond, batch_size: int) -> Trajectory:
+        # Noise differs per rank (key includes the rank); the step choices below do not.
+        generator = self._generator(self.num_iterations, self.global_rank)
+        if self.sampling.same_noise_per_group:
+            noise = self.backbone.initial_noise(batch_size // self.group_size, generator, self.device)
+            noise = noise.repeat_interleave(self.group_size, dim=0)
+        else:
+            noise = self.backbone.initial_noise(batch_size, generator, self.device)
+        with self.policy.use_weights("old") as transformer:
+
+            def velocity_fn(latents, t, step_index):
+                return self.backbone.velocity(latents, t, cond, self.sampling.guidance_scale, transformer)
+
+            return sample_rollouts(
+                velocity_fn, noise, self.sigmas, self.noise_scales, self.sampling.log_prob_reduction, generator
+            )
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        per_reward = {reward.name: reward(images, prompts) for reward in self.rewards}
+        total = sum(reward.weight * per_reward[reward.name] for reward in self.rewards)
+        return total, per_reward
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        # Groups never span ranks, so group statistics are local; the global std needs every rank's rewards.
+        if self.grpo.std_scope == "global" and self.trainer.world_size > 1:
+            gathered = self.all_gather(rewards).reshape(-1)
+            advantages = group_advantages(gathered, self.group_size, "global", clip=self.grpo.adv_clip_max)
+            start = self.global_rank * rewards.numel()
+            return advantages[start : start + rewards.numel()]
+        return group_advantages(rewards, self.group_size, self.grpo.std_scope, clip=self.grpo.adv_clip_max)
+
+    def _trained_steps(self, trajectory: Trajectory, generator: torch.Generator) -> list[int]:
+        """Positions j in the trajectory to train this iteration (same on every rank: FSDP needs it)."""
+        count = trajectory.num_stored_steps
+        wanted = self.grpo.num_train_timesteps
+        if wanted is None or wanted >= count:
+            return list(range(count))
+        if self.grpo.timestep_selection == "first":
+            return list(range(wanted))
+        return sorted(torch.randperm(count, generator=generator)[:wanted].tolist())
+
+    def _update(self, trajectory: Trajectory, cond, advantages: torch.Tensor):
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        params = self.policy.trainable_parameters()
+        choice_gen = torch.Generator().manual_seed(self._seed(self.num_iterations))
+        positions = self._trained_steps(trajectory, choice_gen)
+        size = advantages.numel()
+        minibatch = self.grpo.minibatch_size or size
+        accumulation = self.grpo.gradient_accumulation_steps
+        loss_scale = 1.0 / (len(positions) * accumulation)
+        step_stats = {j: StepStats(step_index=trajectory.step_indices[j]) for j in positions}
+        losses: dict[str, list] = {"loss": [], "kl": [], "grad_norm": []}
+        num_minibatches = 0
+        for _ in range(self.grpo.num_inner_epochs):
+            # Same sample order as the rollout when one minibatch covers the batch: then the first update
+            # recomputes the rollout's forward exactly and the ratio is exactly 1.
+            order = torch.arange(size) if minibatch == size else torch.randperm(size, generator=choice_gen)
+            for start in range(0, size, minibatch):
+                index = order[start : start + minibatch].to(self.device)
+                for j in positions:
+                    before = self._grad_snapshot(params)
+                    loss, kl = self._step_loss(trajectory, j, index, cond, advantages, step_stats[j])
+                    self.manual_backward(loss * loss_scale)
+                    losses["loss"].append(loss.detach())
+                    losses["kl"].append(kl)
+                    if before is not None:
+                        step_stats[j].grad_norms.append(self._grad_delta_norm(params, before) / loss_scale)
+                num_minibatches += 1
+                if num_minibatches % accumulation == 0:
+                    losses["grad_norm"].append(_grad_norm(params))
+                    if self.grpo.max_grad_norm is not None:
+                        self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm,
+                                            gradient_clip_algorithm="norm")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if scheduler is not None:
+                        scheduler.step()
+                    self.policy.update_ema()
+        return [step_stats[j] for j in positions], losses
+
+    def _grad_snapshot(self, params):
+        if not self.grpo.log_step_grad_norms:
+            return None
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    @staticmethod
+    def _grad_delta_norm(params, before) -> float:
+        squares = []
+        for p, old in zip(params, before):
+            if p.grad is None:
+                continue
+            delta = p.grad.detach() if old is None else p.grad.detach() - old
+            norm = delta.float().norm()
+            squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2)
+        return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+    def _step_loss(self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats):
+        """Clipped policy loss (+ beta KL) of stored step j on the samples `index`; records statistics."""
+        latents = trajectory.latents_BTCHW[index, j]
+        t, t_next = trajectory.sigma_T[j], trajectory.sigma_next_T[j]
+        noise_scale = trajectory.noise_scale_T[j]
+        step_cond = cond.select(index)
+        velocity = self.backbone.velocity(latents, t, step_cond, self.sampling.guidance_scale)
+        mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale)
+        reduction = self.sampling.log_prob_reduction
+        terms = compute_ratio_terms(
+            trajectory.next_latents_BTCHW[index, j], trajectory.mean_old_BTCHW[index, j], mean_theta,
+            std, trajectory.dt_T[j].expand(len(index)), reduction,
+        )
+        policy_ratio = self.ratio_fn(terms)
+        loss, _ = clipped_policy_loss(policy_ratio.log_ratio, advantages[index], policy_ratio.weight, self.clip_range)
+        kl = torch.zeros((), device=loss.device)
+        if self.grpo.needs_reference:
+            with torch.no_grad(), self.policy.use_weights("reference") as reference:
+                velocity_ref = self.backbone.velocity(latents, t, step_cond, self.sampling.guidance_scale, reference)
+                mean_ref, _ = step_mean_and_std(velocity_ref, latents, t, t_next, noise_scale)
+            kl_B = kl_to_reference(mean_theta, mean_ref, std, reduction)
+            kl = kl_B.mean()
+            if self.grpo.kl_beta > 0:
+                loss = loss + self.grpo.kl_beta * kl
+            kl = kl.detach()
+            stats.kl.append(kl_B.detach())
+        stats.log_ratio.append(policy_ratio.log_ratio.detach())
+        stats.raw_log_ratio.append(terms.raw_log_ratio.detach())
+        stats.advantages.append(advantages[index].detach())
+        return loss, kl
+
+    # ------------------------------------------------------------------ logging and state
+    def _log_iteration(self, rewards, per_reward, advantages, losses, step_stats, batch_size: int) -> None:
+        log = dict(batch_size=batch_size, on_step=True, on_epoch=False)
+        self.log("reward/mean", rewards.mean(), sync_dist=True, prog_bar=True, **log)
+        self.log("reward/std", rewards.std(unbiased=False), sync_dist=True, **log)
+        for name, values in per_reward.items():
+            self.log(f"reward/{name}/mean", values.mean(), sync_dist=True, **log)
+        self.log("advantages/abs_mean", advantages.abs().mean(), sync_dist=True, **log)
+        self.log("train/loss", torch.stack(losses["loss"]).mean(), sync_dist=True, **log)
+        self.log("train/kl", torch.stack(losses["kl"]).mean(), sync_dist=True, **log)
+        if losses["grad_norm"]:
+            self.log("grad/norm", torch.stack(losses["grad_norm"]).mean(), **log)
+        self.log("train/num_optimizer_steps", float(len(losses["grad_norm"])), **log)
+        self.log("train/iteration", float(self.num_iterations), **log)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Frozen base weights are re-loaded from the pretrained model; keep only what training changed.
+        prefix = "policy."
+        checkpoint["state_dict"] = {
+            key: value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix):])
+        }
+        checkpoint["guardrl"] = {"num_iterations": self.num_iterations, "stream_position": self.stream_position}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("guardrl", {})
+        self.num_iterations = state.get("num_iterations", 0)
+        self.stream_position = state.get("stream_position", 0)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_position"):
+            datamodule.start_position = self.stream_position

@@ -1,0 +1,337 @@
+"""Flow-matching backbones: everything that differs between SD3 and Flux lives here, behind one interface.
+
+A backbone owns a diffusers pipeline's components (transformer, VAE, text encoders, scheduler) and offers
+what the GRPO loop needs: encode prompts, draw initial noise, predict the velocity v at (x, t) with or
+without classifier-free guidance, decode latents to images, and the sampler's sigmas. The loop never
+branches on the backbone type.
+
+Loading is lazy (`load()`, called from `GRPOModule.configure_model`) so that LightningCLI can build and
+validate a config without touching weights, and so that sharded strategies can wrap the modules after load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from torch import nn
+
+from guardrl.sampling.schedules import flow_match_sigmas
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, option: str = "torch_dtype") -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"{option} must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for B samples. Negative (unconditional) embeddings exist when CFG is used."""
+
+    prompt_embeds: torch.Tensor  # (B, L, D_txt)
+    pooled_prompt_embeds: torch.Tensor  # (B, D_pool)
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor | slice) -> Conditioning:
+        def pick(t):
+            return None if t is None else t[index]
+
+        return Conditioning(
+            pick(self.prompt_embeds), pick(self.pooled_prompt_embeds), pick(self.negative_prompt_embeds),
+            pick(self.negative_pooled_prompt_embeds),
+        )
+
+
+class FlowBackbone(nn.Module):
+    """Base class: a diffusers text-to-image flow-matching pipeline seen as a velocity model.
+
+    Subclasses implement `_load_pipeline`, `_encode`, `_transformer_forward`, `initial_noise` and `decode`.
+    """
+
+    pipeline_class: type = None  # the stock diffusers pipeline class (also used to export LoRA)
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | None = None,
+        torch_dtype: str = "float32",
+        resolution: int = 512,
+        max_sequence_length: int = 256,
+        prompt_cache_size: int = 4096,
+    ) -> None:
+        """
+        Args:
+            pretrained_model_name_or_path: a local diffusers pipeline directory or a hub id.
+            torch_dtype: dtype of the transformer, VAE and text encoders ("float32", "bfloat16", "float16").
+                The SDE and log-probability math always runs in float32.
+            resolution: image height and width in pixels.
+            max_sequence_length: T5 tokens per prompt.
+            prompt_cache_size: how many prompts' embeddings to keep (the text encoders are frozen, so an
+                embedding never changes); 0 disables the cache.
+        """
+        super().__init__()
+        self.pretrained_model_name_or_path = pretrained_model_name_or_path
+        self.dtype_name = torch_dtype
+        self.model_dtype = parse_dtype(torch_dtype)
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.prompt_cache_size = prompt_cache_size
+        if resolution < 16:
+            raise ValueError(f"resolution must be >= 16 pixels, got {resolution}")
+        if prompt_cache_size < 0:
+            raise ValueError(f"prompt_cache_size must be >= 0, got {prompt_cache_size}")
+        self._pipe = None
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    # ----- loading
+    @property
+    def is_loaded(self) -> bool:
+        return self._pipe is not None
+
+    def load(self) -> None:
+        """Build or load the pipeline, freeze every component, register the modules as children."""
+        if self.is_loaded:
+            return
+        pipe = self._load_pipeline()
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+                setattr(self, name, module)  # registered as a child: moved by Lightning, in state_dict
+        self._pipe = pipe
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale
+        multiple = vae_scale * self.latent_patch_multiple
+        if self.resolution % multiple:
+            raise ValueError(
+                f"resolution={self.resolution} is not allowed for this model: it must be a multiple of "
+                f"{multiple} (VAE downsampling x{vae_scale} times the transformer's patching)"
+            )
+
+    def _load_pipeline(self):
+        if not self.pretrained_model_name_or_path:
+            raise ValueError(
+                f"{type(self).__name__}: pretrained_model_name_or_path is required (a local diffusers "
+                "pipeline directory or a hub id)"
+            )
+        path = self.pretrained_model_name_or_path
+        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(
+                f"pretrained_model_name_or_path={path!r} is a local path without model_index.json: "
+                "it must be a diffusers pipeline directory (as written by `save_pretrained`)"
+            )
+        return self.pipeline_class.from_pretrained(path, torch_dtype=self.model_dtype)
+
+    @property
+    def pipeline(self):
+        if self._pipe is None:
+            raise RuntimeError("the backbone is not loaded yet: call load() first")
+        return self._pipe
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    # ----- what subclasses provide
+    latent_patch_multiple = 1
+
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (B, L, D_txt), pooled_prompt_embeds (B, D_pool)) from the frozen text encoders."""
+        raise NotImplementedError
+
+    def _transformer_forward(
+        self, transformer: nn.Module, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor, cond: Conditioning, guidance_scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], float32."""
+        raise NotImplementedError
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        """True when guidance means two forwards (uncond + cond); Flux-dev's guidance is an embedding."""
+        return True
+
+    def image_seq_len(self) -> int | None:
+        return None
+
+    # ----- shared behaviour
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        return flow_match_sigmas(self.scheduler, num_inference_steps, self.image_seq_len())
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], with_negative: bool) -> Conditioning:
+        """Embed prompts with the frozen text encoders, through a per-prompt cache."""
+        device = self.transformer.device
+        unique = list(dict.fromkeys(prompts + ([""] if with_negative else [])))
+        missing = [p for p in unique if p not in self._prompt_cache]
+        if missing:
+            encoded = self._encode(missing, device)
+            for i, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = tuple(t[i : i + 1] for t in encoded)
+        rows = [self._prompt_cache[p] for p in prompts]
+        for p in unique:
+            self._prompt_cache.move_to_end(p)
+        embeds = torch.cat([r[0] for r in rows]).to(device)
+        pooled = torch.cat([r[1] for r in rows]).to(device)
+        negative = negative_pooled = None
+        if with_negative:
+            neg = self._prompt_cache[""]
+            negative = neg[0].to(device).expand(len(prompts), *neg[0].shape[1:])
+            negative_pooled = neg[1].to(device).expand(len(prompts), *neg[1].shape[1:])
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return Conditioning(embeds, pooled, negative, negative_pooled)
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        t: float | torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        transformer: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """v(x, t) in float32, with classifier-free guidance in one batched forward when asked.
+
+        Args:
+            latents: (B, ...) float32 latents (cast to the model dtype for the forward).
+            t: the sigma of the step (a float or a (B,) tensor).
+            transformer: the module to run (the policy's, an old-policy copy in full fine-tuning, ...).
+        """
+        transformer = self.transformer if transformer is None else transformer
+        batch = latents.shape[0]
+        t_B = torch.as_tensor(t, dtype=torch.float32, device=latents.device).expand(batch)
+        x = latents.to(self.model_dtype)
+        use_cfg = self.uses_true_cfg and guidance_scale > 1.0
+        if use_cfg:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError("guidance_scale > 1 needs negative prompt embeddings (encode with_negative)")
+            v_uncond, v_cond = self._transformer_forward(
+                transformer, torch.cat([x, x]), torch.cat([t_B, t_B]),
+                torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
+                torch.cat([cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds]),
+                cond, guidance_scale,
+            ).float().chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return self._transformer_forward(
+            transformer, x, t_B, cond.prompt_embeds, cond.pooled_prompt_embeds, cond, guidance_scale
+        ).float()
+
+    def latent_numel(self) -> int:
+        """D, the number of latent elements per sample (the unit behind "mean" log-probs)."""
+        g = torch.Generator().manual_seed(0)
+        return self.initial_noise(1, g, torch.device("cpu"))[0].numel()
+
+
+class SD3Backbone(FlowBackbone):
+    """Stable Diffusion 3 / 3.5 (MMDiT, three text encoders, true classifier-free guidance)."""
+
+    pipeline_class = StableDiffusion3Pipeline
+
+    @property
+    def latent_patch_multiple(self) -> int:
+        return self.transformer.config.patch_size
+
+    def _encode(self, prompts, device):
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
+
+    def _transformer_forward(self, transformer, latents, t, prompt_embeds, pooled, cond, guidance_scale):
+        # SD3 takes timesteps on the 0..1000 scale (t * num_train_timesteps).
+        return transformer(
+            hidden_states=latents,
+            timestep=t.to(latents.dtype) * 1000.0,
+            encoder_hidden_states=prompt_embeds.to(latents.dtype),
+            pooled_projections=pooled.to(latents.dtype),
+            return_dict=False,
+        )[0]
+
+    def _latent_hw(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    def initial_noise(self, batch_size, generator, device):
+        c = self.transformer.config.in_channels
+        hw = self._latent_hw()
+        noise = torch.randn((batch_size, c, hw, hw), generator=generator, device=generator.device)
+        return noise.to(device)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class FluxBackbone(FlowBackbone):
+    """FLUX.1 (packed 2x2 latents, rotary image/text ids, distilled guidance embedding, dynamic shift)."""
+
+    pipeline_class = FluxPipeline
+    latent_patch_multiple = 2
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        return False
+
+    def _encode(self, prompts, device):
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
+        )
+        return embeds, pooled
+
+    def _latent_hw(self) -> int:
+        # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2))
+        return 2 * (self.resolution // (self.vae_scale_factor * 2))
+
+    def image_seq_len(self) -> int:
+        return (self._latent_hw() // 2) ** 2
+
+    def initial_noise(self, batch_size, generator, device):
+        c = self.transformer.config.in_channels // 4
+        hw = self._latent_hw()
+        noise = torch.randn((batch_size, c, hw, hw), generator=generator, device=generator.device)
+        return self.pipeline._pack_latents(noise, batch_size, c, hw, hw).to(device)
+
+    def _transformer_forward(self, transformer, latents, t, prompt_embeds, pooled, cond, guidance_scale):
+        hw = self._latent_hw()
+        img_ids = self.pipeline._prepare_latent_image_ids(
+            latents.shape[0], hw // 2, hw // 2, latents.device, latents.dtype
+        )
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), guidance_scale, device=latents.device, dtype=torch.float32)
+        # Flux takes sigma-scale timesteps (FluxPipeline passes timestep / 1000).
+        return transformer(
+            hidden_states=latents,
+            timestep=t.to(latents.dtype),
+            guidance=guidance,
+            pooled_projections=pooled.to(latents.dtype),
+            encoder_hidden_states=prompt_embeds.to(latents.dtype),
+            # FluxPipeline's text ids are all zeros, one row per text token.
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.vae
+        unpacked = self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
+        z = unpacked.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

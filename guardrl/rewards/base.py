@@ -1,0 +1,50 @@
+"""The reward interface: score decoded images against their prompts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Reward(nn.Module):
+    """Scores a batch of images. Subclasses implement `score`; `forward` checks what comes back.
+
+    Rewards are `nn.Module`s so Lightning moves them to the right device and model-based rewards keep their
+    weights in one place; their parameters are frozen and never in a checkpoint's trainable state.
+    """
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        """
+        Args:
+            weight: multiplier of this reward in the total (rewards are summed).
+            name: tag suffix in the logs (`reward/<name>/mean`); defaults to the class's snake_case name.
+        """
+        super().__init__()
+        self.weight = weight
+        self.name = name or _snake_case(type(self).__name__)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """images: (B, 3, H, W) float in [0, 1]; returns (B,) rewards."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+        rewards = self.score(images, prompts)
+        if rewards.shape != (images.shape[0],):
+            raise ValueError(
+                f"reward {self.name!r} returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)"
+            )
+        return rewards.float()
+
+
+def _snake_case(name: str) -> str:
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and not name[i - 1].isupper():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)

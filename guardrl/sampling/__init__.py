@@ -1,0 +1,30 @@
+"""Pure sampling math: schedules, SDE/ODE steps with log-probabilities, the rollout loop. No Lightning."""
+
+from guardrl.sampling.rollout import sample_rollouts
+from guardrl.sampling.schedules import flow_match_sigmas, noise_scales
+from guardrl.sampling.sde import (
+    LOG_PROB_REDUCTIONS,
+    SDE_TYPES,
+    StepOutput,
+    gaussian_log_prob,
+    ode_step,
+    reduce_elements,
+    sde_mean,
+    sde_step,
+    step_mean_and_std,
+)
+
+__all__ = [
+    "LOG_PROB_REDUCTIONS",
+    "SDE_TYPES",
+    "StepOutput",
+    "flow_match_sigmas",
+    "gaussian_log_prob",
+    "noise_scales",
+    "ode_step",
+    "reduce_elements",
+    "sample_rollouts",
+    "sde_mean",
+    "sde_step",
+    "step_mean_and_std",
+]

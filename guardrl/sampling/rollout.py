@@ -1,0 +1,77 @@
+"""The rollout loop: walk the sigmas, SDE on the chosen steps and Euler elsewhere, keep what the update needs.
+
+It knows nothing about models: the caller passes `velocity_fn(latents, t, step_index) -> v`, which hides the
+backbone, the conditioning, classifier-free guidance and which weights (old policy, EMA, ...) are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from guardrl.sampling.sde import sde_step
+from guardrl.types import Trajectory
+
+VelocityFn = Callable[[torch.Tensor, float, int], torch.Tensor]
+
+
+@torch.no_grad()
+def sample_rollouts(
+    velocity_fn: VelocityFn,
+    initial_noise: torch.Tensor,
+    sigmas_S1: torch.Tensor,
+    noise_scales_S: torch.Tensor,
+    log_prob_reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Sample B trajectories and store x_t, x_next, mu_old, log p_old, t, dt and s for every SDE step.
+
+    Args:
+        velocity_fn: returns v for (latents, t, step index k); its output is upcast to float32.
+        initial_noise: (B, ...) x at t = sigmas[0] = 1.
+        sigmas_S1: (S + 1,) decreasing sigmas ending at 0.
+        noise_scales_S: (S,) sigma_k per step; steps with sigma_k = 0 are deterministic and not stored.
+        generator: source of the SDE noise eps (seed it per iteration for reproducible rollouts).
+    """
+    num_steps = len(sigmas_S1) - 1
+    if len(noise_scales_S) != num_steps:
+        raise ValueError(f"noise_scales_S has {len(noise_scales_S)} entries for {num_steps} sampler steps")
+    latents = initial_noise.float()
+    stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")}
+    for k in range(num_steps):
+        t, t_next = float(sigmas_S1[k]), float(sigmas_S1[k + 1])
+        velocity = velocity_fn(latents, t, k).float()
+        out = sde_step(
+            velocity, latents, t, t_next, float(noise_scales_S[k]), log_prob_reduction, generator=generator
+        )
+        if out.log_prob is not None:
+            for key, value in (
+                ("idx", k), ("x", latents), ("x_next", out.next_latents), ("mu", out.mean),
+                ("logp", out.log_prob), ("t", t), ("t_next", t_next), ("sk", float(noise_scales_S[k])),
+                ("std", float(out.std[0])),
+            ):
+                stored[key].append(value)
+        latents = out.next_latents
+
+    def stack(key: str) -> torch.Tensor:
+        if not stored[key]:
+            return latents.new_zeros((latents.shape[0], 0, *latents.shape[1:]))
+        return torch.stack(stored[key], dim=1)
+
+    device = latents.device
+    return Trajectory(
+        step_indices=stored["idx"],
+        latents_BTCHW=stack("x"),
+        next_latents_BTCHW=stack("x_next"),
+        mean_old_BTCHW=stack("mu"),
+        log_prob_old_BT=(
+            torch.stack(stored["logp"], dim=1) if stored["logp"] else latents.new_zeros((latents.shape[0], 0))
+        ),
+        sigma_T=torch.tensor(stored["t"], dtype=torch.float32, device=device),
+        sigma_next_T=torch.tensor(stored["t_next"], dtype=torch.float32, device=device),
+        noise_scale_T=torch.tensor(stored["sk"], dtype=torch.float32, device=device),
+        std_T=torch.tensor(stored["std"], dtype=torch.float32, device=device),
+        final_latents=latents,
+        log_prob_reduction=log_prob_reduction,
+    )

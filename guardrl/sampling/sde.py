@@ -1,0 +1,143 @@
+"""One denoising step of a rectified flow, as a Gaussian policy, and its log-probability.
+
+Notation (SPEC.md section 1): x_t = (1 - t) x_0 + t * noise, the model predicts v = noise - x_0,
+dt = t_next - t < 0. A stochastic step is x_next = mu + s * eps with eps ~ N(0, I), s = sigma_k sqrt(|dt|).
+
+The mean. The reverse-time SDE with diffusion coefficient sigma_k (Song et al. 2021, "Score-Based Generative
+Modeling through SDEs", eq. 6) keeps the marginals of the flow ODE when its drift is v - sigma_k^2 / 2 * score.
+For rectified flow the score is -(x - (1 - t) x0_hat) / t^2 with x0_hat = x - t v, i.e.
+score = -(x + (1 - t) v) / t, so the Euler-Maruyama mean is
+
+    mu = x + [v + sigma_k^2 / (2 t) * (x + (1 - t) v)] * dt.
+
+FlowGRPO writes exactly this. DanceGRPO writes `mu = x + v dt - 0.5 eta^2 score dt` with the same score
+(`flux_step` in its `train_grpo_flux.py`), which is the same expression with sigma_k = eta; the two forms
+differ only in sigma_k (see `schedules.noise_scales`). With sigma_k = 0 the mean is the Euler (ODE) step.
+
+All of this runs in float32 or wider: the log-probability's quadratic term divides by s^2, which at the
+low-noise steps is ~1e-3, and bf16 inputs would put the rounding error of x_next - mu above the signal.
+
+Shape legend: B samples; "elements" = every non-batch dim (C, H, W or packed Flux tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SDE_TYPES = ("flow_grpo", "dance_grpo")
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or a (B,) tensor against a (B, ...) tensor."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.ndim == 0:
+        return value
+    return value.reshape(value.shape[0], *([1] * (like.ndim - 1)))
+
+
+def reduce_elements(values_B: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Sum or average over every non-batch dim: (B, ...) -> (B,)."""
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}")
+    dims = tuple(range(1, values_B.ndim))
+    if not dims:
+        return values_B
+    return values_B.sum(dim=dims) if reduction == "sum" else values_B.mean(dim=dims)
+
+
+def ode_step(velocity: torch.Tensor, x: torch.Tensor, dt: float | torch.Tensor) -> torch.Tensor:
+    """The deterministic Euler step x + v dt."""
+    return x + _per_sample(dt, x) * velocity
+
+
+def sde_mean(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    dt: float | torch.Tensor,
+    noise_scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """mu = x + [v + sigma_k^2 / (2t) (x + (1 - t) v)] dt; equals `ode_step` when sigma_k = 0."""
+    t_, dt_, sk = (_per_sample(a, x) for a in (t, dt, noise_scale))
+    return x + (velocity + sk**2 / (2.0 * t_) * (x + (1.0 - t_) * velocity)) * dt_
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """log N(x; mean, std^2 I), element-wise then summed or averaged per sample: (B, ...) -> (B,).
+
+    With reduction="sum" this is the exact log-density of the step; with "mean" it is that divided by the
+    number of elements D, the form the public FlowGRPO/DanceGRPO implementations use.
+    """
+    std_ = _per_sample(std, x)
+    elementwise = -((x - mean) ** 2) / (2.0 * std_**2) - torch.log(std_) - _HALF_LOG_2PI
+    return reduce_elements(elementwise, reduction)
+
+
+def step_mean_and_std(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    noise_scale: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian step's mean mu and per-sample std s = sigma_k sqrt(|dt|), in x's dtype.
+
+    The rollout and the update both call this, with the same t, t_next and sigma_k, so that a policy whose
+    weights did not change reproduces the rollout's mu bit for bit (and the ratio is exactly 1).
+    """
+    velocity = velocity.to(x.dtype)
+    t_ = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    dt = torch.as_tensor(t_next, dtype=x.dtype, device=x.device) - t_
+    sk = torch.as_tensor(noise_scale, dtype=x.dtype, device=x.device)
+    mean = sde_mean(velocity, x, t_, dt, sk)
+    std = (sk * dt.abs().sqrt()).expand(x.shape[0]) if sk.ndim == 0 and dt.ndim == 0 else sk * dt.abs().sqrt()
+    return mean, std
+
+
+@dataclass
+class StepOutput:
+    next_latents: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor  # (B,) s = sigma_k sqrt(|dt|)
+    log_prob: torch.Tensor | None  # (B,); None for a deterministic step (s = 0 has no density)
+
+
+def sde_step(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    noise_scale: float | torch.Tensor,
+    reduction: str = "mean",
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One stochastic step x_t -> x_next with its log-probability.
+
+    Args:
+        velocity: (B, ...) the model's v at (x, t); upcast to x's dtype (float32 or float64).
+        x: (B, ...) x_t.
+        t, t_next: sigmas of the step (scalars or (B,)).
+        noise_scale: sigma_k; 0 gives the Euler step and no log-probability.
+        noise: eps, if given (tests); otherwise drawn from `generator`.
+    """
+    mean, std = step_mean_and_std(velocity, x, t, t_next, noise_scale)
+    if bool((std == 0).all()):
+        return StepOutput(next_latents=mean, mean=mean, std=std, log_prob=None)
+    if noise is None:
+        device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    next_latents = mean + _per_sample(std, x) * noise
+    return StepOutput(
+        next_latents=next_latents,
+        mean=mean,
+        std=std,
+        log_prob=gaussian_log_prob(next_latents, mean, std, reduction),
+    )
