@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from guardrl.sampling.sde import reduce_elements
+from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, reduce_elements
 
 # "log_prob": clip_range is a band on the log-ratio exactly as computed, i.e. in the units of
 #     log_prob_reduction (per element for "mean", the whole latent for "sum"). The reference configs'
@@ -36,6 +36,8 @@ def effective_clip_range(clip_range: float, unit: str, reduction: str, num_eleme
         raise ValueError(f"clip_range must be a finite number > 0, got {clip_range}")
     if unit not in CLIP_RANGE_UNITS:
         raise ValueError(f"clip_range_unit must be one of {CLIP_RANGE_UNITS}, got {unit!r}")
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}")
     if unit == "log_prob":
         return clip_range
     if reduction == "mean":
@@ -69,10 +71,10 @@ def clipped_policy_loss(
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    if log_ratio_B.shape != advantages_B.shape:
+    if not (log_ratio_B.shape == advantages_B.shape == weight_B.shape) or log_ratio_B.ndim != 1:
         raise ValueError(
-            f"log_ratio and advantages must have the same shape, got {tuple(log_ratio_B.shape)} "
-            f"and {tuple(advantages_B.shape)}"
+            "log_ratio, advantages and weight must all have shape (B,), got "
+            f"{tuple(log_ratio_B.shape)}, {tuple(advantages_B.shape)} and {tuple(weight_B.shape)}"
         )
     ratio = torch.exp(log_ratio_B)
     advantages = advantages_B.to(ratio.dtype)

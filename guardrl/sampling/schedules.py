@@ -66,7 +66,10 @@ def noise_scales(
     scales = torch.zeros(num_steps, dtype=torch.float64)
     for k in sde_steps:
         if not 0 <= k < num_steps:
-            raise ValueError(f"SDE step index {k} is outside the sampler's steps [0, {num_steps})")
+            raise ValueError(
+                f"sde_steps (set by sampling.sde_window): step index {k} is outside the sampler's "
+                f"steps [0, {num_steps})"
+            )
         t = float(sigmas_S1[k])
         if sde_type == "flow_grpo":
             denominator = 1.0 - (float(sigmas_S1[1]) if t >= 1.0 else t)
