@@ -15,12 +15,14 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from torch import nn
 
 from guardrl.sampling.schedules import flow_match_sigmas
 
+_DIFFUSERS_VERSION = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -127,7 +129,9 @@ class FlowBackbone(nn.Module):
                 f"pretrained_model_name_or_path={path!r} is a local path without model_index.json: "
                 "it must be a diffusers pipeline directory (as written by `save_pretrained`)"
             )
-        return self.pipeline_class.from_pretrained(path, torch_dtype=self.model_dtype)
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
+        dtype_key = "dtype" if _DIFFUSERS_VERSION >= (0, 42) else "torch_dtype"
+        return self.pipeline_class.from_pretrained(path, **{dtype_key: self.model_dtype})
 
     @property
     def pipeline(self):

@@ -13,6 +13,7 @@ size and all of them shard like the base under FSDP. `use_weights(name)` selects
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -60,8 +61,11 @@ class FlowPolicy(nn.Module):
         if self.lora is not None:
             config = self.lora.to_peft_config()
             names = ["default", "old"] + (["ema"] if self.ema_decay is not None else [])
-            for name in names:
-                transformer.add_adapter(config, adapter_name=name)
+            with warnings.catch_warnings():
+                # peft warns that a second adapter makes a multi-adapter model: that is the design here.
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                for name in names:
+                    transformer.add_adapter(config, adapter_name=name)
             transformer.set_adapter("default")
         else:
             transformer.requires_grad_(True)

@@ -1,0 +1,179 @@
+"""FlowPolicy and the backbones: weight sets, snapshots, EMA, CFG, loading from a local directory."""
+
+import pytest
+import torch
+
+from guardrl.policy import FlowPolicy, LoraSpec, SD3Backbone, TinyFluxBackbone, TinySD3Backbone
+
+
+def _inputs(backbone, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = backbone.initial_noise(batch, generator, torch.device("cpu"))
+    cond = backbone.encode_prompts(["a red circle", "a blue square"][:batch], with_negative=True)
+    return latents, cond
+
+
+def _velocity(policy, which, latents, cond, guidance=1.0):
+    with torch.no_grad(), policy.use_weights(which) as transformer:
+        return policy.backbone.velocity(latents, 0.6, cond, guidance, transformer)
+
+
+def _perturb_policy(policy, value=0.05):
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(value)
+
+
+@pytest.fixture
+def lora_policy():
+    policy = FlowPolicy(TinySD3Backbone(seed=0), LoraSpec(rank=4, alpha=8), ema_decay=0.9)
+    policy.build()
+    return policy
+
+
+def test_lora_policy_starts_equal_to_base_and_trains_only_the_default_adapter(lora_policy):
+    latents, cond = _inputs(lora_policy.backbone)
+    # gaussian init keeps lora_B = 0, so every weight set is the base model at the start
+    base = _velocity(lora_policy, "reference", latents, cond)
+    for which in ("policy", "old", "ema"):
+        assert torch.equal(_velocity(lora_policy, which, latents, cond), base)
+    trainable = {n for n, p in lora_policy.transformer.named_parameters() if p.requires_grad}
+    # 4 target modules x 2 blocks x (lora_A, lora_B), default adapter only
+    assert len(trainable) == 16
+    assert all(".default." in n and "lora_" in n for n in trainable)
+    assert len(lora_policy.trainable_parameters()) == 16
+
+
+def test_switching_weights_restores_trainable_flags(lora_policy):
+    before = {n: p.requires_grad for n, p in lora_policy.transformer.named_parameters()}
+    for which in ("old", "reference", "ema", "policy"):
+        with lora_policy.use_weights(which):
+            pass
+        after = {n: p.requires_grad for n, p in lora_policy.transformer.named_parameters()}
+        assert after == before, which
+
+
+def test_old_snapshot_lags_until_synced(lora_policy):
+    latents, cond = _inputs(lora_policy.backbone)
+    _perturb_policy(lora_policy)
+    v_policy = _velocity(lora_policy, "policy", latents, cond)
+    v_old = _velocity(lora_policy, "old", latents, cond)
+    assert not torch.equal(v_policy, v_old)
+    assert torch.equal(v_old, _velocity(lora_policy, "reference", latents, cond))
+    lora_policy.sync_old()
+    assert torch.equal(_velocity(lora_policy, "old", latents, cond), v_policy)
+    for name, p in lora_policy.named_weight_set("old").items():
+        assert torch.equal(p, lora_policy.named_weight_set("policy")[name])
+
+
+def test_ema_update_is_the_exponential_average(lora_policy):
+    ema = {n: p.clone() for n, p in lora_policy.named_weight_set("ema").items()}
+    _perturb_policy(lora_policy, 1.0)
+    policy = lora_policy.named_weight_set("policy")
+    lora_policy.update_ema()
+    for name, p in lora_policy.named_weight_set("ema").items():
+        # ema <- 0.9 ema + 0.1 policy
+        torch.testing.assert_close(p, 0.9 * ema[name] + 0.1 * policy[name], rtol=0, atol=1e-7)
+
+
+def test_full_finetune_keeps_copies_for_old_and_reference():
+    policy = FlowPolicy(TinySD3Backbone(seed=0), lora=None, keep_reference=True)
+    policy.build()
+    n_transformer = sum(1 for _ in policy.transformer.parameters())
+    assert len(policy.trainable_parameters()) == n_transformer
+    assert not any(p.requires_grad for p in policy.old_transformer.parameters())
+    latents, cond = _inputs(policy.backbone)
+    _perturb_policy(policy, 1e-3)
+    assert not torch.equal(_velocity(policy, "policy", latents, cond), _velocity(policy, "old", latents, cond))
+    assert torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "reference", latents, cond))
+    policy.sync_old()
+    assert torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "policy", latents, cond))
+    assert not torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "reference", latents, cond))
+
+
+def test_missing_weight_sets_are_refused_by_name():
+    policy = FlowPolicy(TinySD3Backbone(seed=0), LoraSpec(rank=2, alpha=2), ema_decay=None)
+    policy.build()
+    with pytest.raises(ValueError, match="ema_decay"):
+        with policy.use_weights("ema"):
+            pass
+    with pytest.raises(ValueError, match="weight set"):
+        with policy.use_weights("bogus"):
+            pass
+
+
+def test_checkpoint_keys_are_adapters_only(lora_policy):
+    keys = [k for k in lora_policy.state_dict() if lora_policy.is_trainable_state_key(k)]
+    # 16 tensors per adapter, three adapters (default, old, ema)
+    assert len(keys) == 48
+    assert not any("lora_" not in k for k in keys)
+
+
+@pytest.mark.parametrize("backbone_cls", [TinySD3Backbone, TinyFluxBackbone])
+def test_velocity_with_cfg_is_uncond_plus_scaled_difference(backbone_cls):
+    backbone = backbone_cls(seed=0)
+    backbone.load()
+    latents, cond = _inputs(backbone)
+    with torch.no_grad():
+        guided = backbone.velocity(latents, 0.5, cond, guidance_scale=4.5)
+        plain = backbone.velocity(latents, 0.5, cond, guidance_scale=1.0)
+    assert guided.shape == latents.shape and guided.dtype == torch.float32
+    if backbone.uses_true_cfg:
+        from guardrl.policy.backbones import Conditioning
+
+        uncond = Conditioning(cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)
+        with torch.no_grad():
+            v_uncond = backbone.velocity(latents, 0.5, uncond, guidance_scale=1.0)
+        torch.testing.assert_close(guided, v_uncond + 4.5 * (plain - v_uncond), rtol=1e-5, atol=1e-5)
+    else:  # tiny Flux without a guidance embedding: guidance changes nothing
+        assert torch.equal(guided, plain)
+
+
+def test_decode_gives_images_in_unit_range(tiny_sd3):
+    latents, _ = _inputs(tiny_sd3)
+    images = tiny_sd3.decode(latents)
+    assert images.shape == (2, 3, 128, 128)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+def test_prompt_cache_returns_the_same_embeddings_and_is_bounded():
+    backbone = TinySD3Backbone(seed=0, prompt_cache_size=2)
+    backbone.load()
+    first = backbone.encode_prompts(["a cat", "a dog"], with_negative=False)
+    again = backbone.encode_prompts(["a dog", "a cat"], with_negative=False)
+    assert torch.equal(first.prompt_embeds[0], again.prompt_embeds[1])
+    backbone.encode_prompts(["a car", "a tree", "a house"], with_negative=False)
+    assert len(backbone._prompt_cache) == 2
+
+
+def test_sd3_backbone_loads_a_saved_diffusers_directory(tmp_path):
+    from guardrl.policy.tiny import make_tiny_sd3_pipeline
+
+    make_tiny_sd3_pipeline(seed=3).save_pretrained(tmp_path / "pipe")
+    loaded = SD3Backbone(str(tmp_path / "pipe"), torch_dtype="float32", resolution=128, max_sequence_length=32)
+    loaded.load()
+    built = TinySD3Backbone(seed=3)
+    built.load()
+    latents, cond = _inputs(built)
+    with torch.no_grad():
+        expected = built.velocity(latents, 0.4, cond)
+        got = loaded.velocity(latents, 0.4, loaded.encode_prompts(["a red circle", "a blue square"], False))
+    assert torch.equal(got, expected)
+
+
+def test_backbone_refuses_a_directory_that_is_not_a_pipeline(tmp_path):
+    backbone = SD3Backbone(str(tmp_path), resolution=128)
+    with pytest.raises(ValueError, match="model_index.json"):
+        backbone.load()
+
+
+def test_backbone_refuses_a_resolution_the_vae_cannot_take():
+    # VAE x8 times patch 2: multiples of 16
+    backbone = TinySD3Backbone(seed=0, resolution=120)
+    with pytest.raises(ValueError, match="resolution=120.*multiple of 16"):
+        backbone.load()
+
+
+def test_bad_dtype_names_the_option():
+    with pytest.raises(ValueError, match="torch_dtype must be one of"):
+        SD3Backbone("x", torch_dtype="float64")
