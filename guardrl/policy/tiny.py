@@ -129,7 +129,7 @@ def _eval(pipe):
 
 
 def make_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2) -> StableDiffusion3Pipeline:
-    """An SD3 pipeline with ~80k transformer parameters; 128 px images from 4 x 16 x 16 latents."""
+    """An SD3 pipeline with ~79k transformer parameters (~150k with text encoders and VAE); 128 px images from 4 x 16 x 16 latents."""
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer = make_clip_tokenizer(os.path.join(tmp, "clip"))
     t5_tokenizer = make_t5_tokenizer()
