@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -140,3 +141,37 @@ def check_compatible(sampling: SamplingOptions, grpo: GRPOOptions) -> None:
             f"grpo.num_train_timesteps={grpo.num_train_timesteps} exceeds the {end - start} SDE steps of "
             f"sampling.sde_window={[start, end]}"
         )
+
+
+@dataclass
+class FaultOptions:
+    """What a run does when something goes wrong mid-training (docs/reliability.md)."""
+
+    max_consecutive_nonfinite: int = 3
+    """Stop with an error after this many GRPO iterations in a row whose update was skipped because a reward,
+    log-prob, loss or gradient norm was NaN or infinite (on any rank). Skipped iterations are counted in
+    train/num_skipped_updates."""
+    reward_max_attempts: int = 3
+    """Calls of a reward before a failure (an exception or a timeout) fails the run. 1: no retry."""
+    reward_retry_delay_s: float = 1.0
+    """Seconds between reward attempts (doubled after each failure)."""
+    reward_timeout_s: Optional[float] = None
+    """Seconds one reward call may take before it counts as failed; None: no limit."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_consecutive_nonfinite, int) or self.max_consecutive_nonfinite < 1:
+            raise ValueError(
+                f"faults.max_consecutive_nonfinite must be an integer >= 1, got {self.max_consecutive_nonfinite!r}"
+            )
+        if not isinstance(self.reward_max_attempts, int) or self.reward_max_attempts < 1:
+            raise ValueError(f"faults.reward_max_attempts must be an integer >= 1, got {self.reward_max_attempts!r}")
+        if not (self.reward_retry_delay_s >= 0 and math.isfinite(self.reward_retry_delay_s)):
+            raise ValueError(
+                f"faults.reward_retry_delay_s must be a finite number >= 0, got {self.reward_retry_delay_s!r}"
+            )
+        if self.reward_timeout_s is not None and not (
+            self.reward_timeout_s > 0 and math.isfinite(self.reward_timeout_s)
+        ):
+            raise ValueError(
+                f"faults.reward_timeout_s must be a finite number > 0 or null, got {self.reward_timeout_s!r}"
+            )
