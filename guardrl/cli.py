@@ -2,18 +2,32 @@
 
     guardrl fit --config configs/tiny/grpo_guard.yaml [--model.grpo.clip_range 1e-5] [--ckpt_path ...]
     guardrl fit --config configs/tiny/grpo_guard.yaml --print_config
+    guardrl fit --config configs/tiny/grpo_guard.yaml --ckpt_path last      # resume the newest run in place
+
+Every run gets three callbacks whatever the config says (their options are top-level groups):
+`ratio_stats` (RatioStatsCallback), `checkpoint` (IterationCheckpoint, atomic writes) and
+`graceful_shutdown` (checkpoint and exit on SIGTERM/SIGUSR1). See docs/reliability.md for resuming.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import re
+from typing import Any, Optional
 
-from jsonargparse import set_parsing_settings
+import torch
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
-from guardrl.callbacks import RatioStatsCallback
+from guardrl.callbacks import GracefulShutdown, RatioStatsCallback
+from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
+
+log = logging.getLogger(__name__)
 
 
 class GuardRLCLI(LightningCLI):
@@ -22,6 +36,8 @@ class GuardRLCLI(LightningCLI):
         parser.link_arguments("data.group_size", "model.group_size")
         # The ratio statistics are part of every run (their tags are documented in the README).
         parser.add_lightning_class_args(RatioStatsCallback, "ratio_stats")
+        parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GracefulShutdown, "graceful_shutdown")
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -32,6 +48,106 @@ class GuardRLCLI(LightningCLI):
                 "trainer.max_epochs": -1,
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            resolve_resume(self.config["fit"])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        if config.get("enable_checkpointing") is False:
+            # Lightning refuses a ModelCheckpoint when checkpointing is off; the forced one goes quietly.
+            callbacks = [c for c in callbacks if not isinstance(c, IterationCheckpoint)]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def resolve_resume(config: Namespace) -> None:
+    """`--ckpt_path last` and resuming into the run's own directory.
+
+    Lightning resolves "last" in the checkpoint directory of the *new* logger version, where there is none, and
+    starts over. Here "last" means the newest `last.ckpt` of this run name (or of checkpoint.dirpath), and the
+    logger reuses the version folder the checkpoint lives in, with TensorBoard told to drop the events the
+    interrupted run wrote after its checkpoint (purge_step), so every curve has one value per iteration.
+    """
+    ckpt_path: Optional[str] = config.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    logger = _tensorboard_logger_args(config)
+    if ckpt_path == "last":
+        ckpt_path = _find_last_checkpoint(config, logger)
+        config["ckpt_path"] = ckpt_path
+        if ckpt_path is None:
+            return
+        log.warning("guardrl: --ckpt_path last resolved to %s", ckpt_path)
+    elif not os.path.isfile(ckpt_path):
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl, or 'last' for the "
+            "newest last.ckpt of this run"
+        )
+    if logger is None:
+        return
+    version = _version_of(ckpt_path, logger)
+    if version is not None and logger.get("version") is None:
+        logger["version"] = version
+    if version is not None and logger.get("version") == version:
+        logger["purge_step"] = _iterations_in(ckpt_path)
+
+
+def _tensorboard_logger_args(config: Namespace) -> Optional[Namespace]:
+    logger = config.get("trainer.logger")
+    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return logger.init_args
+    return None
+
+
+def _run_dir(logger: Namespace) -> str:
+    return os.path.join(logger.get("save_dir") or "runs", logger.get("name") or "")
+
+
+def _find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Optional[str]:
+    dirpath = config.get("checkpoint.dirpath")
+    if dirpath:
+        candidates = [os.path.join(dirpath, "last.ckpt")]
+        where = dirpath
+    elif logger is not None:
+        pattern = os.path.join(_run_dir(logger), "version_*", "checkpoints", "last.ckpt")
+        candidates = sorted(glob.glob(pattern), key=lambda p: _version_number(p) or -1, reverse=True)
+        where = pattern
+    else:
+        raise ValueError(
+            "ckpt_path='last' needs checkpoint.dirpath or a TensorBoardLogger (trainer.logger) to know where the "
+            "run's checkpoints are"
+        )
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        log.warning("guardrl: --ckpt_path last: no checkpoint at %s; starting a fresh run", where)
+    return found
+
+
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def _version_number(ckpt_path: str) -> Optional[int]:
+    match = _VERSION_DIR.match(os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))))
+    return int(match.group(1)) if match else None
+
+
+def _version_of(ckpt_path: str, logger: Namespace) -> Optional[int]:
+    """N when the checkpoint is `<save_dir>/<name>/version_N/checkpoints/*.ckpt` of this logger."""
+    version_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    if os.path.dirname(version_dir) != os.path.abspath(_run_dir(logger)):
+        return None
+    return _version_number(ckpt_path)
+
+
+def _iterations_in(ckpt_path: str) -> int:
+    # mmap: reads the small counters without pulling the weights into memory.
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint.get("guardrl", {}).get("num_iterations", 0))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GuardRLCLI:

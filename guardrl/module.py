@@ -14,6 +14,8 @@ algorithm/. Manual optimization, because one iteration takes several optimizer s
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Optional
 
 import lightning as L
@@ -29,11 +31,15 @@ from guardrl.algorithm import (
     group_advantages,
     kl_to_reference,
 )
-from guardrl.options import GRPOOptions, SamplingOptions, check_compatible
+from guardrl.logs import flush_loggers, should_log, write_scalars
+from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
-from guardrl.rewards import Reward
+from guardrl.rewards import Reward, score_with_retries
+from guardrl.rng import capture_rng_states_of_all_ranks, restore_rng_state_of_rank
 from guardrl.sampling import noise_scales, sample_rollouts, step_mean_and_std
 from guardrl.types import PromptBatch, StepStats, Trajectory
+
+log = logging.getLogger(__name__)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -58,6 +64,7 @@ class GRPOModule(L.LightningModule):
         group_size: int = 4,
         max_iterations: Optional[int] = None,
         seed: int = 0,
+        faults: FaultOptions = FaultOptions(),
     ) -> None:
         """
         Args:
@@ -72,6 +79,7 @@ class GRPOModule(L.LightningModule):
             max_iterations: stop after this many GRPO iterations (trainer.max_steps counts optimizer steps).
             seed: seed of the rollout noise and of the timestep/minibatch choices, mixed with the iteration
                 number (and the rank for the noise), so a resumed run draws what the original would have.
+            faults: what to do about non-finite values and failing rewards (docs/reliability.md).
         """
         super().__init__()
         if not rewards:
@@ -82,6 +90,11 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"model.max_iterations must be >= 1 or null, got {max_iterations}")
         check_compatible(sampling, grpo)
         self.save_hyperparameters(ignore=["backbone", "rewards", "optimizer", "lr_scheduler"])
+        # Plain dicts, not dataclass objects, so that checkpoints load with torch.load(weights_only=True).
+        for name, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value):
+                self.hparams[name] = dataclasses.asdict(value)
+        self.faults = faults
         self.sampling = sampling
         self.grpo = grpo
         self.group_size = group_size
@@ -97,8 +110,12 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # Checkpoints keep only trainable state (adapters / snapshots), so loading is not strict.
         self.strict_loading = False
+        # Counters that shape the rest of the run; all are in the checkpoint (on_save_checkpoint).
         self.num_iterations = 0
         self.stream_position = 0
+        self.num_skipped_updates = 0
+        self.consecutive_skipped_updates = 0
+        self._rng_to_restore: Optional[list] = None
 
     @property
     def backbone(self) -> FlowBackbone:
@@ -149,17 +166,25 @@ class GRPOModule(L.LightningModule):
         trajectory = self._rollout(cond, len(batch))
         images = self.backbone.decode(trajectory.final_latents)
         rewards, per_reward = self._score(images, batch.prompts)
-        advantages = self._advantages(rewards)
-        step_stats, losses = self._update(trajectory, cond, advantages)
+        problem = self._nonfinite_on_any_rank(
+            {"reward": rewards, "rollout log-prob": trajectory.log_prob_old_BT}
+        )
+        advantages = self._advantages(rewards) if problem is None else torch.zeros_like(rewards)
+        step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
+        if problem is None:
+            step_stats, losses, problem = self._update(trajectory, cond, advantages)
 
+        iteration = self.num_iterations
         self.num_iterations += 1
         self.stream_position = batch.stream_position
+        self._count_skip(problem, iteration)
         if self.num_iterations % self.grpo.old_policy_sync_every == 0:
             self.policy.sync_old()
         if self.max_iterations is not None and self.num_iterations >= self.max_iterations:
             self.trainer.should_stop = True
 
-        self._log_iteration(rewards, per_reward, advantages, losses, step_stats, len(batch))
+        self._log_iteration(iteration, rewards, per_reward, advantages, losses, skipped=problem is not None)
+        self._stop_if_too_many_skips(problem, iteration)
         return {
             "step_stats": step_stats,
             "clip_range": self.clip_range,
@@ -195,7 +220,14 @@ class GRPOModule(L.LightningModule):
             )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        per_reward = {reward.name: reward(images, prompts) for reward in self.rewards}
+        faults = self.faults
+        per_reward = {
+            reward.name: score_with_retries(
+                reward, images, prompts, faults.reward_max_attempts, faults.reward_retry_delay_s,
+                faults.reward_timeout_s,
+            )
+            for reward in self.rewards
+        }
         total = sum(reward.weight * per_reward[reward.name] for reward in self.rewards)
         return total, per_reward
 
@@ -231,6 +263,7 @@ class GRPOModule(L.LightningModule):
         step_stats = {j: StepStats(step_index=trajectory.step_indices[j]) for j in positions}
         losses: dict[str, list] = {"loss": [], "kl": [], "grad_norm": []}
         num_minibatches = 0
+        pending_losses: list[torch.Tensor] = []
         for _ in range(self.grpo.num_inner_epochs):
             # Same sample order as the rollout when one minibatch covers the batch: then the first update
             # recomputes the rollout's forward exactly and the ratio is exactly 1.
@@ -242,12 +275,23 @@ class GRPOModule(L.LightningModule):
                     loss, kl = self._step_loss(trajectory, j, index, cond, advantages, step_stats[j])
                     self.manual_backward(loss * loss_scale)
                     losses["loss"].append(loss.detach())
+                    pending_losses.append(loss.detach())
                     losses["kl"].append(kl)
                     if before is not None:
                         step_stats[j].grad_norms.append(self._grad_delta_norm(params, before) / loss_scale)
                 num_minibatches += 1
                 if num_minibatches % accumulation == 0:
-                    losses["grad_norm"].append(_grad_norm(params))
+                    grad_norm = _grad_norm(params)
+                    # One collective per optimizer step: a NaN loss or gradient on any rank skips the update
+                    # everywhere (gradients are already all-reduced, but the loss check must agree too).
+                    problem = self._nonfinite_on_any_rank(
+                        {"loss": torch.stack(pending_losses), "gradient norm": grad_norm}
+                    )
+                    pending_losses = []
+                    if problem is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                        return [step_stats[j] for j in positions], losses, problem
+                    losses["grad_norm"].append(grad_norm)
                     if self.grpo.max_grad_norm is not None:
                         self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm,
                                             gradient_clip_algorithm="norm")
@@ -256,7 +300,7 @@ class GRPOModule(L.LightningModule):
                     if scheduler is not None:
                         scheduler.step()
                     self.policy.update_ema()
-        return [step_stats[j] for j in positions], losses
+        return [step_stats[j] for j in positions], losses, None
 
     def _grad_snapshot(self, params):
         if not self.grpo.log_step_grad_norms:
@@ -305,36 +349,138 @@ class GRPOModule(L.LightningModule):
         stats.advantages.append(advantages[index].detach())
         return loss, kl
 
+    # ------------------------------------------------------------------ faults
+    def _nonfinite_on_any_rank(self, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+        """The name of the first non-finite tensor here, or a placeholder when only another rank has one;
+        None when all ranks are clean. Every rank calls this at the same point (it is a collective)."""
+        local = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+        anywhere = self.trainer.strategy.reduce_boolean_decision(local is not None, all=False)
+        if not anywhere:
+            return None
+        return local or "value on another rank"
+
+    def _count_skip(self, problem: Optional[str], iteration: int) -> None:
+        if problem is None:
+            self.consecutive_skipped_updates = 0
+            return
+        self.num_skipped_updates += 1
+        self.consecutive_skipped_updates += 1
+        if self.trainer.is_global_zero:
+            log.warning(
+                "guardrl: iteration %d: non-finite %s; its update is skipped (%d in a row, %d in all; the run "
+                "stops at faults.max_consecutive_nonfinite=%d in a row)", iteration, problem,
+                self.consecutive_skipped_updates, self.num_skipped_updates, self.faults.max_consecutive_nonfinite,
+            )
+
+    def _stop_if_too_many_skips(self, problem: Optional[str], iteration: int) -> None:
+        limit = self.faults.max_consecutive_nonfinite
+        if problem is not None and self.consecutive_skipped_updates >= limit:
+            raise RuntimeError(
+                f"guardrl: {self.consecutive_skipped_updates} GRPO iterations in a row (the last: iteration "
+                f"{iteration}) skipped their update because of a non-finite {problem}; stopping "
+                f"(faults.max_consecutive_nonfinite={limit}). Resume from the last checkpoint with a lower "
+                "learning rate, or check the reward for NaN/inf outputs."
+            )
+
     # ------------------------------------------------------------------ logging and state
-    def _log_iteration(self, rewards, per_reward, advantages, losses, step_stats, batch_size: int) -> None:
-        log = dict(batch_size=batch_size, on_step=True, on_epoch=False)
-        self.log("reward/mean", rewards.mean(), sync_dist=True, prog_bar=True, **log)
-        self.log("reward/std", rewards.std(unbiased=False), sync_dist=True, **log)
+    def _log_iteration(self, iteration: int, rewards, per_reward, advantages, losses, skipped: bool) -> None:
+        # Collectives on every rank, in the same order; rank zero writes (logs.write_scalars).
+        all_rewards = self.all_gather(rewards.detach()).reshape(-1).double()
+        metrics: dict[str, Any] = {
+            "reward/mean": all_rewards.mean(),
+            "reward/std": all_rewards.std(unbiased=False),
+        }
         for name, values in per_reward.items():
-            self.log(f"reward/{name}/mean", values.mean(), sync_dist=True, **log)
-        self.log("advantages/abs_mean", advantages.abs().mean(), sync_dist=True, **log)
-        self.log("train/loss", torch.stack(losses["loss"]).mean(), sync_dist=True, **log)
-        self.log("train/kl", torch.stack(losses["kl"]).mean(), sync_dist=True, **log)
+            metrics[f"reward/{name}/mean"] = self.all_gather(values.detach()).double().mean()
+        local = {"advantages/abs_mean": advantages.abs().mean()}
+        if losses["loss"]:
+            local["train/loss"] = torch.stack(losses["loss"]).mean()
+            local["train/kl"] = torch.stack(losses["kl"]).mean()
         if losses["grad_norm"]:
-            self.log("grad/norm", torch.stack(losses["grad_norm"]).mean(), **log)
-        self.log("train/num_optimizer_steps", float(len(losses["grad_norm"])), **log)
-        self.log("train/iteration", float(self.num_iterations), **log)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
+            local["grad/norm"] = torch.stack(losses["grad_norm"]).mean()
+        names = sorted(local)
+        means = self.all_gather(torch.stack([local[n].detach().double() for n in names])).reshape(-1, len(names))
+        metrics.update(zip(names, means.mean(dim=0)))
+        metrics.update({
+            "train/num_optimizer_steps": len(losses["grad_norm"]),
+            "train/iteration": iteration,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+            "train/skipped_update": float(skipped),
+            "train/num_skipped_updates": self.num_skipped_updates,
+        })
+        write_scalars(self.trainer, metrics, iteration)
+        self.log("reward", metrics["reward/mean"].float(), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                 batch_size=rewards.numel())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After every callback has written this iteration's scalars: flush, so a killed run keeps its events.
+        flush_loggers(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen base weights are re-loaded from the pretrained model; keep only what training changed.
-        prefix = "policy."
         checkpoint["state_dict"] = {
-            key: value
-            for key, value in checkpoint["state_dict"].items()
-            if key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix):])
+            key: value for key, value in checkpoint["state_dict"].items() if self._is_trainable_key(key)
         }
-        checkpoint["guardrl"] = {"num_iterations": self.num_iterations, "stream_position": self.stream_position}
+        checkpoint["guardrl"] = {
+            "num_iterations": self.num_iterations,
+            "stream_position": self.stream_position,
+            "num_skipped_updates": self.num_skipped_updates,
+            "consecutive_skipped_updates": self.consecutive_skipped_updates,
+            "num_optimizer_steps": int(self.trainer.global_step) if self._trainer is not None else 0,
+            "rng": capture_rng_states_of_all_ranks(),
+        }
+
+    def _is_trainable_key(self, key: str) -> bool:
+        prefix = "policy."
+        return key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix):])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("guardrl", {})
-        self.num_iterations = state.get("num_iterations", 0)
-        self.stream_position = state.get("stream_position", 0)
+        if "guardrl" not in checkpoint:
+            raise ValueError(
+                "ckpt_path: this checkpoint was not written by guardrl's GRPOModule (no 'guardrl' entry with "
+                "counters and RNG states); resume from a checkpoint of a guardrl run"
+            )
+        self._check_checkpoint_state(checkpoint["state_dict"])
+        state = checkpoint["guardrl"]
+        self.num_iterations = state["num_iterations"]
+        self.stream_position = state["stream_position"]
+        self.num_skipped_updates = state.get("num_skipped_updates", 0)
+        self.consecutive_skipped_updates = state.get("consecutive_skipped_updates", 0)
+        self._rng_to_restore = state.get("rng")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "start_position"):
             datamodule.start_position = self.stream_position
+
+    def _check_checkpoint_state(self, saved: dict[str, torch.Tensor]) -> None:
+        """Loading is not strict (frozen weights are not saved), so check the trainable part ourselves: a
+        checkpoint of another LoRA rank, target list or backbone would otherwise load partly and silently."""
+        expected = {key: value.shape for key, value in self.state_dict().items() if self._is_trainable_key(key)}
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        mismatched = sorted(k for k in set(expected) & set(saved) if tuple(saved[k].shape) != tuple(expected[k]))
+        if missing or unexpected or mismatched:
+            def show(keys):
+                return f"{len(keys)} (e.g. {keys[:2]})" if keys else "0"
+
+            detail = ""
+            if mismatched:
+                key = mismatched[0]
+                detail = f"; {key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(expected[key])}"
+            raise ValueError(
+                "ckpt_path: the checkpoint's trainable weights do not fit this model: missing "
+                f"{show(missing)}, unexpected {show(unexpected)}, shape-mismatched {show(mismatched)}{detail}. "
+                "Resume with the model.backbone and model.lora (rank, target_modules) the run was trained with."
+            )
+
+    def on_train_start(self) -> None:
+        # RNG states go back last, after everything the restore itself may have drawn.
+        if self._rng_to_restore is None:
+            return
+        restored = restore_rng_state_of_rank(self._rng_to_restore, self.global_rank, self.trainer.world_size)
+        if not restored and self.trainer.is_global_zero:
+            log.warning(
+                "guardrl: the checkpoint holds RNG states of %d ranks but this run has %d; the global RNGs are not "
+                "restored (rollout noise does not depend on them; LoRA dropout does)",
+                len(self._rng_to_restore), self.trainer.world_size,
+            )
+        self._rng_to_restore = None

@@ -92,15 +92,21 @@ def test_every_documented_name_is_in_the_tensorboard_events(prompt_file, tmp_pat
 
 
 def test_checkpoint_keeps_trainable_state_and_resume_continues(prompt_file, tmp_path):
-    overrides = {"--trainer.callbacks": '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
-                 f'"init_args": {{"dirpath": "{tmp_path / "ckpt"}", "save_last": true}}}}]',
+    overrides = {"--checkpoint.dirpath": str(tmp_path / "ckpt"), "--checkpoint.every_n_iterations": "1",
                  "--trainer.logger": "false"}
     model = _fit(_cli(prompt_file, tmp_path, **overrides))
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iteration=2.ckpt", "last.ckpt"]
+    # weights_only: only tensors and plain Python values (RNG states as tensors, options as dicts)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     keys = list(checkpoint["state_dict"])
     # default + old adapters, 16 tensors each; no frozen base weight
     assert len(keys) == 32 and all("lora_" in k for k in keys)
-    assert checkpoint["guardrl"] == {"num_iterations": 2, "stream_position": 4}
+    state = checkpoint["guardrl"]
+    assert {k: state[k] for k in state if k != "rng"} == {
+        "num_iterations": 2, "stream_position": 4, "num_skipped_updates": 0, "consecutive_skipped_updates": 0,
+        "num_optimizer_steps": 4,
+    }
+    assert len(state["rng"]) == 1 and state["rng"][0]["torch"].dtype == torch.uint8
 
     resumed_cli = _cli(prompt_file, tmp_path, **{**overrides, "--model.max_iterations": "3"})
     resumed = _fit(resumed_cli, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -111,6 +117,7 @@ def test_checkpoint_keeps_trainable_state_and_resume_continues(prompt_file, tmp_
     # the resumed run started from the trained adapter, then took 2 more optimizer steps
     assert resumed_cli.trainer.global_step == 6
     assert any(not torch.equal(loaded[n], trained[n]) for n in trained if ".default." in n)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iteration=3.ckpt", "last.ckpt"]
 
 
 def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):

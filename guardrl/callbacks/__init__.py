@@ -1,5 +1,6 @@
-"""Callbacks: ratio and clip statistics per denoising step."""
+"""Callbacks: ratio and clip statistics per denoising step; checkpoint-and-exit on signals."""
 
+from guardrl.callbacks.preemption import GracefulShutdown
 from guardrl.callbacks.ratio_stats import RatioStatsCallback
 
-__all__ = ["RatioStatsCallback"]
+__all__ = ["GracefulShutdown", "RatioStatsCallback"]

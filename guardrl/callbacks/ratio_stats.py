@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from guardrl.logs import write_scalars
+
 
 class RatioStatsCallback(Callback):
     def __init__(self, log_histograms: bool = True, histogram_every_n_iterations: int = 1) -> None:
@@ -41,7 +43,7 @@ class RatioStatsCallback(Callback):
             and (iteration + 1) % self.histogram_every_n_iterations == 0
         )
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        log = dict(on_step=True, on_epoch=False, batch_size=len(outputs["advantages"]))
+        metrics: dict[str, torch.Tensor | float] = {}
         for stats in outputs["step_stats"]:
             k = stats.step_index
             # Collectives run on every rank; only rank zero writes (see DESIGN.md).
@@ -52,18 +54,20 @@ class RatioStatsCallback(Callback):
             positive, negative = advantages > 0, advantages < 0
             upper = (ratio > 1 + clip_range) & positive
             lower = (ratio < 1 - clip_range) & negative
-            pl_module.log(f"ratio/mean_t{k}", ratio.mean().float(), **log)
-            pl_module.log(f"ratio/std_t{k}", ratio.std(unbiased=False).float(), **log)
-            pl_module.log(f"ratio/log_ratio_mean_t{k}", log_ratio.mean().float(), **log)
-            pl_module.log(f"ratio/raw_log_ratio_mean_t{k}", raw_log_ratio.mean().float(), **log)
-            pl_module.log(f"clip/frac_pos_upper_t{k}", _share(upper, positive), **log)
-            pl_module.log(f"clip/frac_neg_lower_t{k}", _share(lower, negative), **log)
+            metrics[f"ratio/mean_t{k}"] = ratio.mean()
+            metrics[f"ratio/std_t{k}"] = ratio.std(unbiased=False)
+            metrics[f"ratio/log_ratio_mean_t{k}"] = log_ratio.mean()
+            metrics[f"ratio/raw_log_ratio_mean_t{k}"] = raw_log_ratio.mean()
+            metrics[f"clip/frac_pos_upper_t{k}"] = _share(upper, positive)
+            metrics[f"clip/frac_neg_lower_t{k}"] = _share(lower, negative)
             if stats.grad_norms:
-                pl_module.log(f"grad/norm_t{k}", float(sum(stats.grad_norms) / len(stats.grad_norms)), **log)
+                metrics[f"grad/norm_t{k}"] = float(sum(stats.grad_norms) / len(stats.grad_norms))
             if write_histograms:
                 for writer in writers:
                     writer.add_histogram(f"ratio/log_ratio_t{k}", log_ratio.cpu(), iteration)
                     writer.add_histogram(f"ratio/raw_log_ratio_t{k}", raw_log_ratio.cpu(), iteration)
+        # Only the steps trained in this iteration are written: no stale values for the others (logs.py).
+        write_scalars(trainer, metrics, iteration)
 
 
 def _share(selected: torch.Tensor, among: torch.Tensor) -> torch.Tensor:

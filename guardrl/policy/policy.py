@@ -129,8 +129,8 @@ class FlowPolicy(nn.Module):
         """Whether a state_dict key (relative to this module) holds state a checkpoint must keep."""
         if self.lora is not None:
             return "lora_" in key
-        return key.startswith(("backbone.transformer.", "old_transformer.", "ema_transformer.",
-                               "reference_transformer."))
+        # The reference copy of full fine-tuning is the frozen base model: re-loaded, never checkpointed.
+        return key.startswith(("backbone.transformer.", "old_transformer.", "ema_transformer."))
 
     # ----- snapshots
     @torch.no_grad()

@@ -1,0 +1,155 @@
+"""Checkpoints per GRPO iteration, written atomically.
+
+`IterationCheckpoint` is Lightning's ModelCheckpoint counted in GRPO iterations instead of optimizer steps
+(one iteration takes several), with a `save_now` for the preemption handler and a final save when training
+stops. `AtomicCheckpointIO` writes each file to a temporary name in the same directory, fsyncs it, and
+renames it over the target: a kill at any moment leaves either the previous complete file or the new
+complete file, never a truncated one that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `<dir>/.<name>.tmp-*`, fsync, os.replace onto the target, fsync the directory."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO.save_checkpoint got storage_options={storage_options!r}; it takes none"
+            )
+        path = os.fspath(path)
+        if not isinstance(get_filesystem(path), type(get_filesystem("/"))):
+            # Remote filesystems (s3://...) have their own atomic object writes.
+            return super().save_checkpoint(checkpoint, path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable (POSIX); not possible on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class IterationCheckpoint(ModelCheckpoint):
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        filename: str = "{iteration}",
+        every_n_iterations: int = 10,
+        save_last: bool = True,
+        save_top_k: int = 1,
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        verbose: bool = False,
+    ) -> None:
+        """
+        Args:
+            dirpath: where checkpoints go; None: `<log dir>/checkpoints` of the run's logger version.
+            filename: name pattern of the periodic checkpoints (`{iteration}` gives `iteration=12.ckpt`).
+            every_n_iterations: save after every this many GRPO iterations (and always when training stops).
+            save_last: also keep `last.ckpt`, the newest state (what `--ckpt_path last` resumes from).
+            save_top_k: periodic checkpoints kept: -1 all, 1 the newest (with monitor, the best k).
+            monitor: a logged scalar to rank checkpoints by (e.g. `reward/mean` with mode max); None: by time.
+            mode: "min" or "max" for monitor.
+            verbose: print a line per save.
+        """
+        if not isinstance(every_n_iterations, int) or every_n_iterations < 1:
+            raise ValueError(f"checkpoint.every_n_iterations must be an integer >= 1, got {every_n_iterations!r}")
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise ValueError(
+                f"checkpoint.save_top_k={save_top_k} needs checkpoint.monitor to rank by; without a monitor use "
+                "-1 (keep all), 0 (only last.ckpt) or 1 (the newest)"
+            )
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_last=save_last,
+            save_top_k=save_top_k, every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=True,
+            verbose=verbose,
+            # `last.ckpt` is always the newest state, never `last-v1.ckpt`: `--ckpt_path last` relies on it.
+            enable_version_counter=False,
+        )
+        self.every_n_iterations = every_n_iterations
+        self._last_iteration_saved: Optional[int] = None
+
+    # Lightning's step-based triggers are off (every_n_train_steps=0, every_n_epochs=0); these replace them.
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        iteration = getattr(pl_module, "num_iterations", 0)
+        if iteration % self.every_n_iterations == 0:
+            self.save_now(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)  # training stopped (max_iterations, a signal, or the end of a finite stream)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save the periodic and the last checkpoint now, once per iteration. Call on every rank."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        iteration = getattr(trainer.lightning_module, "num_iterations", 0)
+        if (
+            iteration == 0
+            or iteration == self._last_iteration_saved
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or bool(trainer.fast_dev_run)
+        ):
+            return
+        candidates = self._monitor_candidates(trainer)
+        # ModelCheckpoint skips a save when no optimizer step happened since the last one; an iteration whose
+        # update was skipped still moved the prompt stream and counters, so it is saved.
+        self._last_global_step_saved = -1
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_iteration_saved = iteration
+
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
+        candidates = super()._monitor_candidates(trainer)
+        candidates["iteration"] = torch.tensor(getattr(trainer.lightning_module, "num_iterations", 0))
+        return candidates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_iteration_saved": self._last_iteration_saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._last_iteration_saved = state_dict.get("last_iteration_saved")
+
+
+def find_iteration_checkpoint(trainer: L.Trainer) -> Optional[IterationCheckpoint]:
+    for callback in trainer.callbacks:
+        if isinstance(callback, IterationCheckpoint):
+            return callback
+    return None
