@@ -6,7 +6,43 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from guardrl.algorithm.advantages import STD_SCOPES
+from guardrl.algorithm.loss import CLIP_RANGE_UNITS
 from guardrl.algorithm.ratios import RATIO_VARIANTS, VARIANCE_NORMALIZED_VARIANTS
+from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, SDE_TYPES
+
+TIMESTEP_SELECTIONS = ("random", "first")
+
+
+# The Literal types below are checked by the CLI's parser, but not when the options are built in Python, and
+# the parser takes YAML's .nan and .inf as floats: these checks hold for both ways in. Messages name the option
+# as a config writes it, say what is allowed and show the value.
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(option: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        null = " or null" if allow_none else ""
+        raise ValueError(f"{option} must be an integer >= {minimum}{null}, got {value!r}")
+
+
+def _require_number(
+    option: str, value, minimum: float, strict: bool = False, allow_none: bool = False, note: str = ""
+) -> None:
+    if value is None and allow_none:
+        return
+    if not (_is_number(value) and math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        null = " or null" if allow_none else ""
+        raise ValueError(f"{option} must be a finite number {bound}{null}{note}, got {value!r}")
+
+
+def _require_choice(option: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 @dataclass
@@ -33,17 +69,26 @@ class SamplingOptions:
     """Start all samples of a group from the same initial noise (DanceGRPO's init_same_noise)."""
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 2:
-            raise ValueError(f"sampling.num_inference_steps must be >= 2, got {self.num_inference_steps}")
-        if self.guidance_scale < 1.0:
-            raise ValueError(f"sampling.guidance_scale must be >= 1.0 (1.0 = no guidance), got {self.guidance_scale}")
-        if self.noise_level < 0:
-            raise ValueError(f"sampling.noise_level must be >= 0, got {self.noise_level}")
+        _require_int("sampling.num_inference_steps", self.num_inference_steps, minimum=2)
+        _require_number("sampling.guidance_scale", self.guidance_scale, minimum=1.0, note=" (1.0 = no guidance)")
+        _require_number("sampling.noise_level", self.noise_level, minimum=0.0, note=" (eta; e.g. 0.7)")
+        _require_choice("sampling.sde_type", self.sde_type, SDE_TYPES)
+        _require_choice("sampling.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
+        if self.sde_window is not None:
+            window = self.sde_window
+            if (
+                not isinstance(window, (list, tuple))
+                or len(window) != 2
+                or not all(isinstance(k, int) and not isinstance(k, bool) for k in window)
+            ):
+                raise ValueError(
+                    f"sampling.sde_window must be two integers [start, end) or null, got {window!r}"
+                )
         start, end = self.sde_steps_range()
         if not 0 <= start < end <= self.num_inference_steps:
             raise ValueError(
-                f"sampling.sde_window={self.sde_window} must satisfy 0 <= start < end <= "
-                f"num_inference_steps ({self.num_inference_steps})"
+                f"sampling.sde_window={list(self.sde_window)} must satisfy 0 <= start < end <= "
+                f"sampling.num_inference_steps ({self.num_inference_steps})"
             )
 
     def sde_steps_range(self) -> tuple[int, int]:
@@ -97,25 +142,32 @@ class GRPOOptions:
     """Log grad/norm_t{k}, the gradient norm each denoising step contributes (costs one gradient copy)."""
 
     def __post_init__(self) -> None:
-        if self.ratio_variant not in RATIO_VARIANTS:
-            raise ValueError(f"grpo.ratio_variant must be one of {sorted(RATIO_VARIANTS)}, got {self.ratio_variant!r}")
-        if not self.clip_range > 0:
-            raise ValueError(f"grpo.clip_range must be > 0, got {self.clip_range}")
-        if self.adv_clip_max is not None and not self.adv_clip_max > 0:
-            raise ValueError(f"grpo.adv_clip_max must be > 0 or null, got {self.adv_clip_max}")
-        if self.kl_beta < 0:
-            raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
+        _require_choice("grpo.ratio_variant", self.ratio_variant, tuple(RATIO_VARIANTS))
+        _require_number("grpo.clip_range", self.clip_range, minimum=0.0, strict=True)
+        _require_choice("grpo.clip_range_unit", self.clip_range_unit, CLIP_RANGE_UNITS)
+        if self.clip_range_unit == "log_prob" and self.clip_range >= 1:
+            # The band [1 - c, 1 + c] would start at or below 0, where no ratio can go: negative-advantage
+            # samples would never be clipped. A value this large is almost always a unit mistake.
+            raise ValueError(
+                f"grpo.clip_range={self.clip_range!r} with grpo.clip_range_unit='log_prob' must be < 1: the clip "
+                f"band [1 - c, 1 + c] would have a lower end <= 0 (published values: 1e-4 FlowGRPO, 2e-6 GRPO-Guard)"
+            )
+        _require_number(
+            "grpo.adv_clip_max", self.adv_clip_max, minimum=0.0, strict=True, allow_none=True, note=" (null: no clip)"
+        )
+        _require_choice("grpo.std_scope", self.std_scope, STD_SCOPES)
+        _require_number("grpo.kl_beta", self.kl_beta, minimum=0.0, note=" (0 = no KL penalty)")
         for name in ("num_inner_epochs", "gradient_accumulation_steps", "old_policy_sync_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.minibatch_size is not None and self.minibatch_size < 1:
-            raise ValueError(f"grpo.minibatch_size must be >= 1 or null, got {self.minibatch_size}")
-        if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
-            raise ValueError(f"grpo.num_train_timesteps must be >= 1 or null, got {self.num_train_timesteps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"grpo.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"grpo.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+            _require_int(f"grpo.{name}", getattr(self, name), minimum=1)
+        _require_int("grpo.minibatch_size", self.minibatch_size, minimum=1, allow_none=True)
+        _require_int("grpo.num_train_timesteps", self.num_train_timesteps, minimum=1, allow_none=True)
+        _require_choice("grpo.timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
+        _require_number(
+            "grpo.max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True, allow_none=True,
+            note=" (null: no clipping)",
+        )
+        if self.ema_decay is not None and not (_is_number(self.ema_decay) and 0.0 < self.ema_decay < 1.0):
+            raise ValueError(f"grpo.ema_decay must be a number in (0, 1) or null, got {self.ema_decay!r}")
 
     @property
     def needs_reference(self) -> bool:
@@ -138,8 +190,8 @@ def check_compatible(sampling: SamplingOptions, grpo: GRPOOptions) -> None:
     start, end = sampling.sde_steps_range()
     if grpo.num_train_timesteps is not None and grpo.num_train_timesteps > end - start:
         raise ValueError(
-            f"grpo.num_train_timesteps={grpo.num_train_timesteps} exceeds the {end - start} SDE steps of "
-            f"sampling.sde_window={[start, end]}"
+            f"grpo.num_train_timesteps={grpo.num_train_timesteps} must be <= {end - start} (the SDE steps of "
+            f"sampling.sde_window={[start, end]}) or null (all of them)"
         )
 
 

@@ -76,9 +76,9 @@ def test_bad_prompt_files_name_the_option_and_the_problem(tmp_path):
 
 
 def test_group_size_and_batch_options_are_validated():
-    with pytest.raises(ValueError, match="data.group_size must be >= 2"):
+    with pytest.raises(ValueError, match="data.group_size must be an integer >= 2"):
         PromptDataModule("p.txt", group_size=1)
-    with pytest.raises(ValueError, match="data.prompts_per_batch must be >= 1"):
+    with pytest.raises(ValueError, match="data.prompts_per_batch must be an integer >= 1"):
         PromptDataModule("p.txt", prompts_per_batch=0)
 
 

@@ -37,5 +37,5 @@ def test_reward_interface_checks_shapes():
 
 
 def test_jpeg_quality_is_validated():
-    with pytest.raises(ValueError, match=r"quality must be in \[1, 95\]"):
+    with pytest.raises(ValueError, match=r"quality .*must be an integer in \[1, 95\]"):
         JpegCompressibility(quality=100)

@@ -30,14 +30,17 @@ def group_advantages(
     as r - mean, its rounding error divided by eps would otherwise give values of order 1e-13 * 1e4).
     """
     if rewards_B.ndim != 1:
-        raise ValueError(f"rewards must have shape (B,), got {tuple(rewards_B.shape)}")
-    if group_size < 1 or rewards_B.numel() % group_size != 0:
+        raise ValueError(f"rewards must have shape (B,), one per sample, got {tuple(rewards_B.shape)}")
+    if group_size < 2 or rewards_B.numel() % group_size != 0:
         raise ValueError(
-            f"group_size={group_size} must divide the number of samples ({rewards_B.numel()}): "
-            "every prompt contributes exactly group_size samples"
+            f"group_size={group_size} (data.group_size) must be >= 2 and divide the number of samples "
+            f"({rewards_B.numel()}): every prompt contributes exactly group_size samples, and a group-relative "
+            "advantage needs at least two of them"
         )
     if std_scope not in STD_SCOPES:
-        raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
+        raise ValueError(f"std_scope (grpo.std_scope) must be one of {STD_SCOPES}, got {std_scope!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip (grpo.adv_clip_max) must be > 0 or None (no clip), got {clip!r}")
     rewards_NG = rewards_B.reshape(-1, group_size)
     centered_NG = rewards_NG - rewards_NG.mean(dim=1, keepdim=True)
     if std_scope == "group":

@@ -33,16 +33,30 @@ def effective_clip_range(clip_range: float, unit: str, reduction: str, num_eleme
     clip of 2e-6 in the "log_prob" unit with "mean" reduction is 2e-6 * 256 = 5.12e-4 "per_sqrt_element".
     """
     if not (clip_range > 0 and math.isfinite(clip_range)):
-        raise ValueError(f"clip_range must be a finite number > 0, got {clip_range}")
+        raise ValueError(f"clip_range (grpo.clip_range) must be a finite number > 0, got {clip_range!r}")
     if unit not in CLIP_RANGE_UNITS:
-        raise ValueError(f"clip_range_unit must be one of {CLIP_RANGE_UNITS}, got {unit!r}")
+        raise ValueError(f"clip_range_unit (grpo.clip_range_unit) must be one of {CLIP_RANGE_UNITS}, got {unit!r}")
     if reduction not in LOG_PROB_REDUCTIONS:
-        raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"log_prob_reduction (sampling.log_prob_reduction) must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}"
+        )
+    if not num_elements >= 1:
+        raise ValueError(f"num_elements (latent elements per sample) must be >= 1, got {num_elements!r}")
     if unit == "log_prob":
-        return clip_range
-    if reduction == "mean":
-        return clip_range / math.sqrt(num_elements)
-    return clip_range * math.sqrt(num_elements)
+        effective = clip_range
+    elif reduction == "mean":
+        effective = clip_range / math.sqrt(num_elements)
+    else:
+        effective = clip_range * math.sqrt(num_elements)
+    if effective >= 1:
+        # The band [1 - c, 1 + c] would start at or below 0, where no ratio can go: negative-advantage
+        # samples would never be clipped. Only the combination of the four settings shows this.
+        raise ValueError(
+            f"grpo.clip_range={clip_range!r} with grpo.clip_range_unit={unit!r}, sampling.log_prob_reduction="
+            f"{reduction!r} and D={num_elements} latent elements gives a clip range of {effective:g}: it must "
+            "be < 1, or the clip band [1 - c, 1 + c] has a lower end <= 0"
+        )
+    return effective
 
 
 @dataclass
@@ -69,11 +83,13 @@ def clipped_policy_loss(
         weight_B: (B,) the variant's loss weight delta (no gradient).
         clip_range: c, in the units of log_ratio_B (see `effective_clip_range`).
     """
-    if not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if not (clip_range > 0 and math.isfinite(clip_range)):
+        raise ValueError(
+            f"clip_range (the effective grpo.clip_range) must be a finite number > 0, got {clip_range!r}"
+        )
     if not (log_ratio_B.shape == advantages_B.shape == weight_B.shape) or log_ratio_B.ndim != 1:
         raise ValueError(
-            "log_ratio, advantages and weight must all have shape (B,), got "
+            "log_ratio, advantages and weight must all have the same shape (B,), got "
             f"{tuple(log_ratio_B.shape)}, {tuple(advantages_B.shape)} and {tuple(weight_B.shape)}"
         )
     ratio = torch.exp(log_ratio_B)

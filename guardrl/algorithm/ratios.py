@@ -64,10 +64,10 @@ def compute_ratio_terms(
     theory, and in float32 the cancellation error would dominate a log-ratio of 1e-6 (the clip ranges the
     reference configs use are 2e-6 to 1e-4). Gradients flow through `mean_theta` only.
     """
-    if bool((std_B <= 0).any()):
+    if not bool((std_B > 0).all()):
         raise ValueError(
-            "the importance ratio needs a Gaussian step with a variance term (s > 0); got s = "
-            f"{std_B.tolist()}: train only SDE steps with noise_level > 0"
+            "the importance ratio needs a Gaussian step with a variance term (s > 0 on every trained step); got "
+            f"s = {std_B.tolist()}: train only SDE steps (sampling.sde_window) with sampling.noise_level > 0"
         )
     s = _per_sample(std_B.to(mean_theta.dtype), mean_theta)
     noise = (next_latents - mean_old) / s  # eps, exactly as drawn by the rollout (up to rounding)

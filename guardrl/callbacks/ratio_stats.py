@@ -27,8 +27,9 @@ class RatioStatsCallback(Callback):
             log_histograms: write the per-step log-ratio histograms.
             histogram_every_n_iterations: histogram cadence (scalars follow trainer.log_every_n_steps).
         """
-        if histogram_every_n_iterations < 1:
-            raise ValueError(f"histogram_every_n_iterations must be >= 1, got {histogram_every_n_iterations}")
+        every = histogram_every_n_iterations
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            raise ValueError(f"ratio_stats.histogram_every_n_iterations must be an integer >= 1, got {every!r}")
         self.log_histograms = log_histograms
         self.histogram_every_n_iterations = histogram_every_n_iterations
 

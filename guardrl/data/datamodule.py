@@ -5,7 +5,11 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from guardrl.data.prompts import PromptStream, check_prompt_file, iter_prompt_file
+from guardrl.data.prompts import PromptStream, check_prompt_file, count_prompts
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -29,14 +33,19 @@ class PromptDataModule(L.LightningDataModule):
             seed: seed of the shuffle.
         """
         super().__init__()
-        if group_size < 2:
+        if not _is_int(group_size) or group_size < 2:
             raise ValueError(
-                f"data.group_size must be >= 2 (a group-relative advantage needs at least two samples), got {group_size}"
+                f"data.group_size must be an integer >= 2 (a group-relative advantage compares each sample with the "
+                f"other samples of its prompt, so a group needs at least two), got {group_size!r}"
             )
-        if prompts_per_batch < 1:
-            raise ValueError(f"data.prompts_per_batch must be >= 1, got {prompts_per_batch}")
-        if shuffle_buffer_size < 0:
-            raise ValueError(f"data.shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}")
+        if not _is_int(prompts_per_batch) or prompts_per_batch < 1:
+            raise ValueError(f"data.prompts_per_batch must be an integer >= 1, got {prompts_per_batch!r}")
+        if not _is_int(shuffle_buffer_size) or shuffle_buffer_size < 0:
+            raise ValueError(
+                f"data.shuffle_buffer_size must be an integer >= 0 (0: file order), got {shuffle_buffer_size!r}"
+            )
+        if not isinstance(prompt_field, str) or not prompt_field:
+            raise ValueError(f"data.prompt_field must be a non-empty string (the .jsonl key), got {prompt_field!r}")
         self.train_prompts = train_prompts
         self.group_size = group_size
         self.prompts_per_batch = prompts_per_batch
@@ -51,9 +60,22 @@ class PromptDataModule(L.LightningDataModule):
         return self.prompts_per_batch * self.group_size
 
     def setup(self, stage: str) -> None:
+        # Checked here, before the model loads its weights, rather than when the first batch is read.
         check_prompt_file(self.train_prompts)
-        if next(iter_prompt_file(self.train_prompts, self.prompt_field), None) is None:
-            raise ValueError(f"data.train_prompts={self.train_prompts!r} contains no prompt (only blank lines?)")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        # Reads at most world_size prompts: the file is never loaded whole.
+        found = count_prompts(self.train_prompts, self.prompt_field, limit=max(world_size, 1))
+        if found == 0:
+            raise ValueError(
+                f"data.train_prompts={self.train_prompts!r} contains no prompt (empty, or only blank lines): it "
+                "needs at least one non-blank line"
+            )
+        if found < world_size:
+            raise ValueError(
+                f"data.train_prompts={self.train_prompts!r} has {found} prompt(s) for {world_size} ranks "
+                "(trainer.devices * trainer.num_nodes): it needs at least as many prompts as there are ranks, "
+                "since every group stays on one rank"
+            )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

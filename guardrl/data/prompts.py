@@ -22,13 +22,29 @@ PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 
 
 def check_prompt_file(path: str, option: str = "data.train_prompts") -> None:
-    """Fail early, naming the option, when a prompt file is missing, of an unknown type or has no prompt."""
+    """Fail early, naming the option, when a prompt file is missing or of an unknown type."""
     if not path:
-        raise ValueError(f"{option} is required: a .txt or .jsonl prompt file")
+        raise ValueError(f"{option} is required: a .txt or .jsonl prompt file, got {path!r}")
+    if not str(path).endswith(PROMPT_FILE_SUFFIXES):
+        raise ValueError(
+            f"{option}={path!r}: the file must end in one of {PROMPT_FILE_SUFFIXES} "
+            "(.txt: one prompt per line; .jsonl: one JSON object per line)"
+        )
+    if os.path.isdir(path):
+        raise ValueError(f"{option}={path!r} is a directory: it must be a .txt or .jsonl prompt file")
     if not os.path.isfile(path):
-        raise ValueError(f"{option}={path!r}: no such file")
-    if not path.endswith(PROMPT_FILE_SUFFIXES):
-        raise ValueError(f"{option}={path!r}: the file must end in one of {PROMPT_FILE_SUFFIXES}")
+        where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()!r})"
+        raise ValueError(f"{option}={path!r}: no such file{where}; it must be an existing .txt or .jsonl file")
+
+
+def count_prompts(path: str, prompt_field: str = "prompt", limit: int | None = None) -> int:
+    """How many prompts the file holds, reading at most `limit` of them (the file is never loaded whole)."""
+    count = 0
+    for _ in iter_prompt_file(path, prompt_field):
+        count += 1
+        if limit is not None and count >= limit:
+            break
+    return count
 
 
 def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "data.train_prompts") -> Iterator[str]:
@@ -39,7 +55,10 @@ def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "dat
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason})") from None
+                raise ValueError(
+                    f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                    "line): prompt files must be UTF-8 (re-save the file as UTF-8)"
+                ) from None
             if not line:
                 continue
             if not is_jsonl:
@@ -48,11 +67,25 @@ def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "dat
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{option}={path!r}: line {line_number} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
                 raise ValueError(
-                    f"{option}={path!r}: line {line_number} has no string field {prompt_field!r} "
-                    f"(set data.prompt_field to the key that holds the prompt)"
+                    f"{option}={path!r}: line {line_number} is not valid JSON ({e.msg}): a .jsonl file holds one "
+                    "JSON object per line"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
+                if not isinstance(record, dict):
+                    found = f"a JSON {type(record).__name__}"
+                elif prompt_field in record:
+                    found = f"{repr(record[prompt_field])[:40]} under {prompt_field!r}"
+                else:
+                    found = f"keys {sorted(record)[:8]}"
+                raise ValueError(
+                    f"{option}={path!r}: line {line_number} has no string field {prompt_field!r} (found "
+                    f"{found}): each line must be a JSON object with the prompt under data.prompt_field"
+                )
+            if not record[prompt_field].strip():
+                raise ValueError(
+                    f"{option}={path!r}: line {line_number} has an empty {prompt_field!r}: every JSON line must "
+                    "hold a non-empty prompt"
                 )
             yield record[prompt_field]
 
@@ -112,7 +145,7 @@ class PromptStream(IterableDataset):
             if not found:
                 raise ValueError(
                     f"data.train_prompts={self.path!r} has no prompt for rank {self.rank} of {self.world_size}: "
-                    "it needs at least as many prompts as there are ranks"
+                    "it needs at least as many prompts as there are ranks (trainer.devices * trainer.num_nodes)"
                 )
             epoch += 1
 

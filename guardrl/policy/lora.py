@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
+
+LORA_INITS = ("gaussian", "default")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -18,19 +25,40 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Leaf module names to adapt (diffusers attention projections by default)."""
     dropout: float = 0.0
-    """Dropout on the adapter input. Keep 0 for RL: dropout makes the recomputed mean differ from the rollout's."""
+    """Must be 0: the policy runs in eval mode (dropout would make the recomputed mean differ from the
+    rollout's), so a LoRA dropout would never be applied. Kept as an option only to refuse it clearly."""
     init: str = "gaussian"
-    """peft `init_lora_weights`; "gaussian" keeps B = 0 so the adapted model starts equal to the base."""
+    """peft `init_lora_weights`: "gaussian" or "default" (peft's Kaiming A); both keep B = 0, so the adapted
+    model starts equal to the base."""
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module, got an empty list")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
+            raise ValueError(f"lora.rank must be an integer >= 1 (e.g. 32), got {self.rank!r}")
+        if not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(
+                f"lora.alpha must be a finite number > 0 (the update is scaled by alpha / rank), got {self.alpha!r}"
+            )
+        if (
+            isinstance(self.target_modules, str)
+            or not self.target_modules
+            or not all(isinstance(m, str) and m for m in self.target_modules)
+        ):
+            raise ValueError(
+                "lora.target_modules must be a non-empty list of module names (e.g. [to_q, to_k, to_v, to_out.0]), "
+                f"got {self.target_modules!r}"
+            )
+        if not (_is_number(self.dropout) and self.dropout == 0.0):
+            raise ValueError(
+                "lora.dropout must be 0: the policy runs in eval mode so that the update recomputes exactly the "
+                f"rollout's mean (ratio 1 on-policy), so a LoRA dropout would never be applied; got {self.dropout!r}"
+            )
+        if self.init not in LORA_INITS:
+            # Inits that move base weights into the adapter (pissa, olora, ...) would change what "adapters
+            # disabled" means, and the reference policy is the model with adapters disabled.
+            raise ValueError(
+                f"lora.init must be one of {LORA_INITS} (inits that keep B = 0, so the policy starts as the base "
+                f"model and the reference is the base model), got {self.init!r}"
+            )
 
     def to_peft_config(self) -> LoraConfig:
         init = True if self.init == "default" else self.init

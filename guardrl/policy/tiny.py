@@ -179,6 +179,8 @@ class TinySD3Backbone(SD3Backbone):
 
     def __init__(self, seed: int = 0, num_layers: int = 2, resolution: int = 128, prompt_cache_size: int = 4096):
         super().__init__(None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size)
+        if not (isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 1):
+            raise ValueError(f"model.backbone.init_args.num_layers must be an integer >= 1, got {num_layers!r}")
         self.seed = seed
         self.num_layers = num_layers
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,8 +22,14 @@ class Reward(nn.Module):
             name: tag suffix in the logs (`reward/<name>/mean`); defaults to the class's snake_case name.
         """
         super().__init__()
-        self.weight = weight
         self.name = name or _snake_case(type(self).__name__)
+        # A NaN or infinite weight would turn every total reward, and so every advantage, into NaN.
+        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+            raise ValueError(
+                f"reward {self.name!r}: weight (model.rewards[...].init_args.weight) must be a finite number, "
+                f"got {weight!r}"
+            )
+        self.weight = weight
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """images: (B, 3, H, W) float in [0, 1]; returns (B,) rewards."""
@@ -30,10 +38,20 @@ class Reward(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"reward {self.name!r}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}"
+            )
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+            raise ValueError(
+                f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts; it needs one prompt "
+                "per image"
+            )
         rewards = self.score(images, prompts)
+        if not isinstance(rewards, torch.Tensor):
+            raise ValueError(
+                f"reward {self.name!r} returned a {type(rewards).__name__}, expected a tensor of shape "
+                f"({images.shape[0]},)"
+            )
         if rewards.shape != (images.shape[0],):
             raise ValueError(
                 f"reward {self.name!r} returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)"

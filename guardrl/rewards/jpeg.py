@@ -25,8 +25,11 @@ class JpegCompressibility(Reward):
 
     def __init__(self, quality: int = 95, weight: float = 1.0, name: str | None = "jpeg_compressibility"):
         super().__init__(weight=weight, name=name)
-        if not 1 <= quality <= 95:
-            raise ValueError(f"quality must be in [1, 95] (PIL's useful range), got {quality}")
+        if not (isinstance(quality, int) and not isinstance(quality, bool) and 1 <= quality <= 95):
+            raise ValueError(
+                f"reward {self.name!r}: quality (model.rewards[...].init_args.quality) must be an integer in "
+                f"[1, 95] (PIL's useful JPEG range), got {quality!r}"
+            )
         self.quality = quality
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

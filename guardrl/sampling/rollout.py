@@ -36,7 +36,10 @@ def sample_rollouts(
     """
     num_steps = len(sigmas_S1) - 1
     if len(noise_scales_S) != num_steps:
-        raise ValueError(f"noise_scales_S has {len(noise_scales_S)} entries for {num_steps} sampler steps")
+        raise ValueError(
+            f"noise_scales_S has {len(noise_scales_S)} entries but there are {num_steps} sampler steps "
+            f"(len(sigmas_S1) - 1): it must have one per step"
+        )
     latents = initial_noise.float()
     stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")}
     for k in range(num_steps):

@@ -35,11 +35,16 @@ def flow_match_sigmas(
         image_seq_len: number of image tokens; required when the scheduler uses dynamic shifting (Flux).
     """
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise ValueError(
+            f"num_inference_steps (sampling.num_inference_steps) must be >= 1, got {num_inference_steps!r}"
+        )
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     if sched.config.use_dynamic_shifting:
         if image_seq_len is None:
-            raise ValueError("image_seq_len is required for a dynamically shifted (Flux-style) schedule")
+            raise ValueError(
+                "image_seq_len (image tokens) is required for a dynamically shifted (Flux-style) schedule, got None: "
+                "pass the backbone's image_seq_len()"
+            )
         # FluxPipeline passes these sigmas and lets the scheduler shift them by mu.
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         sched.set_timesteps(sigmas=sigmas, mu=_dynamic_shift_mu(image_seq_len, sched.config))
@@ -59,9 +64,9 @@ def noise_scales(
     The step's standard deviation is then s_k = sigma_k * sqrt(|dt_k|).
     """
     if sde_type not in SDE_TYPES:
-        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
-    if noise_level < 0 or not math.isfinite(noise_level):
-        raise ValueError(f"noise_level (eta) must be a finite number >= 0, got {noise_level}")
+        raise ValueError(f"sde_type (sampling.sde_type) must be one of {SDE_TYPES}, got {sde_type!r}")
+    if not (noise_level >= 0 and math.isfinite(noise_level)):
+        raise ValueError(f"noise_level (sampling.noise_level, eta) must be a finite number >= 0, got {noise_level!r}")
     num_steps = len(sigmas_S1) - 1
     scales = torch.zeros(num_steps, dtype=torch.float64)
     for k in sde_steps:

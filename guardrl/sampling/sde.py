@@ -43,7 +43,9 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 def reduce_elements(values_B: torch.Tensor, reduction: str) -> torch.Tensor:
     """Sum or average over every non-batch dim: (B, ...) -> (B,)."""
     if reduction not in LOG_PROB_REDUCTIONS:
-        raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"log_prob_reduction (sampling.log_prob_reduction) must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}"
+        )
     dims = tuple(range(1, values_B.ndim))
     if not dims:
         return values_B
