@@ -132,6 +132,9 @@ class IterationCheckpoint(ModelCheckpoint):
         # update was skipped still moved the prompt stream and counters, so it is saved.
         self._last_global_step_saved = -1
         self._save_topk_checkpoint(trainer, candidates)
+        self._last_global_step_saved = -1
+        # After the periodic file, so that last.ckpt records it as the newest (Lightning's order). A kill between
+        # the two writes leaves last.ckpt one save older: resuming then repeats those iterations, exactly.
         self._save_last_checkpoint(trainer, candidates)
         self._last_iteration_saved = iteration
 

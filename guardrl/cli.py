@@ -17,20 +17,38 @@ import os
 import re
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
-from jsonargparse import Namespace, set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from guardrl.callbacks import GracefulShutdown, RatioStatsCallback
 from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
+from guardrl.checks import did_you_mean
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
 
 log = logging.getLogger(__name__)
 
 
+class _Parser(LightningArgumentParser):
+    """Lightning's parser, with the closest known keys suggested for a misspelt one."""
+
+    def error(self, message, ex=None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        super().error(did_you_mean(message, [action.dest for action in parser._actions]), ex)
+
+
 class GuardRLCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
+        parser = _Parser(**kwargs)
+        parser.add_argument(
+            "-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format."
+        )
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         # The group size is set once, on the data, and copied to the model.
         parser.link_arguments("data.group_size", "model.group_size")
@@ -48,6 +66,13 @@ class GuardRLCLI(LightningCLI):
                 "trainer.max_epochs": -1,
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the model's options with the hyperparameters stored in the checkpoint,
+        # silently undoing what the command line says (a raised model.max_iterations, a changed lr). Here the
+        # config and command line are the truth; a checkpoint whose trainable weights do not fit the model
+        # is refused by GRPOModule.on_load_checkpoint.
+        return
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":

@@ -31,6 +31,7 @@ from guardrl.algorithm import (
     group_advantages,
     kl_to_reference,
 )
+from guardrl.checks import check_batch_sizes, check_group_size, check_optimizer_for_strategy, check_rewards
 from guardrl.logs import flush_loggers, should_log, write_scalars
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
@@ -82,10 +83,8 @@ class GRPOModule(L.LightningModule):
             faults: what to do about non-finite values and failing rewards (docs/reliability.md).
         """
         super().__init__()
-        if not rewards:
-            raise ValueError("model.rewards must list at least one reward")
-        if group_size < 2:
-            raise ValueError(f"model.group_size must be >= 2, got {group_size}")
+        check_rewards(rewards)
+        check_group_size(group_size)
         if max_iterations is not None and max_iterations < 1:
             raise ValueError(f"model.max_iterations must be >= 1 or null, got {max_iterations}")
         check_compatible(sampling, grpo)
@@ -135,8 +134,15 @@ class GRPOModule(L.LightningModule):
             self.num_latent_elements,
         )
 
+    def setup(self, stage: str) -> None:
+        # Before any weights load: batch sizes the update cannot split are refused here, not mid-iteration.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "prompts_per_batch"):
+            check_batch_sizes(self.grpo, datamodule.prompts_per_batch, datamodule.group_size)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.policy.trainable_parameters())
+        check_optimizer_for_strategy(optimizer, self.trainer.strategy)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}

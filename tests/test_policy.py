@@ -158,7 +158,9 @@ def test_sd3_backbone_loads_a_saved_diffusers_directory(tmp_path):
     with torch.no_grad():
         expected = built.velocity(latents, 0.4, cond)
         got = loaded.velocity(latents, 0.4, loaded.encode_prompts(["a red circle", "a blue square"], False))
-    assert torch.equal(got, expected)
+    # Same weights, but a module read from disk may pick another matmul kernel than the one built in memory:
+    # the pooled text embedding differs by ~5e-7 (float32 rounding), so equality is to float32 precision.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_backbone_refuses_a_directory_that_is_not_a_pipeline(tmp_path):

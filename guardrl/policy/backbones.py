@@ -11,6 +11,7 @@ validate a config without touching weights, and so that sharded strategies can w
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,12 +25,28 @@ from guardrl.sampling.schedules import flow_match_sigmas
 
 _DIFFUSERS_VERSION = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How a config names a backbone argument (LightningCLI: model.backbone.class_path / init_args).
+OPTION = "model.backbone.init_args"
+# Which backbone loads which diffusers pipeline (model_index.json's "_class_name").
+BACKBONE_OF_PIPELINE = {
+    "StableDiffusion3Pipeline": "guardrl.policy.SD3Backbone",
+    "FluxPipeline": "guardrl.policy.FluxBackbone",
+}
 
 
-def parse_dtype(name: str, option: str = "torch_dtype") -> torch.dtype:
+def parse_dtype(name: str, option: str = f"{OPTION}.torch_dtype") -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"{option} must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _looks_like_local_path(path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything absolute, relative-dotted, home-based or deeper is a path.
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
 
 
 @dataclass
@@ -84,10 +101,16 @@ class FlowBackbone(nn.Module):
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
         self.prompt_cache_size = prompt_cache_size
-        if resolution < 16:
-            raise ValueError(f"resolution must be >= 16 pixels, got {resolution}")
-        if prompt_cache_size < 0:
-            raise ValueError(f"prompt_cache_size must be >= 0, got {prompt_cache_size}")
+        if not _is_int(resolution) or resolution < 16:
+            raise ValueError(f"{OPTION}.resolution must be an integer >= 16 (pixels), got {resolution!r}")
+        if not _is_int(max_sequence_length) or max_sequence_length < 1:
+            raise ValueError(
+                f"{OPTION}.max_sequence_length must be an integer >= 1 (T5 tokens), got {max_sequence_length!r}"
+            )
+        if not _is_int(prompt_cache_size) or prompt_cache_size < 0:
+            raise ValueError(
+                f"{OPTION}.prompt_cache_size must be an integer >= 0 (0: no cache), got {prompt_cache_size!r}"
+            )
         self._pipe = None
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
 
@@ -112,26 +135,62 @@ class FlowBackbone(nn.Module):
         self.vae_scale_factor = vae_scale
         multiple = vae_scale * self.latent_patch_multiple
         if self.resolution % multiple:
+            lower = self.resolution // multiple * multiple
+            nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
             raise ValueError(
-                f"resolution={self.resolution} is not allowed for this model: it must be a multiple of "
-                f"{multiple} (VAE downsampling x{vae_scale} times the transformer's patching)"
+                f"{OPTION}.resolution={self.resolution} is not allowed for this model: it must be a multiple of "
+                f"{multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
+                f"x{self.latent_patch_multiple}), e.g. {nearest}"
             )
 
     def _load_pipeline(self):
-        if not self.pretrained_model_name_or_path:
-            raise ValueError(
-                f"{type(self).__name__}: pretrained_model_name_or_path is required (a local diffusers "
-                "pipeline directory or a hub id)"
-            )
         path = self.pretrained_model_name_or_path
-        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        option = f"{OPTION}.pretrained_model_name_or_path"
+        if not path:
             raise ValueError(
-                f"pretrained_model_name_or_path={path!r} is a local path without model_index.json: "
-                "it must be a diffusers pipeline directory (as written by `save_pretrained`)"
+                f"{type(self).__name__}: {option} is required (a local diffusers pipeline directory or a hub id), "
+                f"got {path!r}"
+            )
+        if os.path.exists(path):
+            self._check_pipeline_directory(path, option)
+        elif _looks_like_local_path(path):
+            raise ValueError(
+                f"{option}={path!r}: no such directory; it must be a diffusers pipeline directory (as written by "
+                "`save_pretrained`) or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
             )
         # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
         dtype_key = "dtype" if _DIFFUSERS_VERSION >= (0, 42) else "torch_dtype"
-        return self.pipeline_class.from_pretrained(path, **{dtype_key: self.model_dtype})
+        try:
+            return self.pipeline_class.from_pretrained(path, **{dtype_key: self.model_dtype})
+        except OSError as e:
+            if os.path.exists(path):
+                raise
+            # A misspelt hub id, a gated model without a token, or no network: diffusers says which.
+            reason = str(e).rstrip(".")
+            raise ValueError(
+                f"{option}={path!r} could not be loaded as a hub id: {reason}. It must be a diffusers pipeline "
+                "directory or a hub id that is cached locally or reachable (HF_HUB_OFFLINE=1 allows only cached ones)"
+            ) from e
+
+    def _check_pipeline_directory(self, path: str, option: str) -> None:
+        index = os.path.join(path, "model_index.json")
+        if not os.path.isdir(path) or not os.path.isfile(index):
+            raise ValueError(
+                f"{option}={path!r} is a local path without model_index.json: it must be a diffusers pipeline "
+                "directory (as written by `save_pretrained`)"
+            )
+        try:
+            with open(index, encoding="utf-8") as f:
+                class_name = json.load(f).get("_class_name")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{option}={path!r}: model_index.json is not a JSON object ({e})") from None
+        expected = self.pipeline_class.__name__
+        if class_name is not None and class_name != expected:
+            hint = BACKBONE_OF_PIPELINE.get(class_name)
+            use = f"use model.backbone.class_path: {hint}" if hint else f"guardrl loads {list(BACKBONE_OF_PIPELINE)}"
+            raise ValueError(
+                f"{option}={path!r} holds a {class_name}, but {type(self).__name__} loads a {expected}: {use}"
+            )
 
     @property
     def pipeline(self):
@@ -181,10 +240,11 @@ class FlowBackbone(nn.Module):
         device = self.transformer.device
         unique = list(dict.fromkeys(prompts + ([""] if with_negative else [])))
         missing = [p for p in unique if p not in self._prompt_cache]
-        if missing:
-            encoded = self._encode(missing, device)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = tuple(t[i : i + 1] for t in encoded)
+        # One prompt per forward: a text encoder's output depends (by an ulp) on the batch it runs in, and
+        # which prompts are missing depends on the cache's history, which a resumed run does not share. Encoding
+        # alone keeps every embedding independent of history, so a resumed run is bitwise the straight run.
+        for prompt in missing:
+            self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
         rows = [self._prompt_cache[p] for p in prompts]
         for p in unique:
             self._prompt_cache.move_to_end(p)
