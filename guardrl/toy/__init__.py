@@ -1,0 +1,54 @@
+"""The toy world: a GenEval-like benchmark that runs on a CPU (see docs/toy_world.md).
+
+    world    palette, shapes, PromptSpec, object sizes per image size
+    grammar  prompt text <-> PromptSpec, the enumerated vocabulary, the train / held-out split, prompt files
+    render   PromptSpec + seed -> image (deterministic, no anti-aliasing)
+    verify   the exact verifier: per-check verdicts, batched over generator outputs
+    gold     gold metrics as torchmetrics Metrics (pass rate, off-palette fraction, realism distance) and
+             Average(gold)
+
+The names below are loaded on first use, not when the package is imported: `python -m guardrl.toy.verify`
+(and `.gold`, `.grammar`) then runs its module once, and `import guardrl.toy` does not pull in torchmetrics.
+The single-image `render.render` and `verify.verify` are not re-exported: their names are their modules'.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "COLORS": "world",
+    "KINDS": "world",
+    "PALETTE": "world",
+    "RELATIONS": "world",
+    "SHAPES": "world",
+    "ObjectSpec": "world",
+    "PromptSpec": "world",
+    "geometry": "world",
+    "enumerate_prompts": "grammar",
+    "enumerate_specs": "grammar",
+    "parse_prompt": "grammar",
+    "prompt_text": "grammar",
+    "sample_specs": "grammar",
+    "split_of": "grammar",
+    "split_prompts": "grammar",
+    "write_prompt_file": "grammar",
+    "write_split_files": "grammar",
+    "render_batch": "render",
+    "render_tensor": "render",
+    "Verdict": "verify",
+    "quantize": "verify",
+    "verify_batch": "verify",
+    "OffPaletteFraction": "gold",
+    "RealismDistance": "gold",
+    "VerifierPassRate": "gold",
+    "average_gold": "gold",
+    "gold_metrics": "gold",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"guardrl.toy.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'guardrl.toy' has no attribute {name!r}")
