@@ -175,7 +175,7 @@ def _iterations_in(ckpt_path: str) -> int:
     return int(checkpoint.get("guardrl", {}).get("num_iterations", 0))
 
 
-def main(args: list[str] | None = None, run: bool = True) -> GuardRLCLI:
+def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
     # Field docstrings of the option dataclasses become --help text.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,89 @@
+"""LoRA export in diffusers format: what a trained policy ships as.
+
+`export_lora(policy, out_dir)` writes `pytorch_lora_weights.safetensors` (keys prefixed `transformer.`) with
+the adapter metadata (rank, alpha, targets), through the stock pipeline class's `save_lora_weights`, so that
+`StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(out_dir)` (or FluxPipeline) reproduces the
+policy. Without the metadata diffusers would reload with alpha = rank and silently change the outputs.
+
+From a checkpoint, with the run's own config (the base weights are not in the checkpoint):
+
+    python -m guardrl.export --config runs/x/version_0/config.yaml \
+        --ckpt runs/x/version_0/checkpoints/last.ckpt --out lora/ [--weights ema]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+import yaml
+from peft.utils import get_peft_model_state_dict
+
+from guardrl.policy import FlowPolicy
+
+EXPORTABLE_WEIGHTS = ("policy", "ema")
+_ADAPTER = {"policy": "default", "ema": "ema"}
+
+
+def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> str:
+    """Write the `weights` adapter ("policy" or "ema") of a LoRA policy to `out_dir`; returns the file path."""
+    if weights not in EXPORTABLE_WEIGHTS:
+        raise ValueError(f"export weights={weights!r}: must be one of {EXPORTABLE_WEIGHTS}")
+    if policy.lora is None:
+        raise ValueError(
+            "export: this run is full fine-tuning (model.lora: null), there is no LoRA to export; save the "
+            "transformer with save_pretrained instead"
+        )
+    if weights == "ema" and policy.ema_decay is None:
+        raise ValueError("export weights='ema': the run kept no EMA (model.grpo.ema_decay is null)")
+    transformer = policy.transformer
+    state = get_peft_model_state_dict(transformer, adapter_name=_ADAPTER[weights])
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    metadata = policy.lora.to_peft_config().to_dict()
+    os.makedirs(out_dir, exist_ok=True)
+    pipeline_class = type(policy.backbone.pipeline)
+    pipeline_class.save_lora_weights(
+        out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
+        safe_serialization=True,
+    )
+    return os.path.join(out_dir, "pytorch_lora_weights.safetensors")
+
+
+def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: str = "policy") -> str:
+    """Rebuild the run's model from its saved config.yaml, load the checkpoint's trainable state, export."""
+    from guardrl.cli import main
+
+    if not os.path.isfile(ckpt_path):
+        raise ValueError(f"--ckpt={ckpt_path!r}: no such file")
+    if not os.path.isfile(config):
+        raise ValueError(f"--config={config!r}: no such file (use the config.yaml in the run's version folder)")
+    with open(config) as f:
+        settings = yaml.safe_load(f)
+    # The saved config is the `fit` subcommand's; building the classes alone takes no fit-only keys.
+    for fit_only in ("ckpt_path", "weights_only"):
+        settings.pop(fit_only, None)
+    cli = main(settings, run=False)
+    model = cli.model
+    model.configure_model()
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model._check_checkpoint_state(checkpoint["state_dict"])
+    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    return export_lora(model.policy, out_dir, weights)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m guardrl.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's config.yaml (in its version folder)")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint of that run")
+    parser.add_argument("--out", required=True, help="output directory for pytorch_lora_weights.safetensors")
+    parser.add_argument("--weights", default="policy", choices=EXPORTABLE_WEIGHTS)
+    args = parser.parse_args(argv)
+    path = export_from_checkpoint(args.config, args.ckpt, args.out, args.weights)
+    print(f"LoRA written to {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
