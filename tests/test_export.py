@@ -129,3 +129,32 @@ def test_lora_export_callback_writes_each_iteration_and_the_final_adapter(traine
     first = load_file(os.path.join(lora_root, "iteration=1", "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(final[k], direct[k]) for k in direct)
     assert any(not torch.equal(first[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_exported_lora_in_a_stock_pipeline_gives_the_policys_velocity(kind, tmp_path):
+    from guardrl.policy import FlowPolicy, LoraSpec, TinyFluxBackbone, TinySD3Backbone
+    from guardrl.policy.tiny import make_tiny_flux_pipeline
+
+    backbone_cls, make_pipeline = {
+        "sd3": (TinySD3Backbone, make_tiny_sd3_pipeline), "flux": (TinyFluxBackbone, make_tiny_flux_pipeline),
+    }[kind]
+    policy = FlowPolicy(backbone_cls(seed=0), LoraSpec(rank=2, alpha=8))
+    policy.build()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a LoRA as if trained: both factors non-zero
+        for p in policy.trainable_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    export_lora(policy, str(tmp_path / "lora"))
+
+    backbone = policy.backbone
+    latents = backbone.initial_noise(2, torch.Generator().manual_seed(2), torch.device("cpu"))
+    cond = backbone.encode_prompts(PROMPTS, with_negative=False)
+    stock = make_pipeline(seed=0)
+    with torch.no_grad():
+        base = backbone.velocity(latents, 0.6, cond, 1.0, stock.transformer)
+        stock.load_lora_weights(str(tmp_path / "lora"))
+        expected = backbone.velocity(latents, 0.6, cond, 1.0, policy.transformer)
+        got = backbone.velocity(latents, 0.6, cond, 1.0, stock.transformer)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (base - expected).abs().max() > 1e-2  # the LoRA changes the output; alpha/rank = 4 was kept
