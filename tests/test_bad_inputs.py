@@ -33,7 +33,7 @@ from guardrl.data import PromptDataModule, PromptStream, iter_prompt_file
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.policy import FluxBackbone, LoraSpec, SD3Backbone, TinySD3Backbone
-from guardrl.rewards import JpegCompressibility, Reward
+from guardrl.rewards import JpegCompressibility, RemoteReward, Reward, RewardError
 from guardrl.sampling import flow_match_sigmas, noise_scales, reduce_elements, sample_rollouts
 from tests.conftest import REPO_ROOT, tiny_fit_args
 
@@ -53,6 +53,14 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------------------- triggers
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build(factory, *args, **kwargs):
     return lambda tmp_path: factory(*args, **kwargs)
 
@@ -459,6 +467,11 @@ CATALOGUE = [
     Case("reward-image-shape", "rewards", "scores images without a channel dim",
          lambda t: JpegCompressibility()(torch.zeros(2, 8, 8), ["a", "b"]), r"reward 'jpeg_compressibility'",
          r"\(2, 8, 8\)", r"\(B, 3, H, W\)"),
+    Case("reward-server-not-there", "rewards", "points RemoteReward at a port where no server listens",
+         lambda t: RemoteReward(f"http://127.0.0.1:{_unused_port()}", max_attempts=2, retry_delay_s=0.0)(
+             torch.zeros(1, 3, 8, 8), ["a"]),
+         r"reward server http://127\.0\.0\.1:\d+", r"ConnectionError", r"RemoteReward\.max_attempts=2",
+         error=RewardError),
     Case("reward-prompt-count", "rewards", "scores 2 images with 1 prompt",
          lambda t: JpegCompressibility()(torch.zeros(2, 3, 8, 8), ["a"]), r"reward 'jpeg_compressibility'",
          r"2 images but 1 prompts", r"one prompt per image"),
