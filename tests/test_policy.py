@@ -179,3 +179,23 @@ def test_backbone_refuses_a_resolution_the_vae_cannot_take():
 def test_bad_dtype_names_the_option():
     with pytest.raises(ValueError, match="torch_dtype must be one of"):
         SD3Backbone("x", torch_dtype="float64")
+
+
+def test_lora_adapters_are_float32_on_a_bfloat16_base_and_train(tmp_path):
+    from guardrl.policy import FlowPolicy, LoraSpec
+    from guardrl.policy.tiny import make_tiny_sd3_pipeline
+
+    make_tiny_sd3_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    backbone = SD3Backbone(str(tmp_path / "pipe"), torch_dtype="bfloat16", resolution=128, max_sequence_length=32)
+    policy = FlowPolicy(backbone, LoraSpec(rank=2, alpha=4))
+    policy.build()
+    lora = {n: p for n, p in policy.transformer.named_parameters() if "lora_" in n}
+    base = [p for n, p in policy.transformer.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    latents, cond = _inputs(backbone)
+    velocity = backbone.velocity(latents, 0.5, cond, 1.0, policy.transformer)
+    velocity.float().square().mean().backward()
+    grads = [p.grad for p in policy.trainable_parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -67,6 +67,12 @@ class FlowPolicy(nn.Module):
                 for name in names:
                     transformer.add_adapter(config, adapter_name=name)
             transformer.set_adapter("default")
+            # Adapters in float32 whatever the base dtype: bf16/fp16 weights and AdamW moments lose small LoRA
+            # updates, and the old/EMA snapshots must hold the trained values exactly. peft casts the layer
+            # input to the adapter's dtype and the result back.
+            for name, p in transformer.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(torch.float32)
         else:
             transformer.requires_grad_(True)
             # Full fine-tuning: snapshots are whole copies, kept out of the optimizer.
