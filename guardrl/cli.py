@@ -4,9 +4,11 @@
     guardrl fit --config configs/tiny/grpo_guard.yaml --print_config
     guardrl fit --config configs/tiny/grpo_guard.yaml --ckpt_path last      # resume the newest run in place
 
-Every run gets three callbacks whatever the config says (their options are top-level groups):
-`ratio_stats` (RatioStatsCallback), `checkpoint` (IterationCheckpoint, atomic writes) and
-`graceful_shutdown` (checkpoint and exit on SIGTERM/SIGUSR1). See docs/reliability.md for resuming.
+Every run gets these callbacks whatever the config says (their options are top-level groups):
+`ratio_stats` (RatioStatsCallback), `checkpoint` (IterationCheckpoint, atomic writes),
+`graceful_shutdown` (checkpoint and exit on SIGTERM/SIGUSR1), `image_grid` (sample grids per prompt group),
+`run_summary` (the config as text at the start) and `progress_bar` (iteration, reward, clip fraction).
+See docs/reliability.md for resuming and docs/analysis.md for reading the logs.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from guardrl.callbacks import GracefulShutdown, RatioStatsCallback
+from guardrl.callbacks import (
+    GracefulShutdown,
+    GRPOProgressBar,
+    ImageGridCallback,
+    RatioStatsCallback,
+    RunSummaryCallback,
+)
 from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
 from guardrl.checks import did_you_mean
 from guardrl.data import PromptDataModule
@@ -56,6 +65,10 @@ class GuardRLCLI(LightningCLI):
         parser.add_lightning_class_args(RatioStatsCallback, "ratio_stats")
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulShutdown, "graceful_shutdown")
+        # After the ones above: callbacks run in this order, and the bar shows this iteration's clip fractions.
+        parser.add_lightning_class_args(ImageGridCallback, "image_grid")
+        parser.add_lightning_class_args(RunSummaryCallback, "run_summary")
+        parser.add_lightning_class_args(GRPOProgressBar, "progress_bar")
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -82,6 +95,14 @@ class GuardRLCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             # Lightning refuses a ModelCheckpoint when checkpointing is off; the forced one goes quietly.
             callbacks = [c for c in callbacks if not isinstance(c, IterationCheckpoint)]
+        user = config.get("callbacks") or []
+        user = user if isinstance(user, list) else [user]
+        # A user-listed callback of a forced type replaces the forced one (no double images, no two bars).
+        forced = (GRPOProgressBar, ImageGridCallback, RunSummaryCallback)
+        callbacks = [c for c in callbacks if not (isinstance(c, forced) and any(type(u) is type(c) for u in user))]
+        if config.get("enable_progress_bar") is False or any(isinstance(u, ProgressBar) for u in user):
+            # Lightning refuses a progress bar with enable_progress_bar=False, and a second bar.
+            callbacks = [c for c in callbacks if not isinstance(c, GRPOProgressBar)]
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -190,5 +211,11 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m guardrl.cli` works like the console script
+def console_main() -> None:
+    """The `guardrl` console script: returns None, so a finished run exits 0 (setuptools' wrapper passes the
+    return value to sys.exit, and a returned GuardRLCLI object would mean exit status 1)."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m guardrl.cli` works like the console script
+    console_main()

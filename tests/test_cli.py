@@ -1,6 +1,7 @@
 """The `guardrl` command: every shipped config parses, the README's command runs, bad keys are named."""
 
 import glob
+import shutil
 import os
 import subprocess
 import sys
@@ -80,3 +81,18 @@ def test_print_config_and_misspelt_keys(tmp_path):
                             cwd=REPO_ROOT)
     assert misspelt.returncode != 0
     assert "clip_rnage" in misspelt.stderr
+
+
+def test_installed_console_script_exits_zero_after_a_run(tmp_path):
+    # setuptools' wrapper does sys.exit(entry_point()): a returned object would be exit status 1.
+    script = shutil.which("guardrl")
+    assert script is not None, "the `guardrl` console script is not installed (pip install -e .)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [script, "fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.max_iterations", "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert glob.glob(str(tmp_path / "tiny_grpo_guard" / "version_0" / "checkpoints" / "last.ckpt"))
