@@ -1,14 +1,15 @@
-"""Callbacks: ratio and clip statistics per denoising step; checkpoint-and-exit on signals."""
+"""Callbacks: ratio statistics, checkpoint-and-exit on signals, LoRA export, the over-optimization watch,
+and what people expect to see (progress bar, image grids, the run's config)."""
 
+from guardrl.callbacks.image_grid import ImageGridCallback
 from guardrl.callbacks.lora_export import LoraExport
 from guardrl.callbacks.preemption import GracefulShutdown
+from guardrl.callbacks.progress import GRPOProgressBar
 from guardrl.callbacks.ratio_stats import RatioStatsCallback
+from guardrl.callbacks.run_summary import RunSummaryCallback
+from guardrl.callbacks.watch import OverOptimizationWatch
 
-__all__ = ["GracefulShutdown", "LoraExport", "RatioStatsCallback"]
-
-# What people expect to see (issue 6): the progress bar, image grids, the config summary.
-from guardrl.callbacks.image_grid import ImageGridCallback  # noqa: E402
-from guardrl.callbacks.progress import GRPOProgressBar  # noqa: E402
-from guardrl.callbacks.run_summary import RunSummaryCallback  # noqa: E402
-
-__all__ += ["GRPOProgressBar", "ImageGridCallback", "RunSummaryCallback"]
+__all__ = [
+    "GRPOProgressBar", "GracefulShutdown", "ImageGridCallback", "LoraExport", "OverOptimizationWatch",
+    "RatioStatsCallback", "RunSummaryCallback",
+]
