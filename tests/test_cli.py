@@ -21,7 +21,12 @@ def test_there_is_a_tiny_config_per_ratio_variant():
     assert set(RATIO_VARIANTS) <= tiny
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, REPO_ROOT) for c in CONFIGS])
+# Configs that build offline here; the published recipes (sd35m/, flux/) name real hub models and GPUs.
+OFFLINE_CONFIGS = [c for c in CONFIGS if os.sep + "tiny" + os.sep in c]
+RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS]
+
+
+@pytest.mark.parametrize("config", OFFLINE_CONFIGS, ids=[os.path.relpath(c, REPO_ROOT) for c in OFFLINE_CONFIGS])
 def test_every_shipped_config_builds(config, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # configs name their prompt files relative to the repository root
     cli = main(["--config", config, "--trainer.logger", "false"], run=False)
@@ -96,3 +101,50 @@ def test_installed_console_script_exits_zero_after_a_run(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert glob.glob(str(tmp_path / "tiny_grpo_guard" / "version_0" / "checkpoints" / "last.ckpt"))
+
+
+# What the published recipes must say (sources in each config's comments).
+RECIPE_VALUES = {
+    "sd35m/flow_grpo_geneval.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.04, std="global"),
+    "sd35m/flow_grpo_ocr.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.04, std="global"),
+    "sd35m/flow_grpo_pickscore.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.01, std="global"),
+    "sd35m/grpo_guard_geneval.yaml": dict(variant="grpo_guard", clip=2e-6, lr=1e-4, kl=0.0, std="group"),
+    "sd35m/grpo_guard_ocr.yaml": dict(variant="grpo_guard", clip=2e-6, lr=1e-4, kl=0.0, std="group"),
+    "sd35m/grpo_guard_pickscore.yaml": dict(variant="grpo_guard", clip=4e-6, lr=1e-4, kl=0.0, std="group"),
+    "flux/dance_grpo_pickscore.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.0, std="group"),
+    "flux/grpo_guard_pickscore.yaml": dict(variant="grpo_guard", clip=4e-6, lr=1e-4, kl=0.0, std="group"),
+}
+
+
+def test_every_recipe_has_its_expected_values():
+    assert sorted(os.path.relpath(c, os.path.join(REPO_ROOT, "configs")) for c in RECIPES) == sorted(RECIPE_VALUES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_VALUES))
+def test_published_recipe_parses_and_is_consistent(name, monkeypatch, capsys):
+    """Parsed by the real CLI (types, class paths and every init arg checked, nothing loaded), then checked
+    against the recipe's numbers and the batch arithmetic an iteration needs."""
+    import yaml
+
+    from guardrl.checks import check_batch_sizes
+    from guardrl.options import GRPOOptions, SamplingOptions, check_compatible
+
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", os.path.join("configs", name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data, expected = config["model"], config["data"], RECIPE_VALUES[name]
+    grpo = GRPOOptions(**model["grpo"])
+    sampling = SamplingOptions(**model["sampling"])
+    check_compatible(sampling, grpo)
+    check_batch_sizes(grpo, data["prompts_per_batch"], data["group_size"])
+    assert grpo.ratio_variant == expected["variant"] and grpo.clip_range == expected["clip"]
+    assert grpo.kl_beta == expected["kl"] and grpo.std_scope == expected["std"]
+    assert model["optimizer"]["init_args"]["lr"] == expected["lr"]
+    backbone = model["backbone"]["init_args"]["pretrained_model_name_or_path"]
+    assert backbone in ("stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev")
+    # FlowGRPO and GRPO-Guard take 2 optimizer steps per rollout batch; DanceGRPO's LoRA script 1.
+    samples = data["prompts_per_batch"] * data["group_size"]
+    steps = grpo.num_inner_epochs * (samples // grpo.minibatch_size) // grpo.gradient_accumulation_steps
+    assert steps == (1 if "dance" in name else 2)

@@ -1,11 +1,16 @@
 """Rewards: the interface, offline rewards, how they are called (retries, timeouts), and served ones."""
 
+from guardrl.rewards.aesthetic import LaionAesthetic
 from guardrl.rewards.base import Reward
 from guardrl.rewards.calling import RewardError, score_with_retries
+from guardrl.rewards.clip_rewards import CLIPScore, PickScore
 from guardrl.rewards.faults import FaultInjectionReward
+from guardrl.rewards.hps import HPSv21
 from guardrl.rewards.jpeg import JpegCompressibility, jpeg_size_kb
+from guardrl.rewards.ocr import OcrReward, Recognizer, TrOCRRecognizer
 from guardrl.rewards.remote import RemoteReward
 
 __all__ = [
     "FaultInjectionReward", "JpegCompressibility", "RemoteReward", "Reward", "RewardError", "jpeg_size_kb", "score_with_retries",
 ]
+__all__ += ["CLIPScore", "HPSv21", "LaionAesthetic", "OcrReward", "PickScore", "Recognizer", "TrOCRRecognizer"]
