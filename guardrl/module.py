@@ -30,6 +30,7 @@ from guardrl.algorithm import (
     effective_clip_range,
     group_advantages,
     kl_to_reference,
+    shuffle_within_groups,
 )
 from guardrl.checks import check_batch_sizes, check_group_size, check_optimizer_for_strategy, check_rewards
 from guardrl.logs import flush_loggers, should_log, write_scalars
@@ -175,7 +176,7 @@ class GRPOModule(L.LightningModule):
         problem = self._nonfinite_on_any_rank(
             {"reward": rewards, "rollout log-prob": trajectory.log_prob_old_BT}
         )
-        advantages = self._advantages(rewards) if problem is None else torch.zeros_like(rewards)
+        advantages = self._control(self._advantages(rewards)) if problem is None else torch.zeros_like(rewards)
         step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
         if problem is None:
             step_stats, losses, problem = self._update(trajectory, cond, advantages)
@@ -245,6 +246,14 @@ class GRPOModule(L.LightningModule):
             start = self.global_rank * rewards.numel()
             return advantages[start : start + rewards.numel()]
         return group_advantages(rewards, self.group_size, self.grpo.std_scope, clip=self.grpo.adv_clip_max)
+
+    def _control(self, advantages: torch.Tensor) -> torch.Tensor:
+        """grpo.null_control: advantages permuted within each group (keyed by iteration and rank, so a resumed
+        run draws the same permutation)."""
+        if not self.grpo.null_control:
+            return advantages
+        generator = torch.Generator().manual_seed(self._seed(self.num_iterations, self.global_rank, 0xC0))
+        return shuffle_within_groups(advantages, self.group_size, generator)
 
     def _trained_steps(self, trajectory: Trajectory, generator: torch.Generator) -> list[int]:
         """Positions j in the trajectory to train this iteration (same on every rank: FSDP needs it)."""

@@ -114,6 +114,9 @@ class GRPOOptions:
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]; None: no clip."""
     std_scope: Literal["group", "global"] = "group"
     """Divide advantages by each group's reward std ("group") or the std over all ranks' samples ("global")."""
+    null_control: bool = False
+    """Shuffle each group's advantages among its samples before the update: same update size and noise, no
+    reward signal. The control run of an over-optimization study (what drift alone does to the gold metrics)."""
     kl_beta: float = 0.0
     """Weight of the KL to the reference (base) policy, KL = ||mu_theta - mu_ref||^2 / (2 s^2) in the units of
     log_prob_reduction (nats per element for "mean")."""

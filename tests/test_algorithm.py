@@ -19,6 +19,7 @@ from guardrl.algorithm import (
     effective_clip_range,
     group_advantages,
     kl_to_reference,
+    shuffle_within_groups,
 )
 from guardrl.sampling import gaussian_log_prob
 
@@ -330,6 +331,26 @@ def test_group_advantages_bad_std_scope_and_shape():
         group_advantages(torch.arange(6, dtype=F64), group_size=3, std_scope="batch")
     with pytest.raises(ValueError, match="shape"):
         group_advantages(torch.zeros(2, 3, dtype=F64), group_size=3)
+
+
+def test_null_control_permutes_within_each_group_only():
+    advantages = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], dtype=F64)
+    shuffled = shuffle_within_groups(advantages, 4, torch.Generator().manual_seed(0))
+    groups = shuffled.reshape(2, 4)
+    assert sorted(groups[0].tolist()) == [1.0, 2.0, 3.0, 4.0] and sorted(groups[1].tolist()) == [10.0, 20.0, 30.0, 40.0]
+    # Over seeds, every position sees every value of its group: the values no longer follow the samples.
+    seen = {i: set() for i in range(8)}
+    for seed in range(64):
+        out = shuffle_within_groups(advantages, 4, torch.Generator().manual_seed(seed))
+        for i, value in enumerate(out.tolist()):
+            seen[i].add(value)
+    assert all(seen[i] == {1.0, 2.0, 3.0, 4.0} for i in range(4))
+    assert all(seen[i] == {10.0, 20.0, 30.0, 40.0} for i in range(4, 8))
+    # Same generator seed, same permutation (a resumed run redraws it).
+    again = shuffle_within_groups(advantages, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(again, shuffled)
+    with pytest.raises(ValueError, match="groups of 3"):
+        shuffle_within_groups(advantages, 3, torch.Generator())
 
 
 # --------------------------------------------------------------------------------------------------------

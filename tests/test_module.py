@@ -120,6 +120,23 @@ def test_checkpoint_keeps_trainable_state_and_resume_continues(prompt_file, tmp_
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["iteration=3.ckpt", "last.ckpt"]
 
 
+def test_null_control_trains_on_advantages_shuffled_within_groups(prompt_file, tmp_path):
+    runs = {}
+    for name, flag in (("real", "false"), ("null", "true")):
+        capture = CaptureOutputs()
+        cli = _cli(prompt_file, tmp_path / name, **{"--model.grpo.null_control": flag, "--data.group_size": "4"})
+        _fit(cli, [capture])
+        runs[name] = capture.outputs
+    group = 4
+    first_real, first_null = runs["real"][0], runs["null"][0]
+    # Same seed, same first rollout and rewards: the null run's advantages are the real ones permuted per group.
+    assert torch.equal(first_real["rewards"], first_null["rewards"])
+    real_groups = first_real["advantages"].reshape(-1, group)
+    null_groups = first_null["advantages"].reshape(-1, group)
+    assert torch.equal(real_groups.sort(dim=1).values, null_groups.sort(dim=1).values)
+    assert not torch.equal(real_groups, null_groups)
+
+
 def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):
     capture = CaptureOutputs()
     cli = _cli(prompt_file, tmp_path, **{"--model.lora": "null", "--model.grpo.kl_beta": "0.1",

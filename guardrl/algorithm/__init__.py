@@ -1,6 +1,6 @@
 """Pure GRPO math: advantages, the five ratio variants, the clipped loss, the KL. No Lightning, no diffusers."""
 
-from guardrl.algorithm.advantages import STD_SCOPES, group_advantages
+from guardrl.algorithm.advantages import STD_SCOPES, group_advantages, shuffle_within_groups
 from guardrl.algorithm.loss import (
     CLIP_RANGE_UNITS,
     LossStats,
@@ -34,6 +34,7 @@ __all__ = [
     "effective_clip_range",
     "flow_grpo_ratio",
     "group_advantages",
+    "shuffle_within_groups",
     "grpo_guard_ratio",
     "kl_to_reference",
     "mean_revised_ratio",

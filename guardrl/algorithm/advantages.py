@@ -53,3 +53,21 @@ def group_advantages(
     if clip is not None:
         advantages_NG = advantages_NG.clamp(-clip, clip)
     return advantages_NG.reshape(-1)
+
+
+def shuffle_within_groups(advantages_B: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The null control: each group's advantages permuted among its own samples.
+
+    Every group keeps exactly its set of advantage values (same mean, spread and clip statistics, so the
+    update has the same size and noise) but they no longer follow the reward, so a run trained on them
+    measures what the update noise alone does to the model. A proxy that rises only in the real run, and a
+    gold metric that falls in both, separates reward hacking from drift.
+    """
+    if advantages_B.ndim != 1 or group_size < 1 or advantages_B.numel() % group_size:
+        raise ValueError(
+            f"advantages of shape {tuple(advantages_B.shape)} cannot be split into groups of {group_size}"
+        )
+    advantages_NG = advantages_B.reshape(-1, group_size)
+    keys_NG = torch.rand(advantages_NG.shape, generator=generator, device=generator.device)
+    order_NG = keys_NG.argsort(dim=1).to(advantages_NG.device)
+    return advantages_NG.gather(1, order_NG).reshape(-1)
