@@ -6,6 +6,12 @@
     verify   the exact verifier: per-check verdicts, batched over generator outputs
     gold     gold metrics as torchmetrics Metrics (pass rate, off-palette fraction, realism distance) and
              Average(gold)
+    model    the toy text-to-image model: a pixel-space diffusers SD3 transformer + a word-level text encoder
+    backbone ToyBackbone, the pretrained toy model behind guardrl's FlowBackbone interface
+    pretrain rectified-flow pretraining of the toy model (python -m guardrl.toy.pretrain)
+    evaluate pass rates per kind and gold metrics of a toy model (python -m guardrl.toy.evaluate)
+    proxy    ToyProxyReward, the learned and hackable proxy reward (python -m guardrl.toy.proxy train|evaluate|hack)
+    benchmark every ratio variant + a null control, proxy and gold over iterations (python -m guardrl.toy.benchmark)
 
 The names below are loaded on first use, not when the package is imported: `python -m guardrl.toy.verify`
 (and `.gold`, `.grammar`) then runs its module once, and `import guardrl.toy` does not pull in torchmetrics.
@@ -44,6 +50,12 @@ _EXPORTS = {
     "VerifierPassRate": "gold",
     "average_gold": "gold",
     "gold_metrics": "gold",
+    "ToyTextEncoder": "model",
+    "build_toy_model": "model",
+    "load_toy_model": "model",
+    "save_toy_model": "model",
+    "ToyBackbone": "backbone",
+    "ToyProxyReward": "proxy",
 }
 __all__ = list(_EXPORTS)
 
