@@ -1,8 +1,9 @@
 """The `guardrl` command: every shipped config parses, the README's command runs, bad keys are named."""
 
 import glob
-import shutil
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,35 @@ def test_there_is_a_tiny_config_per_ratio_variant():
 
 
 # Configs that build offline here; the published recipes (sd35m/, flux/) name real hub models and GPUs.
-OFFLINE_CONFIGS = [c for c in CONFIGS if os.sep + "tiny" + os.sep in c]
+OFFLINE_CONFIGS = [c for c in CONFIGS if os.sep + "tiny" + os.sep in c or os.sep + "toy" + os.sep in c]
+TOY_CONFIGS = [c for c in CONFIGS if os.sep + "toy" + os.sep in c]
+
+
+def test_toy_configs_differ_only_in_variant_clip_range_and_null_control():
+    import yaml
+
+    from guardrl.algorithm import RATIO_VARIANTS
+
+    configs = {os.path.splitext(os.path.basename(c))[0]: yaml.safe_load(open(c)) for c in TOY_CONFIGS}
+    assert set(configs) == set(RATIO_VARIANTS) | {"null_control"}
+
+    def shared(config):
+        config = json.loads(json.dumps(config))
+        del config["trainer"]["logger"]["init_args"]["name"]
+        for key in ("ratio_variant", "clip_range", "null_control"):
+            del config["model"]["grpo"][key]
+        return config
+
+    reference = shared(configs["grpo_guard"])
+    assert all(shared(c) == reference for c in configs.values())
+    assert configs["null_control"]["model"]["grpo"]["null_control"] is True
+    assert configs["null_control"]["model"]["grpo"]["ratio_variant"] == "flow_grpo"
+    assert sum(c["model"]["grpo"]["null_control"] for c in configs.values()) == 1
+    # The published clip ranges x sqrt(65,536) (per_sqrt_element): FlowGRPO's 1e-4, GRPO-Guard's 2e-6.
+    for name, config in configs.items():
+        published = 2e-6 if config["model"]["grpo"]["ratio_variant"] in ("ratio_norm", "grpo_guard") else 1e-4
+        assert config["model"]["grpo"]["clip_range"] == pytest.approx(published * 256, rel=1e-3), name
+        assert config["model"]["grpo"]["clip_range_unit"] == "per_sqrt_element"
 RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS]
 
 
@@ -31,8 +60,12 @@ def test_every_shipped_config_builds(config, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # configs name their prompt files relative to the repository root
     cli = main(["--config", config, "--trainer.logger", "false"], run=False)
     name = os.path.splitext(os.path.basename(config))[0]
-    if os.sep + "tiny" + os.sep in config:
-        assert cli.model.grpo.ratio_variant == name
+    if os.sep + "toy" + os.sep in config:
+        from guardrl.toy import ToyBackbone, ToyProxyReward
+
+        assert isinstance(cli.model.backbone, ToyBackbone) and isinstance(cli.model.rewards[0], ToyProxyReward)
+    if os.sep + "tiny" + os.sep in config or os.sep + "toy" + os.sep in config:
+        assert cli.model.grpo.ratio_variant == ("flow_grpo" if name == "null_control" else name)
         assert cli.model.group_size == cli.datamodule.group_size
         # several optimizer steps per rollout, so that the ratio leaves 1
         updates = cli.model.grpo.num_inner_epochs * cli.datamodule.batch_size // cli.model.grpo.minibatch_size
@@ -76,6 +109,21 @@ def test_readme_command_runs_and_writes_the_documented_events(tmp_path):
     assert [event.step for event in accumulator.Histograms("ratio/log_ratio_t3")] == [0, 1]
     assert os.path.isfile(os.path.join(version_dir, "config.yaml"))
     assert glob.glob(os.path.join(version_dir, "checkpoints", "*.ckpt"))
+
+
+def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp_path):
+    # The README's first command with one iteration instead of six (same config, same code path).
+    result = _run_guardrl(
+        ["fit", "--config", "configs/toy/grpo_guard.yaml", "--model.max_iterations", "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    version_dir = str(tmp_path / "toy_grpo_guard" / "version_0")
+    assert f"logs: {version_dir}" in result.stdout + result.stderr
+    assert "ToyBackbone, rewards toy_proxy x 1" in result.stdout + result.stderr
+    assert glob.glob(os.path.join(version_dir, "events.out.tfevents.*"))
+    assert os.path.isfile(os.path.join(version_dir, "checkpoints", "last.ckpt"))
 
 
 def test_print_config_and_misspelt_keys(tmp_path):
