@@ -116,3 +116,27 @@ def test_quick_benchmark_writes_finite_well_formed_results(tmp_path):
     again = run_benchmark(out, VARIANTS, seeds=[0], clip_modes=CLIP_MODES, budget=QUICK, configs=CONFIGS)
     assert _rows(os.path.join(out, "results.csv")) == results
     assert again["wall_s"] < report["wall_s"]
+
+
+def test_recorder_on_resume_drops_rows_past_the_checkpoint_and_redoes_a_missing_evaluation(tmp_path):
+    from types import SimpleNamespace
+
+    from guardrl.toy.benchmark import EVAL_COLUMNS, RATIO_COLUMNS, BenchmarkRecorder, _append_csv
+
+    recorder = BenchmarkRecorder(str(tmp_path), eval_every=2, per_kind=1)
+    # A run killed after iteration 3 had evaluated at 0 and 2 and recorded ratios of iterations 0-3; its last
+    # checkpoint is at iteration 2 (num_iterations = 2).
+    _append_csv(recorder.eval_path, EVAL_COLUMNS, [{"iteration": i, "split": "heldout"} for i in (0, 2, 4)])
+    _append_csv(recorder.ratio_path, RATIO_COLUMNS, [{"iteration": i, "step": 0} for i in range(4)])
+    evaluated = []
+    recorder._evaluate = lambda module, iteration: evaluated.append(iteration)
+    recorder.on_train_start(None, SimpleNamespace(num_iterations=2))
+    assert [r["iteration"] for r in _rows(recorder.eval_path)] == ["0", "2"]
+    assert [r["iteration"] for r in _rows(recorder.ratio_path)] == ["0", "1"]  # iterations 2, 3 will rerun
+    assert evaluated == []  # the evaluation at 2 is there already
+    # Killed between the checkpoint at 2 and that evaluation: it is redone on resume.
+    _truncate = [r for r in _rows(recorder.eval_path) if r["iteration"] == "0"]
+    os.remove(recorder.eval_path)
+    _append_csv(recorder.eval_path, EVAL_COLUMNS, _truncate)
+    recorder.on_train_start(None, SimpleNamespace(num_iterations=2))
+    assert evaluated == [2]
