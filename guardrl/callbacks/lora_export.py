@@ -35,9 +35,12 @@ class LoraExport(Callback):
         return os.path.join(trainer.log_dir or trainer.default_root_dir, "lora")
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        # The adapter is replicated on every rank (no sharding here), so rank zero alone writes.
+        # Every rank asks for the directory: Trainer.log_dir broadcasts from rank zero, and a rank-zero-only
+        # call would leave rank zero waiting for ranks that have moved on. The adapter is replicated on every
+        # rank (no sharding here), so rank zero alone writes.
+        root = self._root(trainer)
         if trainer.is_global_zero:
-            export_lora(pl_module.policy, os.path.join(self._root(trainer), name), self.weights)
+            export_lora(pl_module.policy, os.path.join(root, name), self.weights)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

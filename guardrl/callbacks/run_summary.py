@@ -82,28 +82,28 @@ def data_settings(datamodule) -> dict[str, Any]:
     return {name: getattr(datamodule, name) for name in DATA_SETTINGS if hasattr(datamodule, name)}
 
 
-def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
+def trainer_settings(trainer: L.Trainer, log_dir: str | None) -> dict[str, Any]:
     return {
         "strategy": type(trainer.strategy).__name__,
         "world_size": trainer.world_size,
         "num_nodes": trainer.num_nodes,
         "precision": trainer.precision,
         "log_every_n_steps": trainer.log_every_n_steps,
-        "log_dir": trainer.log_dir,
+        "log_dir": log_dir,
     }
 
 
-def summary_markdown(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+def summary_markdown(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> str:
     sections = [
         ("Model (hyperparameters)", flatten(dict(pl_module.hparams))),
         ("Model (objects)", _objects(pl_module, trainer)),
         ("Data", data_settings(getattr(trainer, "datamodule", None))),
-        ("Trainer", trainer_settings(trainer)),
+        ("Trainer", trainer_settings(trainer, log_dir)),
     ]
     return "\n\n".join(f"### {title}\n\n{markdown_table(values)}" for title, values in sections if values)
 
 
-def summary_lines(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+def summary_lines(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> list[str]:
     hp = flatten(dict(pl_module.hparams))
     data = data_settings(getattr(trainer, "datamodule", None))
     objects = _objects(pl_module, trainer)
@@ -122,7 +122,7 @@ def summary_lines(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]
         f"{get(hp, 'sampling.noise_level')} ({get(hp, 'sampling.sde_type')})",
         f"  batch per rank: {get(data, 'prompts_per_batch')} prompts x {get(data, 'group_size')} samples, "
         f"{trainer.world_size} rank(s); prompts {get(data, 'train_prompts')}",
-        f"  logs: {trainer.log_dir}",
+        f"  logs: {log_dir}",
     ]
 
 
@@ -135,9 +135,12 @@ class RunSummaryCallback(Callback):
         self.console = console
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Trainer.log_dir broadcasts from rank zero: every rank must ask, or rank zero waits forever for the
+        # others (they have gone on to the first iteration's collectives).
+        log_dir = trainer.log_dir
         if not trainer.is_global_zero:
             return
-        text = summary_markdown(trainer, pl_module)
+        text = summary_markdown(trainer, pl_module, log_dir)
         step = getattr(pl_module, "num_iterations", 0)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -145,4 +148,4 @@ class RunSummaryCallback(Callback):
         if self.console:
             # tqdm.write clears any progress bar, prints above it and redraws it (a plain print would
             # break the bar's line); with no bar it is a plain print to stdout.
-            tqdm.write("\n".join(summary_lines(trainer, pl_module)))
+            tqdm.write("\n".join(summary_lines(trainer, pl_module, log_dir)))
