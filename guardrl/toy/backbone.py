@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from guardrl.policy.backbones import OPTION, FlowBackbone, _is_int
+from guardrl.policy.backbones import OPTION, FlowBackbone, SD3Backbone, _is_int
 from guardrl.toy.model import load_toy_model
 
 
@@ -67,23 +67,14 @@ class ToyBackbone(FlowBackbone):
             scheduler=FlowMatchEulerDiscreteScheduler(shift=self.shift),
         )
 
-    @property
-    def latent_patch_multiple(self) -> int:
-        return self.transformer.config.patch_size
+    # The same transformer class as SD3, called the same way: SD3's patch multiple and forward (timesteps on
+    # the 0..1000 scale), not a copy of them.
+    latent_patch_multiple = SD3Backbone.latent_patch_multiple
+    _transformer_forward = SD3Backbone._transformer_forward
 
     def _encode(self, prompts, device):
         embeds, pooled = self.text_encoder.encode(list(prompts), device)
         return embeds.to(self.model_dtype), pooled.to(self.model_dtype)
-
-    def _transformer_forward(self, transformer, latents, t, prompt_embeds, pooled, cond, guidance_scale):
-        # SD3's convention: timesteps on the 0..1000 scale.
-        return transformer(
-            hidden_states=latents,
-            timestep=t.to(latents.dtype) * 1000.0,
-            encoder_hidden_states=prompt_embeds.to(latents.dtype),
-            pooled_projections=pooled.to(latents.dtype),
-            return_dict=False,
-        )[0]
 
     def initial_noise(self, batch_size, generator, device):
         c = self.transformer.config.in_channels

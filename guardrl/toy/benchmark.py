@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from guardrl.toy.files import write_json_atomic
 from guardrl.toy.gold import GOLD_DIRECTIONS, average_gold, gold_metrics
 from guardrl.toy.render import render_batch
 
@@ -273,9 +274,7 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
     if pilot:
         summary["log_ratios"] = torch.cat(recorder.log_ratios).tolist() if recorder.log_ratios else []
     else:
-        with open(done_path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(done_path + ".tmp", done_path)
+        write_json_atomic(done_path, summary)
     return summary
 
 
@@ -357,9 +356,7 @@ def calibrate(variants: Sequence[str], seeds: Sequence[int], budget: Budget, con
             clip = clip_for_share(pilots[(variant, seed)], target)
             calibration["clip_range"][f"{variant}-s{seed}"] = clip
             calibration["pilot_share"][f"{variant}-s{seed}"] = clipped_share(pilots[(variant, seed)], clip)
-    with open(path + ".tmp", "w") as f:
-        json.dump(calibration, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, calibration)
     return calibration
 
 

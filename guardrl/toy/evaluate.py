@@ -28,6 +28,7 @@ import torch
 
 from guardrl.sampling.rollout import sample_rollouts
 from guardrl.sampling.schedules import noise_scales
+from guardrl.toy.files import write_json_atomic
 from guardrl.toy.gold import gold_metrics
 from guardrl.toy.grammar import as_spec, split_prompts
 from guardrl.toy.render import render_batch
@@ -224,10 +225,7 @@ def record_evaluation(weights_path: str | None, result: dict) -> str:
         "guidance_scale": result["cfg"], "num_steps": result["num_steps"], "per_kind": result["per_kind"],
         "cfg_scores": {str(k): v for k, v in (result["cfg_scores"] or {}).items()}, "rows": result["rows"],
     }
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_json_atomic(path, config)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
+from guardrl.toy.files import save_safetensors_atomic, write_json_atomic
 from guardrl.toy.grammar import COUNT_WORDS
 from guardrl.toy.world import COLORS, RELATIONS, SHAPES
 
@@ -139,20 +140,12 @@ def save_toy_model(
 ) -> str:
     """Write WEIGHTS_FILE and CONFIG_FILE (with `extra` entries, e.g. training settings) under `directory`,
     atomically (a reader never sees half a file). Returns the weights path."""
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
     tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
     tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
-    path = os.path.join(directory, WEIGHTS_FILE)
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.chmod(path + ".tmp", 0o644)
-    os.replace(path + ".tmp", path)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(model_config(transformer, text_encoder, **extra), f, indent=1)
-    os.replace(config_path + ".tmp", config_path)
+    path = save_safetensors_atomic(os.path.join(directory, WEIGHTS_FILE), tensors)
+    write_json_atomic(os.path.join(directory, CONFIG_FILE), model_config(transformer, text_encoder, **extra))
     return path
 
 

@@ -51,7 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from guardrl.rewards.base import Reward
+from guardrl.toy.files import save_safetensors_atomic, write_json_atomic
 from guardrl.toy.grammar import as_spec, near_misses, prompt_text, split_prompts
+from guardrl.toy.model import count_parameters
+from guardrl.toy.pretrain import lr_factor
 from guardrl.toy.render import draw, sample_layout, to_tensor
 from guardrl.toy.world import (
     COLORS,
@@ -173,10 +176,6 @@ class ProxyNet(nn.Module):
         }
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ------------------------------------------------------------------------------------------ reward from heads
 
 
@@ -275,12 +274,7 @@ def proxy_accepts(heads: dict[str, torch.Tensor], targets: PromptTargets) -> tor
 
 def write_record(directory: str, record: dict) -> str:
     """CONFIG_FILE, atomically (a reader never sees half a file)."""
-    path = os.path.join(directory, CONFIG_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return write_json_atomic(os.path.join(directory, CONFIG_FILE), record)
 
 
 def read_record(directory: str | None) -> dict:
@@ -291,14 +285,9 @@ def read_record(directory: str | None) -> dict:
 def save_proxy(directory: str, net: ProxyNet, record: dict) -> str:
     """WEIGHTS_FILE (float32: about 1 MB, and scores are bit-identical after loading) and CONFIG_FILE (config,
     parameter count, `record`), each atomically. Returns the weights path."""
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, WEIGHTS_FILE)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.chmod(path + ".tmp", 0o644)
-    os.replace(path + ".tmp", path)
+    path = save_safetensors_atomic(os.path.join(directory, WEIGHTS_FILE), tensors)
     write_record(directory, {"config": asdict(net.config), "parameters": count_parameters(net), **record})
     return path
 
@@ -481,14 +470,6 @@ def proxy_loss(outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------- training
 
 DEFAULTS = dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, weight_decay=1e-4, grad_clip=1.0)
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_net(seed: int, config: ProxyConfig = ProxyConfig()) -> ProxyNet:
