@@ -14,6 +14,7 @@ algorithm/. Manual optimization, because one iteration takes several optimizer s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Optional
@@ -33,8 +34,9 @@ from guardrl.algorithm import (
     shuffle_within_groups,
 )
 from guardrl.checks import check_batch_sizes, check_group_size, check_optimizer_for_strategy, check_rewards
-from guardrl.logs import flush_loggers, should_log, write_scalars
+from guardrl.logs import flush_loggers, write_scalars
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
+from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flops_of
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward, score_with_retries
 from guardrl.rng import capture_rng_states_of_all_ranks, restore_rng_state_of_rank
@@ -67,6 +69,7 @@ class GRPOModule(L.LightningModule):
         max_iterations: Optional[int] = None,
         seed: int = 0,
         faults: FaultOptions = FaultOptions(),
+        performance: PerformanceOptions = PerformanceOptions(),
     ) -> None:
         """
         Args:
@@ -82,6 +85,7 @@ class GRPOModule(L.LightningModule):
             seed: seed of the rollout noise and of the timestep/minibatch choices, mixed with the iteration
                 number (and the rank for the noise), so a resumed run draws what the original would have.
             faults: what to do about non-finite values and failing rewards (docs/reliability.md).
+            performance: gradient checkpointing, torch.compile, per-phase timing (docs/performance.md).
         """
         super().__init__()
         check_rewards(rewards)
@@ -95,6 +99,9 @@ class GRPOModule(L.LightningModule):
             if dataclasses.is_dataclass(value):
                 self.hparams[name] = dataclasses.asdict(value)
         self.faults = faults
+        self.performance = performance
+        self._meter: Optional[PhaseMeter] = None
+        self._compiled = False
         self.sampling = sampling
         self.grpo = grpo
         self.group_size = group_size
@@ -124,6 +131,8 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
         self.policy.build()
+        if self.performance.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
         self.sigmas = self.backbone.sigmas(self.sampling.num_inference_steps)
         start, end = self.sampling.sde_steps_range()
         self.noise_scales = noise_scales(
@@ -134,6 +143,30 @@ class GRPOModule(L.LightningModule):
             self.grpo.clip_range, self.grpo.clip_range_unit, self.sampling.log_prob_reduction,
             self.num_latent_elements,
         )
+
+    def _enable_gradient_checkpointing(self) -> None:
+        transformer = self.backbone.transformer
+        if not getattr(transformer, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"performance.gradient_checkpointing=true: {type(transformer).__name__} does not support gradient "
+                "checkpointing (diffusers' _supports_gradient_checkpointing is false); set it to false"
+            )
+        # Only the trained transformer: the old-policy / EMA / reference copies of full fine-tuning run without
+        # grad, where checkpointing does nothing.
+        transformer.enable_gradient_checkpointing()
+
+    def _compile_transformers(self) -> None:
+        perf = self.performance
+        modules = [self.backbone.transformer] + [
+            getattr(self.policy, name) for name in ("old_transformer", "reference_transformer", "ema_transformer")
+            if getattr(self.policy, name, None) is not None
+        ]
+        for module in modules:
+            module.compile(backend=perf.compile_backend, mode=perf.compile_mode)
+        self._compiled = True
+
+    def _phase(self, name: str):
+        return self._meter.phase(name) if self._meter is not None else contextlib.nullcontext()
 
     def setup(self, stage: str) -> None:
         # Before any weights load: batch sizes the update cannot split are refused here, not mid-iteration.
@@ -169,17 +202,22 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
         self._check_batch(batch)
         use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
-        cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
-        trajectory = self._rollout(cond, len(batch))
-        images = self.backbone.decode(trajectory.final_latents)
-        rewards, per_reward = self._score(images, batch.prompts)
+        with self._phase("encode"):
+            cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
+        with self._phase("rollout"):
+            trajectory = self._rollout(cond, len(batch))
+        with self._phase("decode"):
+            images = self.backbone.decode(trajectory.final_latents)
+        with self._phase("reward"):
+            rewards, per_reward = self._score(images, batch.prompts)
         problem = self._nonfinite_on_any_rank(
             {"reward": rewards, "rollout log-prob": trajectory.log_prob_old_BT}
         )
         advantages = self._control(self._advantages(rewards)) if problem is None else torch.zeros_like(rewards)
         step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
         if problem is None:
-            step_stats, losses, problem = self._update(trajectory, cond, advantages)
+            with self._phase("update"):
+                step_stats, losses, problem = self._update(trajectory, cond, advantages)
 
         iteration = self.num_iterations
         self.num_iterations += 1
@@ -191,6 +229,11 @@ class GRPOModule(L.LightningModule):
             self.trainer.should_stop = True
 
         self._log_iteration(iteration, rewards, per_reward, advantages, losses, skipped=problem is not None)
+        if self._meter is not None:
+            write_scalars(self.trainer, self._meter.end_iteration(len(batch)), iteration)
+        if self.performance.compile and not self._compiled:
+            # After the first iteration, which ran eagerly under the FLOP counter (guardrl/perf.py).
+            self._compile_transformers()
         self._stop_if_too_many_skips(problem, iteration)
         return {
             "step_stats": step_stats,
@@ -488,6 +531,11 @@ class GRPOModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        perf = self.performance
+        if perf.timing:
+            dtype = compute_dtype(self.trainer.precision, self.backbone.model_dtype)
+            peak = peak_flops_of(self.device, dtype, perf.peak_flops)
+            self._meter = PhaseMeter(self.device, peak, perf.throughput_window)
         # RNG states go back last, after everything the restore itself may have drawn.
         if self._rng_to_restore is None:
             return

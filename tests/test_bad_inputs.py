@@ -32,6 +32,7 @@ from guardrl.checks import (
 from guardrl.data import PromptDataModule, PromptStream, iter_prompt_file
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
+from guardrl.perf import PerformanceOptions
 from guardrl.policy import FluxBackbone, LoraSpec, SD3Backbone, TinySD3Backbone
 from guardrl.rewards import JpegCompressibility, RemoteReward, Reward, RewardError
 from guardrl.sampling import flow_match_sigmas, noise_scales, reduce_elements, sample_rollouts
@@ -357,6 +358,18 @@ CATALOGUE = [
          build(F, reward_retry_delay_s=INF), r"faults\.reward_retry_delay_s", r"\binf\b", FINITE_GE0),
     Case("faults-timeout-0", "module", "sets faults.reward_timeout_s 0", build(F, reward_timeout_s=0.0),
          r"faults\.reward_timeout_s", r"\b0\.0\b", r"finite number > 0 or null"),
+    Case("performance-window-1", "module", "sets performance.throughput_window 1",
+         build(PerformanceOptions, throughput_window=1), r"performance\.throughput_window", r"\b1\b",
+         r"integer >= 2"),
+    Case("performance-peak-flops-0", "module", "sets performance.peak_flops 0",
+         build(PerformanceOptions, peak_flops=0.0), r"performance\.peak_flops", r"\b0\.0\b",
+         r"finite number > 0 or null"),
+    Case("performance-compile-mode", "module", "names an unknown compile mode (`fast`)",
+         build(PerformanceOptions, compile_mode="fast"), r"performance\.compile_mode", r"'fast'",
+         r"'reduce-overhead', 'max-autotune'"),
+    Case("performance-compile-backend", "module", "misspells the compile backend (`indcutor`)",
+         build(PerformanceOptions, compile=True, compile_backend="indcutor"), r"performance\.compile_backend",
+         r"'indcutor'", r"available: .*inductor"),
 
     # ----- data: the module's options and the prompt files
     Case("data-group-size-1", "data", "sets data.group_size 1", build(PromptDataModule, "p.txt", group_size=1),

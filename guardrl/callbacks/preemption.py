@@ -16,7 +16,6 @@ import subprocess
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from guardrl.checkpointing import find_iteration_checkpoint

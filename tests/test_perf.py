@@ -1,0 +1,174 @@
+"""guardrl/perf.py and the performance options: exact FLOP counts per phase, throughput and MFU from a known
+clock, gradient checkpointing that recomputes (and changes nothing else), torch.compile, bf16 autocast with the
+log-probability math in float32. (Bad performance options: tests/test_bad_inputs.py.)"""
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import guardrl.perf as perf
+from guardrl.cli import main
+from guardrl.perf import FlopCounter, PhaseMeter, compute_dtype
+from tests.conftest import tiny_fit_args
+
+
+class CaptureOutputs(Callback):
+    def __init__(self):
+        self.outputs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append(outputs)
+
+
+class CaptureScalars(Callback):
+    """Every scalar the module writes, by iteration (wraps guardrl.logs.write_scalars as the module uses it)."""
+
+    def __init__(self, monkeypatch):
+        import guardrl.module
+
+        self.by_iteration = {}
+        original = guardrl.module.write_scalars
+
+        def write(trainer, metrics, iteration):
+            self.by_iteration.setdefault(iteration, {}).update({k: float(v) for k, v in metrics.items()})
+            return original(trainer, metrics, iteration)
+
+        monkeypatch.setattr(guardrl.module, "write_scalars", write)
+
+
+def _fit(prompt_file, log_dir, callbacks=(), **overrides):
+    cli = main(tiny_fit_args(prompt_file, str(log_dir), **{"--trainer.logger": "false", **overrides}), run=False)
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli.model
+
+
+def test_flop_counter_gives_the_closed_form_of_a_linear_layer_forward_and_backward():
+    layer = torch.nn.Linear(16, 32, bias=False)
+    x = torch.randn(8, 16, requires_grad=True)
+    with FlopCounter() as forward:
+        y = layer(x)
+    assert forward.total == 2 * 8 * 16 * 32
+    with FlopCounter() as backward:
+        y.square().sum().backward()
+    # grad wrt the input and wrt the weight: two matmuls of the forward's size
+    assert backward.total == 2 * (2 * 8 * 16 * 32)
+
+
+def test_phase_meter_throughput_and_mfu_from_a_known_clock(monkeypatch):
+    clock = {"now": 100.0}
+
+    def perf_counter():
+        clock["now"] += 0.25  # every reading advances the clock: a phase measures 0.25 s
+        return clock["now"]
+
+    monkeypatch.setattr(perf.time, "perf_counter", perf_counter)
+    layer = torch.nn.Linear(16, 32, bias=False)
+    x = torch.randn(8, 16)
+    meter = PhaseMeter(torch.device("cpu"), peak_flops=32768.0, window=2)
+    history = []
+    for _ in range(3):
+        with meter.phase("rollout"), torch.no_grad():
+            layer(x)
+        with meter.phase("reward"):
+            pass
+        history.append(meter.end_iteration(samples=8))
+    first, second, third = history
+    # the counted first iteration: times and FLOPs, never a throughput
+    assert first["time/rollout_s"] == 0.25 and first["time/iteration_s"] == 0.5
+    assert first["flops/rollout"] == 8192 and first["flops/reward"] == 0 and first["flops/model"] == 8192
+    assert not any(key.startswith("throughput/") for key in first)
+    # the window (2 iterations) fills with the third: 8192 FLOPs over 0.25 s of rollout
+    assert not any(key.startswith("throughput/") for key in second)
+    assert third["throughput/rollout/flops_per_sec"] == 8192 / 0.25
+    assert third["throughput/rollout/mfu"] == 8192 / 0.25 / 32768.0
+    assert third["throughput/rollout/samples_per_sec"] == 8 / 0.25
+    assert third["throughput/iteration/flops_per_sec"] == 8192 / 0.5
+    assert third["throughput/reward/samples_per_sec"] == 8 / 0.25
+    assert "throughput/reward/flops_per_sec" not in third  # the reward's model is not the policy's
+
+
+def test_every_phase_is_timed_and_its_flops_are_the_models_exact_count(prompt_file, tmp_path, monkeypatch):
+    scalars = CaptureScalars(monkeypatch)
+    model = _fit(prompt_file, tmp_path, [scalars], **{"--model.max_iterations": "3",
+                                                         "--model.performance.throughput_window": "2"})
+    logged = scalars.by_iteration
+    for iteration in (0, 1, 2):
+        for phase in ("encode", "rollout", "decode", "reward", "update"):
+            assert logged[iteration][f"time/{phase}_s"] > 0
+    assert logged[2]["throughput/rollout/flops_per_sec"] > 0
+    assert "throughput/rollout/mfu" not in logged[2]  # no peak FLOP/s known for a CPU
+    # Recount by hand with the same shapes: 2 prompts x 2 samples, 4 sampler steps (no CFG), trained steps
+    # 0-2 (the last step is deterministic) x 2 inner epochs, each a policy forward + backward and a reference
+    # forward (train/kl is tracked).
+    backbone, policy = model.backbone, model.policy
+    cond = backbone.encode_prompts(["a red circle", "a cat", "a blue square", "a dog"], with_negative=False)
+    latents = backbone.initial_noise(4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with FlopCounter() as policy_forward, torch.no_grad(), policy.use_weights("old") as old:
+        backbone.velocity(latents, 0.5, cond, 1.0, old)
+    with FlopCounter() as forward_backward:
+        backbone.velocity(latents, 0.5, cond, 1.0).square().sum().backward()
+    with FlopCounter() as reference_forward, torch.no_grad(), policy.use_weights("reference") as reference:
+        backbone.velocity(latents, 0.5, cond, 1.0, reference)
+    with FlopCounter() as decode, torch.no_grad():
+        backbone.decode(latents)
+    flops = {k: v for k, v in logged[0].items() if k.startswith("flops/")}
+    assert flops["flops/rollout"] == 4 * policy_forward.total
+    assert flops["flops/update"] == 3 * 2 * (forward_backward.total + reference_forward.total)
+    assert flops["flops/decode"] == decode.total
+    assert flops["flops/model"] == flops["flops/rollout"] + flops["flops/update"] + flops["flops/decode"]
+    assert reference_forward.total < policy_forward.total  # the adapters' own matmuls are off
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing_else(prompt_file, tmp_path):
+    calls, trained = {}, {}
+    for flag in ("false", "true"):
+        counter = {"n": 0}
+
+        class CountBlockCalls(Callback):
+            # Wraps forward itself: torch's non-reentrant checkpoint recomputes without running module hooks.
+            def on_train_start(self, trainer, pl_module):
+                block = pl_module.policy.transformer.transformer_blocks[0]
+                forward = block.forward
+
+                def counted(*args, **kwargs):
+                    counter["n"] += 1
+                    return forward(*args, **kwargs)
+
+                block.forward = counted
+
+        model = _fit(prompt_file, tmp_path / flag, [CountBlockCalls()], **{
+            "--model.max_iterations": "1", "--model.performance.gradient_checkpointing": flag,
+        })
+        assert model.policy.transformer.gradient_checkpointing is (flag == "true")
+        calls[flag] = counter["n"]
+        trained[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
+    # 4 rollout forwards + 3 trained steps x 2 epochs x (policy + reference) = 16; checkpointing reruns each of
+    # the 6 policy forwards in its backward
+    assert calls == {"false": 16, "true": 22}
+    assert all(torch.equal(a, b) for a, b in zip(trained["false"], trained["true"]))
+
+
+def test_compile_after_the_counted_first_iteration_gives_the_same_training(prompt_file, tmp_path):
+    results = {}
+    for flag in ("false", "true"):
+        model = _fit(prompt_file, tmp_path / flag, **{"--model.performance.compile": flag,
+                                                       "--model.performance.compile_backend": "eager"})
+        assert model._compiled is (flag == "true")
+        assert (getattr(model.policy.transformer, "_compiled_call_impl", None) is not None) is (flag == "true")
+        results[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
+    # the "eager" backend runs the traced graph with the same kernels: bitwise the same weights
+    assert all(torch.equal(a, b) for a, b in zip(results["false"], results["true"]))
+
+
+def test_bf16_autocast_keeps_the_log_probability_math_in_float32(prompt_file, tmp_path):
+    capture = CaptureOutputs()
+    _fit(prompt_file, tmp_path, [capture], **{"--trainer.precision": "bf16-mixed", "--model.max_iterations": "1"})
+    (outputs,) = capture.outputs
+    for stats in outputs["step_stats"]:
+        first_update = stats.log_ratio[0]
+        assert first_update.dtype == torch.float32 and stats.raw_log_ratio[0].dtype == torch.float32
+        # the update recomputes the rollout's forward under the same autocast: the ratio is exactly 1
+        assert torch.equal(first_update, torch.zeros_like(first_update))
+    assert compute_dtype("bf16-mixed", torch.float32) is torch.bfloat16
+    assert compute_dtype("16-mixed", torch.float32) is torch.float16
+    assert compute_dtype("32-true", torch.bfloat16) is torch.bfloat16
