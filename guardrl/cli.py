@@ -37,6 +37,7 @@ from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
 from guardrl.checks import did_you_mean
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
+from guardrl.sharding import DISTRIBUTED_METADATA, is_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,10 @@ def resolve_resume(config: Namespace) -> None:
         if ckpt_path is None:
             return
         log.warning("guardrl: --ckpt_path last resolved to %s", ckpt_path)
-    elif not os.path.isfile(ckpt_path):
+    elif not is_checkpoint(ckpt_path):
         raise ValueError(
-            f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl, or 'last' for the "
-            "newest last.ckpt of this run"
+            f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl (a directory with "
+            f"{DISTRIBUTED_METADATA} under FSDP2), or 'last' for the newest last.ckpt of this run"
         )
     if logger is None:
         return
@@ -168,7 +169,7 @@ def _find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Opt
             "ckpt_path='last' needs checkpoint.dirpath or a TensorBoardLogger (trainer.logger) to know where the "
             "run's checkpoints are"
         )
-    found = next((p for p in candidates if os.path.isfile(p)), None)
+    found = next((p for p in candidates if is_checkpoint(p)), None)
     if found is None:
         log.warning("guardrl: --ckpt_path last: no checkpoint at %s; starting a fresh run", where)
     return found
@@ -191,6 +192,8 @@ def _version_of(ckpt_path: str, logger: Namespace) -> Optional[int]:
 
 
 def _iterations_in(ckpt_path: str) -> int:
+    if os.path.isdir(ckpt_path):
+        ckpt_path = os.path.join(ckpt_path, DISTRIBUTED_METADATA)
     # mmap: reads the small counters without pulling the weights into memory.
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     return int(checkpoint.get("guardrl", {}).get("num_iterations", 0))

@@ -23,13 +23,17 @@ import yaml
 from peft.utils import get_peft_model_state_dict
 
 from guardrl.policy import FlowPolicy
+from guardrl.sharding import full_tensor, is_checkpoint, load_sharded_trainable_state
 
 EXPORTABLE_WEIGHTS = ("policy", "ema")
 _ADAPTER = {"policy": "default", "ema": "ema"}
 
 
-def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> str:
-    """Write the `weights` adapter ("policy" or "ema") of a LoRA policy to `out_dir`; returns the file path."""
+def lora_state_dict(policy: FlowPolicy, weights: str = "policy") -> dict[str, torch.Tensor]:
+    """The `weights` adapter ("policy" or "ema") as whole CPU tensors, in peft's key layout.
+
+    Under FSDP2 the adapters are sharded DTensors and gathering them is a collective: call this on every rank.
+    """
     if weights not in EXPORTABLE_WEIGHTS:
         raise ValueError(f"export weights={weights!r}: must be one of {EXPORTABLE_WEIGHTS}")
     if policy.lora is None:
@@ -39,9 +43,12 @@ def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> st
         )
     if weights == "ema" and policy.ema_decay is None:
         raise ValueError("export weights='ema': the run kept no EMA (model.grpo.ema_decay is null)")
-    transformer = policy.transformer
-    state = get_peft_model_state_dict(transformer, adapter_name=_ADAPTER[weights])
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    state = get_peft_model_state_dict(policy.transformer, adapter_name=_ADAPTER[weights])
+    return {name: full_tensor(tensor).detach().to("cpu").contiguous() for name, tensor in state.items()}
+
+
+def write_lora(policy: FlowPolicy, state: dict[str, torch.Tensor], out_dir: str) -> str:
+    """Write a LoRA state (from `lora_state_dict`) in diffusers format with its adapter metadata."""
     metadata = policy.lora.to_peft_config().to_dict()
     os.makedirs(out_dir, exist_ok=True)
     pipeline_class = type(policy.backbone.pipeline)
@@ -52,12 +59,18 @@ def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> st
     return os.path.join(out_dir, "pytorch_lora_weights.safetensors")
 
 
+def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> str:
+    """Write the `weights` adapter ("policy" or "ema") of a LoRA policy to `out_dir`; returns the file path.
+    Single process; under FSDP2 every rank calls `lora_state_dict` and one writes (callbacks.LoraExport)."""
+    return write_lora(policy, lora_state_dict(policy, weights), out_dir)
+
+
 def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: str = "policy") -> str:
     """Rebuild the run's model from its saved config.yaml, load the checkpoint's trainable state, export."""
     from guardrl.cli import main
 
-    if not os.path.isfile(ckpt_path):
-        raise ValueError(f"--ckpt={ckpt_path!r}: no such file")
+    if not is_checkpoint(ckpt_path):
+        raise ValueError(f"--ckpt={ckpt_path!r}: no such file (or sharded checkpoint directory with meta.pt)")
     if not os.path.isfile(config):
         raise ValueError(f"--config={config!r}: no such file (use the config.yaml in the run's version folder)")
     with open(config) as f:
@@ -68,9 +81,12 @@ def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: s
     cli = main(settings, run=False)
     model = cli.model
     model.configure_model()
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model._check_checkpoint_state(checkpoint["state_dict"])
-    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    if os.path.isdir(ckpt_path):
+        state = load_sharded_trainable_state(model, ckpt_path)
+    else:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    model._check_checkpoint_state(state)
+    model.load_state_dict(state, strict=False)
     return export_lora(model.policy, out_dir, weights)
 
 

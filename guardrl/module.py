@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from guardrl.algorithm import (
     RATIO_VARIANTS,
@@ -39,6 +40,7 @@ from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_co
 from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flops_of
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward, score_with_retries
+from guardrl.sharding import shard_policy
 from guardrl.rng import capture_rng_states_of_all_ranks, restore_rng_state_of_rank
 from guardrl.sampling import noise_scales, sample_rollouts, step_mean_and_std
 from guardrl.types import PromptBatch, StepStats, Trajectory
@@ -102,6 +104,7 @@ class GRPOModule(L.LightningModule):
         self.performance = performance
         self._meter: Optional[PhaseMeter] = None
         self._compiled = False
+        self._sharded = False
         self.sampling = sampling
         self.grpo = grpo
         self.group_size = group_size
@@ -133,6 +136,11 @@ class GRPOModule(L.LightningModule):
         self.policy.build()
         if self.performance.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy) and not self._sharded:
+            # FSDP2 (guardrl/sharding.py): after the adapters exist, so that they shard with their blocks.
+            shard_policy(self.policy, self.device_mesh)
+            self._sharded = True
         self.sigmas = self.backbone.sigmas(self.sampling.num_inference_steps)
         start, end = self.sampling.sde_steps_range()
         self.noise_scales = noise_scales(
@@ -498,7 +506,8 @@ class GRPOModule(L.LightningModule):
                 "ckpt_path: this checkpoint was not written by guardrl's GRPOModule (no 'guardrl' entry with "
                 "counters and RNG states); resume from a checkpoint of a guardrl run"
             )
-        self._check_checkpoint_state(checkpoint["state_dict"])
+        if "state_dict" in checkpoint:  # a sharded checkpoint's weights were checked and loaded by FSDP2Strategy
+            self._check_checkpoint_state(checkpoint["state_dict"])
         state = checkpoint["guardrl"]
         self.num_iterations = state["num_iterations"]
         self.stream_position = state["stream_position"]

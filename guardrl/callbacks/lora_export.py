@@ -8,7 +8,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from guardrl.export import EXPORTABLE_WEIGHTS, export_lora
+from guardrl.export import EXPORTABLE_WEIGHTS, lora_state_dict, write_lora
 
 
 class LoraExport(Callback):
@@ -36,11 +36,12 @@ class LoraExport(Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         # Every rank asks for the directory: Trainer.log_dir broadcasts from rank zero, and a rank-zero-only
-        # call would leave rank zero waiting for ranks that have moved on. The adapter is replicated on every
-        # rank (no sharding here), so rank zero alone writes.
+        # call would leave rank zero waiting for ranks that have moved on. Every rank gathers the adapter too
+        # (under FSDP2 it is sharded and gathering is a collective); rank zero alone writes.
         root = self._root(trainer)
+        state = lora_state_dict(pl_module.policy, self.weights)
         if trainer.is_global_zero:
-            export_lora(pl_module.policy, os.path.join(root, name), self.weights)
+            write_lora(pl_module.policy, state, os.path.join(root, name))
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
