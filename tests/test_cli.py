@@ -52,7 +52,19 @@ def test_toy_configs_differ_only_in_variant_clip_range_and_null_control():
         published = 2e-6 if config["model"]["grpo"]["ratio_variant"] in ("ratio_norm", "grpo_guard") else 1e-4
         assert config["model"]["grpo"]["clip_range"] == pytest.approx(published * 256, rel=1e-3), name
         assert config["model"]["grpo"]["clip_range_unit"] == "per_sqrt_element"
-RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS]
+# Overlays that go on top of a run config (`--config run.yaml --config configs/strategy/fsdp.yaml`).
+OVERLAYS = [c for c in CONFIGS if os.sep + "strategy" + os.sep in c]
+RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS and c not in OVERLAYS]
+
+
+def test_the_fsdp_overlay_builds_on_a_run_config(monkeypatch):
+    from guardrl.sharding import FSDP2Strategy
+
+    assert [os.path.relpath(c, REPO_ROOT) for c in OVERLAYS] == [os.path.join("configs", "strategy", "fsdp.yaml")]
+    monkeypatch.chdir(REPO_ROOT)
+    cli = main(["--config", "configs/tiny/grpo_guard.yaml", "--config", "configs/strategy/fsdp.yaml",
+                "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.trainer.strategy, FSDP2Strategy)
 
 
 @pytest.mark.parametrize("config", OFFLINE_CONFIGS, ids=[os.path.relpath(c, REPO_ROOT) for c in OFFLINE_CONFIGS])
