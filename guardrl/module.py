@@ -539,6 +539,11 @@ class GRPOModule(L.LightningModule):
                 "Resume with the model.backbone and model.lora (rank, target_modules) the run was trained with."
             )
 
+    def on_fit_start(self) -> None:
+        # Lightning has moved every child module to the device; frozen modules the backbone offloads
+        # (model.backbone.offload_text_encoders / offload_vae) go back to CPU memory until they are used.
+        self.backbone.offload()
+
     def on_train_start(self) -> None:
         perf = self.performance
         if perf.timing:

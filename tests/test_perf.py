@@ -172,3 +172,17 @@ def test_bf16_autocast_keeps_the_log_probability_math_in_float32(prompt_file, tm
     assert compute_dtype("bf16-mixed", torch.float32) is torch.bfloat16
     assert compute_dtype("16-mixed", torch.float32) is torch.float16
     assert compute_dtype("32-true", torch.bfloat16) is torch.bfloat16
+
+
+def test_a_run_with_offloaded_text_encoders_and_vae_trains_the_same_weights(prompt_file, tmp_path):
+    results = {}
+    for flag in ("false", "true"):
+        model = _fit(prompt_file, tmp_path / flag, **{
+            "--model.max_iterations": "1", "--model.backbone.init_args.offload_text_encoders": flag,
+            "--model.backbone.init_args.offload_vae": flag,
+        })
+        assert model.backbone.offloaded_modules() == (
+            ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"] if flag == "true" else []
+        )
+        results[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(results["false"], results["true"]))

@@ -199,3 +199,51 @@ def test_lora_adapters_are_float32_on_a_bfloat16_base_and_train(tmp_path):
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_offloaded_text_encoders_and_vae_move_to_the_device_only_while_used():
+    # On a CPU-only machine the moves are no-ops, so the test records them: each offloaded module goes to the
+    # compute device before its use and back to "cpu" after, and the outputs equal a run without offloading.
+    from guardrl.policy import TinySD3Backbone
+
+    plain = TinySD3Backbone(seed=0)
+    plain.load()
+    backbone = TinySD3Backbone(seed=0, offload_text_encoders=True, offload_vae=True)
+    backbone.load()
+    assert backbone.offloaded_modules() == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+    moves = []
+    for name in backbone.offloaded_modules():
+        module = getattr(backbone, name)
+        original = module.to
+
+        def recording(*args, _name=name, _original=original, **kwargs):
+            moves.append((_name, str(args[0])))
+            return _original(*args, **kwargs)
+
+        module.to = recording
+    backbone.offload()
+    assert moves == [(n, "cpu") for n in backbone.offloaded_modules()]
+    moves.clear()
+    cond = backbone.encode_prompts(["a cat", "a dog"], with_negative=True)
+    encoders = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert moves == [(n, "cpu") for n in encoders] * 2  # to the transformer's device (cpu here), then back
+    moves.clear()
+    backbone.encode_prompts(["a cat", "a dog"], with_negative=True)
+    assert moves == []  # every prompt is cached: the encoders stay where they are
+    expected = plain.encode_prompts(["a cat", "a dog"], with_negative=True)
+    for got, want in zip(
+        (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds),
+        (expected.prompt_embeds, expected.pooled_prompt_embeds, expected.negative_prompt_embeds),
+    ):
+        assert torch.equal(got, want)
+    latents = backbone.initial_noise(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    images = backbone.decode(latents)
+    assert moves == [("vae", "cpu"), ("vae", "cpu")]
+    assert torch.equal(images, plain.decode(latents))
+
+
+def test_offload_options_must_be_booleans():
+    from guardrl.policy import SD3Backbone
+
+    with pytest.raises(ValueError, match=r"model\.backbone\.init_args\.offload_vae must be true or false, got 'yes'"):
+        SD3Backbone("some/model", offload_vae="yes")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import diffusers
@@ -33,6 +35,8 @@ BACKBONE_OF_PIPELINE = {
     "FluxPipeline": "guardrl.policy.FluxBackbone",
 }
 
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 def parse_dtype(name: str, option: str = f"{OPTION}.torch_dtype") -> torch.dtype:
     if name not in _DTYPES:
@@ -83,6 +87,8 @@ class FlowBackbone(nn.Module):
         resolution: int = 512,
         max_sequence_length: int = 256,
         prompt_cache_size: int = 4096,
+        offload_text_encoders: bool = False,
+        offload_vae: bool = False,
     ) -> None:
         """
         Args:
@@ -93,6 +99,9 @@ class FlowBackbone(nn.Module):
             max_sequence_length: T5 tokens per prompt.
             prompt_cache_size: how many prompts' embeddings to keep (the text encoders are frozen, so an
                 embedding never changes); 0 disables the cache.
+            offload_text_encoders: keep the text encoders in CPU memory and move them to the device only to
+                encode prompts the cache does not hold (with a warm cache, never).
+            offload_vae: keep the VAE in CPU memory and move it to the device only to decode.
         """
         super().__init__()
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
@@ -111,6 +120,11 @@ class FlowBackbone(nn.Module):
             raise ValueError(
                 f"{OPTION}.prompt_cache_size must be an integer >= 0 (0: no cache), got {prompt_cache_size!r}"
             )
+        for option, value in (("offload_text_encoders", offload_text_encoders), ("offload_vae", offload_vae)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{OPTION}.{option} must be true or false, got {value!r}")
+        self.offload_text_encoders = offload_text_encoders
+        self.offload_vae = offload_vae
         self._pipe = None
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
 
@@ -124,7 +138,7 @@ class FlowBackbone(nn.Module):
         if self.is_loaded:
             return
         pipe = self._load_pipeline()
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in ("transformer", "vae", *TEXT_ENCODERS):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False)
@@ -206,7 +220,8 @@ class FlowBackbone(nn.Module):
     latent_patch_multiple = 1
 
     def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B, L, D_txt), pooled_prompt_embeds (B, D_pool)) from the frozen text encoders."""
+        """(prompt_embeds (B, L, D_txt), pooled_prompt_embeds (B, D_pool)) from the frozen text encoders
+        (on `device` while this runs)."""
         raise NotImplementedError
 
     def _transformer_forward(
@@ -218,8 +233,8 @@ class FlowBackbone(nn.Module):
     def initial_noise(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1], float32."""
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], float32 (the VAE is on the latents' device)."""
         raise NotImplementedError
 
     @property
@@ -243,8 +258,10 @@ class FlowBackbone(nn.Module):
         # One prompt per forward: a text encoder's output depends (by an ulp) on the batch it runs in, and
         # which prompts are missing depends on the cache's history, which a resumed run does not share. Encoding
         # alone keeps every embedding independent of history, so a resumed run is bitwise the straight run.
-        for prompt in missing:
-            self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
+        if missing:
+            with self._onloaded(self._offloaded_text_encoders(), device):
+                for prompt in missing:
+                    self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
         rows = [self._prompt_cache[p] for p in prompts]
         for p in unique:
             self._prompt_cache.move_to_end(p)
@@ -293,6 +310,38 @@ class FlowBackbone(nn.Module):
             transformer, x, t_B, cond.prompt_embeds, cond.pooled_prompt_embeds, cond, guidance_scale
         ).float()
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], float32."""
+        with self._onloaded(["vae"] if self.offload_vae and getattr(self, "vae", None) is not None else [],
+                            latents.device):
+            return self._decode(latents)
+
+    # ----- offloading (frozen modules kept in CPU memory between uses)
+    def _offloaded_text_encoders(self) -> list[str]:
+        if not self.offload_text_encoders:
+            return []
+        return [name for name in TEXT_ENCODERS if getattr(self, name, None) is not None]
+
+    def offloaded_modules(self) -> list[str]:
+        return self._offloaded_text_encoders() + (
+            ["vae"] if self.offload_vae and getattr(self, "vae", None) is not None else []
+        )
+
+    def offload(self) -> None:
+        """Move the offloaded modules to CPU memory (call after the trainer moved the model to its device)."""
+        for name in self.offloaded_modules():
+            getattr(self, name).to("cpu")
+
+    @contextmanager
+    def _onloaded(self, names: list[str], device: torch.device) -> Iterator[None]:
+        for name in names:
+            getattr(self, name).to(device)
+        try:
+            yield
+        finally:
+            for name in names:
+                getattr(self, name).to("cpu")
+
     def latent_numel(self) -> int:
         """D, the number of latent elements per sample (the unit behind "mean" log-probs)."""
         g = torch.Generator().manual_seed(0)
@@ -335,7 +384,7 @@ class SD3Backbone(FlowBackbone):
         return noise.to(device)
 
     @torch.no_grad()
-    def decode(self, latents):
+    def _decode(self, latents):
         vae = self.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images = vae.decode(z, return_dict=False)[0]
@@ -393,7 +442,7 @@ class FluxBackbone(FlowBackbone):
         )[0]
 
     @torch.no_grad()
-    def decode(self, latents):
+    def _decode(self, latents):
         vae = self.vae
         unpacked = self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
         z = unpacked.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)

@@ -177,8 +177,14 @@ def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> Flu
 class TinySD3Backbone(SD3Backbone):
     """The tiny random-weight SD3 pipeline, built in code from a seed (no files, no hub)."""
 
-    def __init__(self, seed: int = 0, num_layers: int = 2, resolution: int = 128, prompt_cache_size: int = 4096):
-        super().__init__(None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size)
+    def __init__(
+        self, seed: int = 0, num_layers: int = 2, resolution: int = 128, prompt_cache_size: int = 4096,
+        offload_text_encoders: bool = False, offload_vae: bool = False,
+    ):
+        super().__init__(
+            None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size,
+            offload_text_encoders=offload_text_encoders, offload_vae=offload_vae,
+        )
         if not (isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 1):
             raise ValueError(f"model.backbone.init_args.num_layers must be an integer >= 1, got {num_layers!r}")
         self.seed = seed
@@ -192,9 +198,13 @@ class TinyFluxBackbone(FluxBackbone):
     """The tiny random-weight Flux pipeline, built in code from a seed (no files, no hub)."""
 
     def __init__(
-        self, seed: int = 0, guidance_embeds: bool = False, resolution: int = 128, prompt_cache_size: int = 4096
+        self, seed: int = 0, guidance_embeds: bool = False, resolution: int = 128, prompt_cache_size: int = 4096,
+        offload_text_encoders: bool = False, offload_vae: bool = False,
     ):
-        super().__init__(None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size)
+        super().__init__(
+            None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size,
+            offload_text_encoders=offload_text_encoders, offload_vae=offload_vae,
+        )
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

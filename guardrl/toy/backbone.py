@@ -84,6 +84,6 @@ class ToyBackbone(FlowBackbone):
         return noise.to(device)
 
     @torch.no_grad()
-    def decode(self, latents):
+    def _decode(self, latents):
         # Pixel space: the model's [-1, 1] output is the image.
         return (latents.float() / 2 + 0.5).clamp(0, 1)
