@@ -40,8 +40,8 @@ from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_co
 from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flops_of
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward, score_with_retries
-from guardrl.sharding import shard_policy
 from guardrl.rng import capture_rng_states_of_all_ranks, restore_rng_state_of_rank
+from guardrl.sharding import full_tensor, shard_policy
 from guardrl.sampling import noise_scales, sample_rollouts, step_mean_and_std
 from guardrl.types import PromptBatch, StepStats, Trajectory
 
@@ -52,8 +52,7 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = [g.detach().float().norm() for g in grads]
-    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2 DTensor shards
+    norms = [full_tensor(g.detach().float().norm()) for g in grads]  # FSDP2: whole norms of DTensor shards
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -381,7 +380,7 @@ class GRPOModule(L.LightningModule):
                 continue
             delta = p.grad.detach() if old is None else p.grad.detach() - old
             norm = delta.float().norm()
-            squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2)
+            squares.append(full_tensor(norm) ** 2)
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
     def _step_loss(self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats):

@@ -151,7 +151,7 @@ class PhaseMeter:
         """Metrics of the iteration that just ended (`samples`: images it generated on this device)."""
         times, self._times = self._times, {}
         metrics = {f"time/{name}_s": seconds for name, seconds in times.items()}
-        metrics["time/iteration_s"] = sum(times.values())
+        metrics["time/iteration_s"] = iteration_seconds = sum(times.values())
         if self.flops:
             metrics.update({f"flops/{name}": float(self.flops.get(name, 0)) for name in times})
             metrics["flops/model"] = float(sum(self.flops.get(name, 0) for name in MODEL_PHASES))
@@ -160,7 +160,7 @@ class PhaseMeter:
             self.counting = False
             return metrics
         self._measured += 1
-        times = {**times, "iteration": sum(times[name] for name in times)}
+        times = {**times, "iteration": iteration_seconds}
         for name, seconds in times.items():
             self._total_time[name] = self._total_time.get(name, 0.0) + seconds
             if name == "iteration":

@@ -65,7 +65,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not path.is_dir():
             return super().load_checkpoint(checkpoint_path, weights_only)
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -74,12 +74,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
         module = self.lightning_module
-        saved = {
-            key[len(MODEL_KEY) + 1:]: torch.empty(meta.size, device="meta")
-            for key, meta in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
-            if key.startswith(MODEL_KEY + ".") and hasattr(meta, "size")
-        }
-        module._check_checkpoint_state(saved)
+        module._check_checkpoint_state(saved_model_tensors(str(path), device="meta"))
         model_state = {
             key: value for key, value in get_model_state_dict(self.model).items() if module._is_trainable_key(key)
         }
@@ -105,17 +100,23 @@ def is_checkpoint(path: str) -> bool:
 def load_sharded_trainable_state(module, path: str) -> dict[str, torch.Tensor]:
     """The trainable tensors of a sharded checkpoint, whole, in one process (torch.distributed.checkpoint
     reads every rank's shards when no process group is running): for LoRA export from an FSDP2 run."""
-    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint import load
 
-    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {
-        key[len(MODEL_KEY) + 1:]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith(MODEL_KEY + ".") and hasattr(meta, "size")
-        and module._is_trainable_key(key[len(MODEL_KEY) + 1:])
-    }
+    state = {key: t for key, t in saved_model_tensors(path, device="cpu").items() if module._is_trainable_key(key)}
     load({MODEL_KEY: state}, checkpoint_id=path)
     return state
+
+
+def saved_model_tensors(path: str, device: str) -> dict[str, torch.Tensor]:
+    """Empty tensors of the shapes and dtypes the sharded checkpoint holds for the module, by state_dict key
+    ("meta": to check keys and shapes without memory; "cpu": buffers for torch.distributed.checkpoint to fill)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return {
+        key[len(MODEL_KEY) + 1:]: torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+        for key, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+        if key.startswith(MODEL_KEY + ".") and hasattr(meta, "size")
+    }
 
 
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
