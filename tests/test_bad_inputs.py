@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 from collections.abc import Callable
@@ -169,6 +170,15 @@ def eight_bit_adam(strategy: type):
         check_optimizer_for_strategy(AdamW8bit([torch.nn.Parameter(torch.zeros(2))]), strategy())
 
     return trigger
+
+
+def geneval(tmp_path, record=None, **kwargs):
+    """A GenEval reward over a one-record metadata file, with a scripted detector (no model needed)."""
+    from guardrl.rewards import GenEval
+
+    record = record or {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    return GenEval(write(tmp_path, "m.jsonl", json.dumps(record) + "\n"), detector=lambda images: [{}] * len(images),
+                   color_classifier=lambda image, classname, objects: [], **kwargs)
 
 
 def ratio_terms(std):
@@ -488,6 +498,21 @@ CATALOGUE = [
     Case("reward-prompt-count", "rewards", "scores 2 images with 1 prompt",
          lambda t: JpegCompressibility()(torch.zeros(2, 3, 8, 8), ["a"]), r"reward 'jpeg_compressibility'",
          r"2 images but 1 prompts", r"one prompt per image"),
+
+    Case("reward-geneval-score", "rewards", "asks GenEval for an unknown score (`score: best`)",
+         lambda t: geneval(t, score="best"), r"reward 'geneval'", r"score='best'",
+         r"one of \['partial', 'correct', 'strict'\]"),
+    Case("reward-geneval-metadata-class", "rewards", "gives GenEval metadata with a class it cannot detect",
+         lambda t: geneval(t, record={"prompt": "a unicorn", "tag": "single_object",
+                                      "include": [{"class": "unicorn", "count": 1}]}),
+         r"metadata '.*m\.jsonl' line 1: include\[0\]\.class", r"'unicorn'", r"one of GenEval's 80 classes"),
+    Case("reward-geneval-position-target", "rewards", "points a GenEval position clause at a later clause",
+         lambda t: geneval(t, record={"prompt": "p", "tag": "position", "include": [
+             {"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["above", 1]}]}),
+         r"include\[1\]\.position\[1\]", r"=1\b", r"an earlier include clause \(an int in 0\.\.0\)"),
+    Case("reward-geneval-unknown-prompt", "rewards", "trains GenEval on a prompt its metadata file lacks",
+         lambda t: geneval(t)(torch.zeros(1, 3, 8, 8), ["a photo of a unicorn"]), r"metadata='.*m\.jsonl'",
+         r"'a photo of a unicorn'", r"train on the same file \(data\.train_prompts\)"),
 
     # ----- callbacks
     Case("ratio-stats-every-0", "callbacks", "sets ratio_stats.histogram_every_n_iterations 0",

@@ -5,6 +5,7 @@ from guardrl.rewards.base import Reward
 from guardrl.rewards.calling import RewardError, score_with_retries
 from guardrl.rewards.clip_rewards import CLIPScore, PickScore
 from guardrl.rewards.faults import FaultInjectionReward
+from guardrl.rewards.geneval import ClipColorClassifier, GenEval, Mask2FormerDetector
 from guardrl.rewards.hps import HPSv21
 from guardrl.rewards.jpeg import JpegCompressibility, jpeg_size_kb
 from guardrl.rewards.ocr import OcrReward, Recognizer, TrOCRRecognizer
@@ -14,3 +15,4 @@ __all__ = [
     "FaultInjectionReward", "JpegCompressibility", "RemoteReward", "Reward", "RewardError", "jpeg_size_kb", "score_with_retries",
 ]
 __all__ += ["CLIPScore", "HPSv21", "LaionAesthetic", "OcrReward", "PickScore", "Recognizer", "TrOCRRecognizer"]
+__all__ += ["ClipColorClassifier", "GenEval", "Mask2FormerDetector"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,6 +59,25 @@ class Reward(nn.Module):
                 f"reward {self.name!r} returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)"
             )
         return rewards.float()
+
+
+def build_component(spec, default: Callable, option: str, expected: str):
+    """A reward's pluggable part (OCR recogniser, GenEval detector...) from a config value: a string is a
+    local path / hub id given to `default`; a {"class_path", "init_args"} dict (as in a config file) is
+    imported and built; a callable is used as is."""
+    if isinstance(spec, str):
+        return default(spec)
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+        module_name, _, class_name = spec["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"{option}: cannot import class_path {spec['class_path']!r} ({error})") from None
+        return cls(**spec.get("init_args", {}))
+    if callable(spec):
+        return spec
+    raise ValueError(f"{option} must be a local path or hub id, a {{class_path, init_args}} dict or a callable "
+                     f"{expected}; got {type(spec).__name__}")
 
 
 def _snake_case(name: str) -> str:

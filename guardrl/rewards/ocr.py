@@ -22,12 +22,11 @@ a local path or hub id, and PaddleOCR can be served behind `python -m guardrl.re
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from guardrl.rewards.base import Reward
+from guardrl.rewards.base import Reward, build_component
 from guardrl.rewards.clip_rewards import clip_preprocess, freeze, resolve_dtype, to_pil_images
 
 
@@ -119,19 +118,6 @@ class TrOCRRecognizer(torch.nn.Module):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def _build_recognizer(recognizer) -> Recognizer:
-    if isinstance(recognizer, str):
-        return TrOCRRecognizer(recognizer)
-    if isinstance(recognizer, dict):  # {"class_path": "...", "init_args": {...}}, as in a config file
-        module_name, _, class_name = recognizer["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        return cls(**recognizer.get("init_args", {}))
-    if callable(recognizer):
-        return recognizer
-    raise ValueError(f"OCR reward: recognizer must be a path/hub id of a TrOCR model, a class_path dict or a "
-                     f"callable images -> list[str]; got {type(recognizer).__name__}")
-
-
 class OcrReward(Reward):
     """FlowGRPO's OCR reward with a pluggable recogniser (see the module docstring for the exact rule).
 
@@ -155,7 +141,8 @@ class OcrReward(Reward):
             )
         self.normalize = normalize
         self.missing_quote = missing_quote
-        self.recognizer = _build_recognizer(recognizer)  # an nn.Module one is registered (moved by Lightning)
+        self.recognizer = build_component(recognizer, TrOCRRecognizer, f"reward {self.name!r}: recognizer",
+                                          "images -> list[str]")  # an nn.Module one is registered (moved by Lightning)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         targets = [quoted_text(p, self.missing_quote) for p in prompts]  # fail before running the recogniser
