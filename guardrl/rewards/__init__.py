@@ -7,6 +7,7 @@ from guardrl.rewards.clip_rewards import CLIPScore, PickScore
 from guardrl.rewards.faults import FaultInjectionReward
 from guardrl.rewards.geneval import ClipColorClassifier, GenEval, Mask2FormerDetector
 from guardrl.rewards.hps import HPSv21
+from guardrl.rewards.image_reward import ImageReward
 from guardrl.rewards.jpeg import JpegCompressibility, jpeg_size_kb
 from guardrl.rewards.ocr import OcrReward, Recognizer, TrOCRRecognizer
 from guardrl.rewards.remote import RemoteReward
@@ -16,3 +17,4 @@ __all__ = [
 ]
 __all__ += ["CLIPScore", "HPSv21", "LaionAesthetic", "OcrReward", "PickScore", "Recognizer", "TrOCRRecognizer"]
 __all__ += ["ClipColorClassifier", "GenEval", "Mask2FormerDetector"]
+__all__ += ["ImageReward"]

@@ -1,0 +1,460 @@
+"""ImageReward (Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for Text-to-Image
+Generation", arXiv 2304.05977, github.com/THUDM/ImageReward), ported onto transformers' BLIP classes.
+
+The original (PyPI `image-reward` 1.5, `ImageReward/ImageReward.py` and its vendored BLIP code in
+`ImageReward/models/BLIP/`) scores a (prompt, image) pair as follows:
+
+* image: torchvision `Resize(224, BICUBIC)` (shortest edge to 224 with PIL's bicubic, the long edge
+  `int(224 * long / short)`), `CenterCrop(224)` (offset `int(round((size - 224) / 2))`, Python's round:
+  half to even), RGB, `ToTensor`, `Normalize` with OpenAI CLIP's mean/std;
+* image encoder: BLIP's ViT-L/16 at 224 px (`create_vit('large')`: width 1024, 24 blocks, 16 heads, MLP 4096,
+  LayerNorm eps 1e-6, pre-norm blocks, a final LayerNorm; all image tokens, class token first);
+* text: `BertTokenizer('bert-base-uncased')` plus '[DEC]' (bos) and '[ENC]' (an additional special token),
+  `padding='max_length', truncation=True, max_length=35`. The input ids go to the text encoder as the
+  tokenizer returns them: `ImageReward.score` does NOT put '[ENC]' in place of '[CLS]' (BLIP's ITM head does;
+  this model does not), so neither does this class;
+* text encoder: BLIP's `med.py` BERT (`BertModel(med_config, add_pooling_layer=False)`; released med_config:
+  BERT-base, 12 layers, 768 wide, 30524 tokens, no token-type embeddings) with a cross-attention block in
+  every layer attending to all image tokens (`encoder_width` = the ViT's width), bidirectional self-attention
+  with the padding mask;
+* head: the first token's last hidden state, float32, into `MLP(768)`: Linear 768-1024-128-64-16-1 with
+  dropouts between the first four (identity at eval) and no activations: the same layout as the LAION
+  aesthetic head, so `AestheticMLP` is reused;
+* score: `(mlp - 0.16717362830052426) / 1.0333394966054072`.
+
+Here the ViT is transformers' `BlipVisionModel` and the text encoder `BlipTextModel` (transformers' own port of
+med.py, with cross-attention layers when `is_decoder=True` in its config, called with `is_decoder=False` for
+the bidirectional mask). The released checkpoint `ImageReward.pt` (hub: THUDM/ImageReward) is a plain state
+dict under the original names (`blip.visual_encoder.*`, `blip.text_encoder.*`, `blip.vision_proj.*`,
+`blip.text_proj.*`, `mlp.layers.*`); `convert_state_dict` maps it onto these modules (`vision_proj`,
+`text_proj` and the `position_ids` buffer are not used by the score and are dropped).
+
+API: `score(images, prompts)` scores each image with its own prompt, in one batch; the original scores one
+pair per call (`score(prompt, image)`, or `inference_rank(prompt, images)` for one prompt and many images).
+Batching changes the scores by float rounding only (measured at most 7e-6 on the fixture).
+
+Proof of equivalence: tests/fixtures/image_reward/ holds a tiny random-weight model built with the ORIGINAL
+package code (scripts/make_image_reward_fixture.py, run in a separate venv with transformers 4.40), its state
+dict under the original names, images and the original's scores; tests/test_image_reward.py loads it through
+this class's loading code and compares (docs/rewards.md).
+
+Preprocessing, by `preprocess`:
+
+* ``"pil"``: the original's path exactly: uint8 -> PIL -> `Image.resize(BICUBIC)` -> crop -> /255 ->
+  normalise (what torchvision's Resize/CenterCrop/ToTensor do on a PIL image; torchvision is not needed).
+* ``"tensor"`` (default): on the images' device: 8-bit quantisation, the two-pass PIL-like bicubic resize of
+  `guardrl.rewards.clip_rewards.clip_preprocess`, torchvision's rounded center-crop offset, normalise. Equal
+  to the PIL path where no resize is needed; within a few 8-bit levels where one is (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from guardrl.rewards.aesthetic import AestheticMLP, load_state_dict_file
+from guardrl.rewards.base import Reward
+from guardrl.rewards.clip_rewards import clip_preprocess, freeze, resolve_dtype, to_pil_images
+from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+IMAGE_REWARD_MEAN = 0.16717362830052426  # ImageReward.py: self.mean
+IMAGE_REWARD_STD = 1.0333394966054072  # ImageReward.py: self.std
+MAX_LENGTH = 35  # ImageReward.py: tokenizer(..., padding='max_length', truncation=True, max_length=35)
+CHECKPOINT_NAMES = ("ImageReward.pt", "ImageReward.safetensors")
+
+# The released med_config.json (THUDM/ImageReward, the same as BLIP's configs/med_config.json).
+RELEASED_MED_CONFIG = {
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+    "vocab_size": 30524,
+    "encoder_width": 768,
+    "add_cross_attention": True,
+}
+
+# BLIP's create_vit('large', 224), in the original VisionTransformer's argument names.
+VIT_LARGE = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0}
+_VIT_LAYER_NORM_EPS = 1e-6  # vit.py: partial(nn.LayerNorm, eps=1e-6)
+
+# Original ViT names (under blip.visual_encoder.) -> BlipVisionModel names.
+_VISION_RENAMES = [
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
+    (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layers.\1.self_attn.qkv.\2"),
+    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
+    (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
+    (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
+    (r"^norm\.(weight|bias)$", r"post_layernorm.\1"),
+]
+# Original keys the score never uses: dropped on load (the original loads them into unused modules).
+_UNUSED = [r"^blip\.vision_proj\.", r"^blip\.text_proj\.", r"^blip\.text_encoder\.embeddings\.position_ids$",
+           r"^blip\.text_encoder\.pooler\."]
+_PREFIXES = {"blip.visual_encoder.": "vision", "blip.text_encoder.": "text", "mlp.": "mlp"}
+
+
+def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, list[str]]:
+    """Original ImageReward keys -> (vision, text, mlp) state dicts for BlipVisionModel, BlipTextModel and
+    AestheticMLP, plus the original keys that match no rule (not counting the known unused ones).
+
+    The text encoder's names are the same in med.py and transformers' BlipTextModel (both come from BERT:
+    `embeddings.{word_embeddings,position_embeddings,LayerNorm}`, `encoder.layer.N.{attention,crossattention}.
+    {self.{query,key,value},output.{dense,LayerNorm}}`, `encoder.layer.N.{intermediate,output}.*`); the MLP's
+    are `layers.{0,2,4,6,7}.*` in both.
+    """
+    parts: dict[str, dict] = {"vision": {}, "text": {}, "mlp": {}}
+    unknown = []
+    for key, value in state.items():
+        if any(re.search(pattern, key) for pattern in _UNUSED):
+            continue
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            unknown.append(key)
+            continue
+        rest = key[len(prefix):]
+        if _PREFIXES[prefix] == "vision":
+            for pattern, replacement in _VISION_RENAMES:
+                if re.match(pattern, rest):
+                    rest = re.sub(pattern, replacement, rest)
+                    break
+            else:
+                unknown.append(key)
+                continue
+        parts[_PREFIXES[prefix]][rest] = value
+    return parts["vision"], parts["text"], parts["mlp"], unknown
+
+
+def _original_name(part: str, name: str) -> str:
+    """BlipVisionModel / BlipTextModel / AestheticMLP key -> the original checkpoint's key (for messages)."""
+    if part == "text":
+        return "blip.text_encoder." + name
+    if part == "mlp":
+        return "mlp." + name
+    inverse = [
+        (r"^embeddings\.class_embedding$", "cls_token"),
+        (r"^embeddings\.position_embedding$", "pos_embed"),
+        (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+        (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+        (r"^post_layernorm\.", "norm."),
+    ]
+    for pattern, replacement in inverse:
+        if re.match(pattern, name):
+            return "blip.visual_encoder." + re.sub(pattern, replacement, name)
+    return "blip.visual_encoder." + name
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def build_modules(med: dict, vit: dict, bos_token_id: int | None = None, sep_token_id: int | None = None):
+    """(BlipVisionModel, BlipTextModel, AestheticMLP) for a med_config dict and a vision config dict in the
+    original VisionTransformer's terms; the two BLIP models on the meta device (their weights come from the
+    checkpoint, loaded with `assign=True`)."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    vision_config = BlipVisionConfig(
+        hidden_size=vit["embed_dim"], intermediate_size=int(vit["embed_dim"] * vit["mlp_ratio"]),
+        num_hidden_layers=vit["depth"], num_attention_heads=vit["num_heads"], image_size=vit["img_size"],
+        patch_size=vit["patch_size"], hidden_act="gelu", layer_norm_eps=_VIT_LAYER_NORM_EPS,
+        attention_dropout=0.0)
+    text_config = BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"],
+        encoder_hidden_size=vit["embed_dim"],  # BLIP_Pretrain: encoder_config.encoder_width = vision_width
+        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=med.get("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=med.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=med.get("initializer_range", 0.02), pad_token_id=med.get("pad_token_id", 0),
+        bos_token_id=bos_token_id, eos_token_id=sep_token_id, sep_token_id=sep_token_id, use_cache=False,
+        is_decoder=True)  # builds the cross-attention blocks; forward runs with is_decoder=False
+    vision_config._attn_implementation = "eager"
+    text_config._attn_implementation = "eager"
+    with torch.device("meta"):  # no random init of ~450M parameters: every weight comes from the checkpoint
+        vision = BlipVisionModel(vision_config)
+        text = BlipTextModel(text_config, add_pooling_layer=False)
+    return vision, text, AestheticMLP(med["hidden_size"])
+
+
+def state_dict_mismatches(parts, vision, text, mlp) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches) of `convert_state_dict`'s output against the three modules,
+    each named by the original checkpoint key."""
+    unexpected = list(parts[3])
+    missing, shapes = [], []
+    for part, module, sub in zip(("vision", "text", "mlp"), (vision, text, mlp), parts[:3]):
+        expected = module.state_dict()
+        missing += [_original_name(part, k) for k in expected if k not in sub]
+        unexpected += [_original_name(part, k) for k in sub if k not in expected]
+        shapes += [f"{_original_name(part, k)}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                   for k, v in sub.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    return missing, unexpected, shapes
+
+
+def image_reward_preprocess(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
+    """The original's Resize(image_size, BICUBIC) + CenterCrop(image_size) + ToTensor + Normalize on
+    (B, 3, H, W) float images in [0, 1], in torch on their device; returns (B, 3, image_size, image_size)."""
+    resize_only = SimpleNamespace(do_resize=True, size={"shortest_edge": int(image_size)}, resample=3,
+                                  do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+                                  do_normalize=False)
+    x = clip_preprocess(images, resize_only)  # 8-bit quantised, PIL-like two-pass bicubic, still in [0, 1]
+    h, w = x.shape[-2:]
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # torchvision's rule
+    x = x[..., top:top + image_size, left:left + image_size]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def image_reward_crop_pil(image, image_size: int = 224):
+    """The original's torchvision Resize(image_size, BICUBIC) + CenterCrop(image_size) on a PIL image, in
+    PIL: the resized size is (int(size * long / short), size), the crop offset int(round(excess / 2))."""
+    from PIL import Image
+
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = int(image_size), int(int(image_size) * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size)).convert("RGB")
+
+
+def image_reward_preprocess_pil(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
+    """The original's exact path: uint8 -> PIL -> resize/crop in PIL -> /255 -> normalise (CPU)."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    out = []
+    for image in to_pil_images(images):
+        array = np.asarray(image_reward_crop_pil(image, image_size), dtype=np.uint8)
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+        out.append((x - mean) / std)
+    return torch.stack(out)
+
+
+class ImageReward(Reward):
+    """ImageReward on transformers' BLIP modules (module docstring). Scores are z-scored (about -2..2 on real
+    images; the original's mean/std).
+
+    Args:
+        checkpoint: the released `ImageReward.pt` (a plain state dict under the original key names; `.pt`,
+            `.pth`, `.bin` read with `torch.load(weights_only=True)`, or `.safetensors`), a directory holding
+            `ImageReward.pt` or `ImageReward.safetensors`, or a hub id whose repo holds `ImageReward.pt`
+            (THUDM/ImageReward).
+        med_config: the BLIP text encoder's BERT config (`med_config.json`): a path, a dict, or None for the
+            `med_config.json` beside the checkpoint (in its directory or hub repo) when there is one, else the
+            released values (`RELEASED_MED_CONFIG`, BERT-base).
+        tokenizer: BERT tokenizer path or hub id (the original: `bert-base-uncased`); '[DEC]' and '[ENC]' are
+            added as the original does.
+        vision_config: the ViT's size in the original VisionTransformer's terms (`img_size`, `patch_size`,
+            `embed_dim`, `depth`, `num_heads`, `mlp_ratio`): a path to a JSON file, a dict, or None for the
+            released model's ViT-L/16 at 224 px (`VIT_LARGE`).
+        torch_dtype: dtype of the BLIP weights ('float32', 'bfloat16', 'float16'); the MLP head runs in
+            float32, on float32 features, as in the original.
+        preprocess: 'tensor' (on device) or 'pil' (the original's path); see the module docstring.
+    """
+
+    def __init__(self, checkpoint: str = "THUDM/ImageReward", med_config: str | dict | None = None,
+                 tokenizer: str = "bert-base-uncased", vision_config: str | dict | None = None,
+                 torch_dtype: str = "float32", preprocess: str = "tensor", weight: float = 1.0,
+                 name: str | None = "image_reward") -> None:
+        super().__init__(weight=weight, name=name)
+        if preprocess not in ("tensor", "pil"):
+            raise ValueError(f"reward {self.name!r}: preprocess={preprocess!r} must be 'tensor' or 'pil'")
+        self.preprocess = preprocess
+        self.dtype = resolve_dtype(torch_dtype)
+        checkpoint_file, med_beside = self._resolve_checkpoint(checkpoint)
+        self.checkpoint = checkpoint_file
+        med = self._med_config(med_config if med_config is not None else med_beside)
+        vit = self._vision_config(vision_config)
+        self.image_size = int(vit["img_size"])
+        self.tokenizer = self._tokenizer(tokenizer, med["vocab_size"])
+
+        vision, text, mlp = build_modules(med, vit, self.tokenizer.bos_token_id, self.tokenizer.sep_token_id)
+        self._load(checkpoint_file, vision, text, mlp)
+        self.vision_model = freeze(vision.to(self.dtype))
+        self.text_model = freeze(text.to(self.dtype))
+        self.mlp = freeze(mlp.float())
+
+    # ------------------------------------------------------------------ construction
+
+    def _error(self, message: str) -> ValueError:
+        return ValueError(f"reward {self.name!r}: {message}")
+
+    def _resolve_checkpoint(self, checkpoint: str) -> tuple[str, str | None]:
+        """-> (weights file, med_config.json beside it or None)."""
+        if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
+            raise self._error(f"checkpoint={checkpoint!r} must be a path to ImageReward.pt, a directory holding "
+                              "it, or a hub id")
+        checkpoint = str(checkpoint)
+        if os.path.isfile(checkpoint):
+            beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "med_config.json")
+            return checkpoint, beside if os.path.isfile(beside) else None
+        if os.path.isdir(checkpoint):
+            for name in CHECKPOINT_NAMES:
+                if os.path.isfile(os.path.join(checkpoint, name)):
+                    beside = os.path.join(checkpoint, "med_config.json")
+                    return os.path.join(checkpoint, name), beside if os.path.isfile(beside) else None
+            raise self._error(f"checkpoint={checkpoint!r} is a directory without {' or '.join(CHECKPOINT_NAMES)} "
+                              f"(it holds: {_few(os.listdir(checkpoint)) or 'nothing'})")
+        # a hub id is "name" or "owner/name"; anything else that does not exist is a wrong path
+        looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
+                           or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
+        if looks_like_path:
+            raise self._error(f"checkpoint={checkpoint!r}: no such file or directory")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(checkpoint, CHECKPOINT_NAMES[0])
+        except Exception as e:  # offline, unknown repo, missing file: say which option and what was tried
+            raise self._error(f"checkpoint={checkpoint!r} is not a local file or directory, and "
+                              f"{CHECKPOINT_NAMES[0]} could not be fetched from the hub repo of that name "
+                              f"({type(e).__name__}: {e})") from None
+        try:
+            med = hf_hub_download(checkpoint, "med_config.json")
+        except Exception:
+            med = None
+        return path, med
+
+    def _med_config(self, med_config) -> dict:
+        if med_config is None:
+            config = dict(RELEASED_MED_CONFIG)
+        elif isinstance(med_config, dict):
+            config = dict(med_config)
+        elif isinstance(med_config, (str, os.PathLike)) and os.path.isfile(med_config):
+            with open(med_config) as f:
+                config = json.load(f)
+        else:
+            raise self._error(f"med_config={med_config!r} must be a path to a med_config.json file, a dict, or "
+                              "None (the med_config.json beside the checkpoint, else the released BERT-base)")
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings"]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise self._error(f"med_config lacks {missing}; it needs {required}")
+        if not config.get("add_cross_attention", False):
+            raise self._error(f"med_config add_cross_attention={config.get('add_cross_attention')!r}: "
+                              "ImageReward's text encoder cross-attends to the image, it must be true")
+        position = config.get("position_embedding_type", "absolute")
+        if position != "absolute":
+            raise self._error(f"med_config position_embedding_type={position!r}: only 'absolute' is supported "
+                              "(BLIP's and ImageReward's)")
+        return config
+
+    def _vision_config(self, vision_config) -> dict:
+        if vision_config is None:
+            config = dict(VIT_LARGE)
+        elif isinstance(vision_config, dict):
+            config = dict(vision_config)
+        elif isinstance(vision_config, (str, os.PathLike)) and os.path.isfile(vision_config):
+            with open(vision_config) as f:
+                config = json.load(f)
+        else:
+            raise self._error(f"vision_config={vision_config!r} must be a path to a JSON file, a dict, or None "
+                              "(ViT-L/16 at 224 px, the released model's)")
+        unknown = sorted(set(config) - set(VIT_LARGE))
+        if unknown:
+            raise self._error(f"vision_config has unknown keys {unknown}; allowed: {sorted(VIT_LARGE)}")
+        config = {**VIT_LARGE, **config}
+        if config["img_size"] % config["patch_size"] or config["embed_dim"] % config["num_heads"]:
+            raise self._error(f"vision_config {config}: img_size must be a multiple of patch_size and embed_dim "
+                              "of num_heads")
+        return config
+
+    def _tokenizer(self, tokenizer: str, vocab_size: int):
+        from transformers import BertTokenizer
+
+        try:
+            tok = BertTokenizer.from_pretrained(tokenizer)
+        except Exception as e:
+            raise self._error(f"tokenizer={tokenizer!r}: could not load a BERT tokenizer from that path or hub id "
+                              f"({type(e).__name__}: {e})") from None
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # as BLIP's init_tokenizer
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        if len(tok) > vocab_size:
+            raise self._error(f"tokenizer={tokenizer!r} has {len(tok)} tokens with [DEC] and [ENC], more than "
+                              f"the text encoder's vocab_size={vocab_size} (med_config)")
+        return tok
+
+    def _load(self, path: str, vision, text, mlp) -> None:
+        try:
+            state = load_state_dict_file(path)
+        except Exception as e:
+            raise self._error(f"checkpoint={path!r} could not be read as a state dict ({type(e).__name__}: {e})"
+                              ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise self._error(f"checkpoint={path!r} is not a state dict of tensors")
+        parts = convert_state_dict(state)
+        missing, unexpected, shapes = state_dict_mismatches(parts, vision, text, mlp)
+        if missing or unexpected or shapes:
+            raise self._error(
+                f"checkpoint={path!r} does not match the ImageReward architecture: "
+                + (f"{len(missing)} missing keys: {_few(missing)}; " if missing else "")
+                + (f"{len(unexpected)} unexpected keys: {_few(unexpected)}; " if unexpected else "")
+                + (f"{len(shapes)} tensors of other shapes: {_few(shapes, 3)}; " if shapes else "")
+                + "expected the original key names (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) "
+                "of the released ImageReward.pt, with med_config and vision_config giving its sizes")
+        vision.load_state_dict({k: v.float() for k, v in parts[0].items()}, strict=True, assign=True)
+        text.load_state_dict({k: v.float() for k, v in parts[1].items()}, strict=True, assign=True)
+        mlp.load_state_dict({k: v.float() for k, v in parts[2].items()}, strict=True)
+        # the non-persistent position_ids buffer was made on the meta device: make it again
+        embeddings = text.embeddings
+        embeddings.position_ids = torch.arange(embeddings.position_embeddings.num_embeddings).expand((1, -1))
+        left = [n for n, t in [*vision.named_parameters(), *vision.named_buffers(), *text.named_parameters(),
+                               *text.named_buffers()] if t.is_meta]
+        if left:  # a transformers version with other buffers: fail here, not with meta tensors at the first call
+            raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {_few(left)}")
+
+    # ------------------------------------------------------------------ scoring
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The vision model's input for (B, 3, H, W) images in [0, 1], by the chosen preprocessing."""
+        if self.preprocess == "pil":
+            out = image_reward_preprocess_pil(images, self.image_size)
+        else:
+            out = image_reward_preprocess(images, self.image_size)
+        return out.to(device=self.device, dtype=self.dtype)
+
+    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The text encoder's first-token output (B, hidden) for each (image, prompt) pair, float32."""
+        device = self.device
+        image_embeds = self.vision_model(pixel_values=self.pixel_values(images)).last_hidden_state
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
+                                return_tensors="pt")
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+        out = self.text_model(input_ids=tokens["input_ids"].to(device),
+                              attention_mask=tokens["attention_mask"].to(device),
+                              encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                              is_decoder=False)
+        return out.last_hidden_state[:, 0, :].float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.mlp.layers[0].weight.device
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raw = self.mlp(self.features(images, prompts)).squeeze(-1)
+        return ((raw - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD).to(images.device)  # as ImageReward.py, float32
