@@ -162,7 +162,11 @@ def _find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Opt
         where = dirpath
     elif logger is not None:
         pattern = os.path.join(_run_dir(logger), "version_*", "checkpoints", "last.ckpt")
-        candidates = sorted(glob.glob(pattern), key=lambda p: _version_number(p) or -1, reverse=True)
+        # Every version's checkpoint folder, not only those holding a last.ckpt: a sharded one whose replacement
+        # was killed between its two renames is missing until is_checkpoint below restores it.
+        folders = glob.glob(os.path.dirname(pattern))
+        candidates = sorted((os.path.join(folder, "last.ckpt") for folder in folders),
+                            key=lambda p: _version_number(p) or -1, reverse=True)
         where = pattern
     else:
         raise ValueError(

@@ -16,11 +16,18 @@ without grad, replicated.
 
 Under FSDP2 the parameters are DTensors: `full_tensor` gathers one on every rank (a collective, so every
 rank must call it in the same order); the LoRA export and the gradient norms use it.
+
+A sharded checkpoint is a directory; `FSDP2Strategy.save_checkpoint` writes it beside its target and swaps it
+in, so a run killed while saving leaves the previous checkpoint whole (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,10 +35,18 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from guardrl.checkpointing import _fsync_directory
+
 # Lightning's names in a distributed checkpoint: the module's state under "state_dict", the rest in meta.pt.
 MODEL_KEY = "state_dict"
 DISTRIBUTED_METADATA = "meta.pt"
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # SD3 / Flux double blocks; Flux single
+# Siblings of a sharded checkpoint `<dir>/<name>` while it is replaced: `.<name>.writing` (the new one being
+# written) and `.<name>.previous` (the old one, renamed aside for a moment). Hidden and not ending in ".ckpt",
+# so neither ModelCheckpoint (which lists `*.ckpt`) nor `--ckpt_path last` (which looks for `last.ckpt`) takes
+# them for a checkpoint.
+WRITING_SUFFIX = ".writing"
+PREVIOUS_SUFFIX = ".previous"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -54,6 +69,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        """Write a sharded checkpoint so that `filepath` always holds a complete one, the previous or the new.
+
+        Lightning writes the shards straight into `filepath`, so a kill midway leaves a half-written directory in
+        place of the previous checkpoint. Here every rank writes into `.<name>.writing` beside it, and once all
+        have finished rank 0 swaps it in (`swap_in`). The barriers keep ranks from writing into a directory
+        rank 0 is still clearing, and from returning before the swap. Single-file checkpoints
+        (save_distributed_checkpoint False) go through Lightning and the CheckpointIO (AtomicCheckpointIO).
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            prepare_write(path)
+        self.barrier("FSDP2Strategy.save_checkpoint: prepared")
+        super().save_checkpoint(checkpoint, writing_path(path), storage_options)
+        self.barrier("FSDP2Strategy.save_checkpoint: written")
+        if self.is_global_zero:
+            swap_in(writing_path(path), path)
+        self.barrier("FSDP2Strategy.save_checkpoint: swapped")
+
+    def remove_checkpoint(self, filepath) -> None:
+        """Remove a checkpoint (ModelCheckpoint dropping an old top-k one), with the leftovers of an interrupted
+        write of it, which no later save of that name would clear."""
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            remove_path(writing_path(Path(filepath)))
+            remove_path(previous_path(Path(filepath)))
+
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a sharded checkpoint that holds only the trainable state.
 
@@ -63,6 +107,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         as a single-file resume), then the optimizer state, and returns the rest (counters, RNG states, loops).
         """
         path = Path(self.broadcast(str(checkpoint_path)))
+        if self.is_global_zero:
+            restore_interrupted_swap(path)  # a save killed between its two renames left no `path`
+        self.barrier("FSDP2Strategy.load_checkpoint: restored")
         if not path.is_dir():
             return super().load_checkpoint(checkpoint_path, weights_only)
         from torch.distributed.checkpoint import load
@@ -93,8 +140,118 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def is_checkpoint(path: str) -> bool:
     """A single-file checkpoint, or a sharded (FSDP2) one: a directory of per-rank shards plus meta.pt, which
-    holds everything else, the guardrl counters included."""
+    holds everything else, the guardrl counters included. A sharded one whose replacement was killed between
+    its two renames is restored first (every reader, `--ckpt_path` and the LoRA export, asks this before
+    reading); the temporary siblings of a save are never checkpoints, even when complete."""
+    if is_temporary(path):
+        return False
+    restore_interrupted_swap(path)
     return os.path.isfile(path) or os.path.isfile(os.path.join(path, DISTRIBUTED_METADATA))
+
+
+def writing_path(path: Path) -> Path:
+    """Where a sharded checkpoint is written before it is swapped in (same directory: a rename stays atomic)."""
+    return path.with_name(f".{path.name}{WRITING_SUFFIX}")
+
+
+def previous_path(path: Path) -> Path:
+    """Where the old checkpoint waits between the two renames of `swap_in`."""
+    return path.with_name(f".{path.name}{PREVIOUS_SUFFIX}")
+
+
+def is_temporary(path: str) -> bool:
+    name = os.path.basename(os.path.normpath(path))
+    return name.startswith(".") and name.endswith((WRITING_SUFFIX, PREVIOUS_SUFFIX))
+
+
+def prepare_write(path: Path) -> None:
+    """Rank 0, before the ranks write: finish a swap a killed run left half done (so its old checkpoint is not
+    deleted below as a leftover), then clear what a killed save left: a partial `.writing` (it may hold another
+    world size's shard files, which would otherwise end up in the new checkpoint) and a stale `.previous`."""
+    restore_interrupted_swap(path)
+    remove_path(writing_path(path))
+    remove_path(previous_path(path))
+
+
+def swap_in(writing: Path, path: Path) -> None:
+    """Rank 0, once every rank has written `writing`: make it durable, then put it at `path`.
+
+    POSIX rename cannot replace a non-empty directory. Where the kernel and file system can exchange two
+    paths atomically (Linux renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs), `path` is never missing.
+    Elsewhere (NFS, other systems) the old `path` is renamed to `.<name>.previous` first: a kill between the
+    two renames leaves no `path` but a complete `.previous`, which `restore_interrupted_swap` puts back (the
+    swap takes effect at the second rename).
+    """
+    fsync_tree(writing)
+    if os.path.lexists(path) and exchange_paths(writing, path):
+        _fsync_directory(str(path.parent))
+        remove_path(writing)  # now the old checkpoint
+        return
+    previous = previous_path(path)
+    if os.path.lexists(path):
+        os.rename(path, previous)
+    os.rename(writing, path)
+    _fsync_directory(str(path.parent))  # both renames on disk before the old copy goes
+    remove_path(previous)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the C
+    library, kernel or file system lacks it, for the caller to fall back to renames."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # not supported here
+        return False
+    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a} and {b}: {os.strerror(code)}")
+
+
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):  # no C library to load this way (Windows)
+        return None
+
+
+def restore_interrupted_swap(path) -> None:
+    """Undo a `swap_in` killed between its two renames: `path` missing, the old checkpoint complete in
+    `.<name>.previous`. The new one in `.writing` is not trusted (the swap never took effect) and is cleared by
+    the next save. Several processes of one job may call this at once: only one rename succeeds."""
+    path = Path(path)
+    previous = previous_path(path)
+    if os.path.lexists(path) or not (previous / DISTRIBUTED_METADATA).is_file():
+        return
+    try:
+        os.rename(previous, path)
+    except FileNotFoundError:  # another process restored it first
+        return
+    _fsync_directory(str(path.parent))
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then the directories. torch.distributed.checkpoint fsyncs the shard
+    files each rank writes, but not Lightning's meta.pt (rank 0's torch.save)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(root)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, symlink (not its target) or directory tree; nothing if absent."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def load_sharded_trainable_state(module, path: str) -> dict[str, torch.Tensor]:

@@ -98,6 +98,13 @@ def test_resume_from_the_sharded_checkpoint_gives_the_straight_runs_weights(runs
     resumed = _fit(root, 3, "--config", "configs/strategy/fsdp.yaml", ckpt_path=checkpoint)
     straight, continued = _lora(runs["fsdp"]), _lora(resumed)
     assert all(torch.equal(straight[k], continued[k]) for k in straight)
+    # the resumed run replaced its last.ckpt (both ranks write a hidden sibling, rank 0 swaps it in): the new
+    # one is in place, whole, and nothing temporary is left beside it
+    checkpoints = resumed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == []
+    last = checkpoints / "last.ckpt"
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert torch.load(last / "meta.pt", weights_only=True)["guardrl"]["num_iterations"] == 3
 
 
 def test_exported_lora_gives_a_single_process_policy_the_sharded_policys_velocity(runs):
