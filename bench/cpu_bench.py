@@ -7,8 +7,10 @@
    pure model compute it must do: the rollout's transformer forwards, the decode, the reward, and per update
    the trained steps' forward + backward (+ the reference forward for train/kl) and the optimizer steps.
    After each real iteration one pure pass runs and is timed, so the two alternate.
+3. Overlapped rewards: iteration time with 4 rollout chunks, the reward (with a fixed latency per call, as a
+   served reward has) scored after each chunk or in a worker thread during the next chunk's rollout.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/cpu_bench.py [--repeats 9] [--iterations 8]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/cpu_bench.py [--repeats 9] [--iterations 8] [--reward-latency 0.15]
 
 Medians; the two sides of each comparison are timed alternately in one process (a shared machine's load
 then hits both alike), and the first call of each is a warm-up and not counted.
@@ -180,10 +182,59 @@ def iteration_vs_compute(iterations: int) -> dict[str, float]:
     return result
 
 
+def overlap_vs_serial(iterations: int, latency_s: float, reps: int = 2) -> dict[str, float]:
+    """Iteration wall time with rollout_chunks=4, the reward scored after each chunk (serial) or in a worker
+    thread while the next chunk samples (overlapped). The reward waits `latency_s` per call before scoring
+    (FaultInjectionReward's sleep: what a served reward's round trip costs this process), JPEG afterwards.
+    Serial and overlapped fits alternate `reps` times; medians over their iterations after the first."""
+    import json
+
+    import lightning as L
+
+    from conftest import tiny_fit_args
+    from guardrl.cli import main
+
+    tmp = tempfile.mkdtemp()
+    prompt_file = os.path.join(tmp, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(f"prompt {i}" for i in range(64)) + "\n")
+    reward = json.dumps([{"class_path": "guardrl.rewards.FaultInjectionReward",
+                          "init_args": {"sleep_at_calls": list(range(4 * (iterations + 1))), "sleep_s": latency_s}}])
+
+    class IterationTimer(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *a):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *a):
+            self.times.append(time.perf_counter() - self.start)
+
+    times: dict[str, list[float]] = {"serial": [], "overlapped": []}
+    for _ in range(reps):
+        for name in ("serial", "overlapped"):
+            args = tiny_fit_args(prompt_file, tmp, **{
+                "--model.sampling.num_inference_steps": str(STEPS), "--data.group_size": str(GROUP_SIZE),
+                "--data.prompts_per_batch": str(PROMPTS_PER_BATCH), "--model.grpo.minibatch_size": "8",
+                "--model.max_iterations": str(iterations + 1), "--trainer.logger": "false",
+                "--trainer.enable_checkpointing": "false", "--model.rewards": reward,
+                "--model.performance.rollout_chunks": "4",
+                "--model.performance.overlap_rewards": str(name == "overlapped").lower()})
+            cli = main(args, run=False)
+            timer = IterationTimer()
+            cli.trainer.callbacks.append(timer)
+            cli.trainer.fit(cli.model, cli.datamodule)
+            times[name] += timer.times[1:]  # the first iteration warms up
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--iterations", type=int, default=8, help="timed GRPO iterations (each paired with a pure pass)")
+    parser.add_argument("--reward-latency", type=float, default=0.15,
+                        help="seconds a call of the overlap benchmark's reward waits (a served reward's round trip)")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the in-process `guardrl fit` below must not see this script's options
     torch.manual_seed(0)
@@ -199,6 +250,13 @@ def main() -> None:
     for name in ("rollout_s", "decode_s", "reward_s", "update_s", "pure_s", "iteration_s"):
         print(f"| {name[:-2]} | {p[name]:.3f} |")
     print(f"| iteration / pure compute (median of per-pair ratios) | {statistics.median(p['ratios']):.3f} |")
+    latency = args.reward_latency
+    o = overlap_vs_serial(max(2, args.iterations // 2), latency)
+    print(f"\n| rollout_chunks 4, reward with {latency:.2f} s latency per call | iteration seconds (median) |"
+          "\n|---|---|")
+    print(f"| reward after each chunk (serial) | {o['serial']:.3f} |")
+    print(f"| reward overlapped with the next chunk | {o['overlapped']:.3f} |")
+    print(f"| saved per iteration (expected: the waits of all but the last chunk, 3 x {latency:.2f} = {3 * latency:.2f}) | {o['serial'] - o['overlapped']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,15 @@ def check_rewards(rewards: Sequence) -> None:
         first_of[name] = index
 
 
-def check_batch_sizes(grpo: GRPOOptions, prompts_per_batch: int, group_size: int) -> None:
-    """The rank's batch must split into whole minibatches, and those into whole optimizer steps."""
+def check_batch_sizes(grpo: GRPOOptions, prompts_per_batch: int, group_size: int, rollout_chunks: int = 1) -> None:
+    """The rank's batch must split into whole minibatches, and those into whole optimizer steps; its prompt
+    groups into whole rollout chunks."""
+    if prompts_per_batch % rollout_chunks:
+        divisors = [d for d in range(1, prompts_per_batch + 1) if prompts_per_batch % d == 0]
+        raise ValueError(
+            f"performance.rollout_chunks={rollout_chunks} must divide data.prompts_per_batch={prompts_per_batch} "
+            f"(a chunk holds whole prompt groups): allowed {divisors}"
+        )
     batch = prompts_per_batch * group_size
     minibatch = grpo.minibatch_size or batch
     if batch % minibatch:

@@ -14,6 +14,7 @@ algorithm/. Manual optimization, because one iteration takes several optimizer s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -179,7 +180,8 @@ class GRPOModule(L.LightningModule):
         # Before any weights load: batch sizes the update cannot split are refused here, not mid-iteration.
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "prompts_per_batch"):
-            check_batch_sizes(self.grpo, datamodule.prompts_per_batch, datamodule.group_size)
+            check_batch_sizes(self.grpo, datamodule.prompts_per_batch, datamodule.group_size,
+                              self.performance.rollout_chunks)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.policy.trainable_parameters())
@@ -192,6 +194,9 @@ class GRPOModule(L.LightningModule):
         size = len(batch)
         if batch.group_size != self.group_size:
             raise ValueError(f"data.group_size={batch.group_size} differs from model.group_size={self.group_size}")
+        if (size // self.group_size) % self.performance.rollout_chunks:
+            raise ValueError(f"performance.rollout_chunks={self.performance.rollout_chunks} must divide the rank's "
+                             f"{size // self.group_size} prompt groups (data.prompts_per_batch)")
         minibatch = self.grpo.minibatch_size or size
         if size % minibatch:
             raise ValueError(
@@ -211,12 +216,7 @@ class GRPOModule(L.LightningModule):
         use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
         with self._phase("encode"):
             cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
-        with self._phase("rollout"):
-            trajectory = self._rollout(cond, len(batch))
-        with self._phase("decode"):
-            images = self.backbone.decode(trajectory.final_latents)
-        with self._phase("reward"):
-            rewards, per_reward = self._score(images, batch.prompts)
+        trajectory, images, rewards, per_reward = self._rollout_and_score(cond, batch.prompts)
         problem = self._nonfinite_on_any_rank(
             {"reward": rewards, "rollout log-prob": trajectory.log_prob_old_BT}
         )
@@ -258,10 +258,44 @@ class GRPOModule(L.LightningModule):
     def _generator(self, *key: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self._seed(*key))
 
+    def _rollout_and_score(self, cond, prompts: list[str]):
+        """Rollout, decode and reward of the rank's batch, in `performance.rollout_chunks` chunks of whole
+        groups; with `overlap_rewards` each chunk is scored in a worker thread while the next one samples.
+        Returns the joined trajectory, images, total rewards and per-reward scores, in batch order."""
+        chunks = self.performance.rollout_chunks
+        size = len(prompts) // chunks
+        spans = [slice(c * size, (c + 1) * size) for c in range(chunks)]
+        # One worker: chunks are scored in order, and a reward never runs twice at once.
+        worker = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrl-reward")
+                  if self.performance.overlap_rewards else None)
+        trajectories, images, scored = [], [], []
+        try:
+            for c, span in enumerate(spans):
+                with self._phase("rollout"):
+                    # Chunk c's noise stream: (iteration, rank) unchunked, (iteration, rank, c) chunked.
+                    key = (self.num_iterations, self.global_rank) + ((c,) if chunks > 1 else ())
+                    trajectories.append(self._rollout(cond.select(span) if chunks > 1 else cond, size, key))
+                with self._phase("decode"):
+                    images.append(self.backbone.decode(trajectories[-1].final_latents))
+                if worker is not None:
+                    scored.append(worker.submit(self._score, images[-1], prompts[span]))
+                else:
+                    with self._phase("reward"):
+                        scored.append(self._score(images[-1], prompts[span]))
+            with self._phase("reward"):
+                # Overlapped: the reward time still exposed after the last chunk; a reward's error re-raises here.
+                scored = [s.result() if worker is not None else s for s in scored]
+        finally:
+            if worker is not None:
+                worker.shutdown(wait=True, cancel_futures=True)
+        rewards = torch.cat([total for total, _ in scored])
+        per_reward = {name: torch.cat([parts[name] for _, parts in scored]) for name in scored[0][1]}
+        return Trajectory.cat(trajectories), torch.cat(images), rewards, per_reward
+
     @torch.no_grad()
-    def _rollout(self, cond, batch_size: int) -> Trajectory:
-        # Noise differs per rank (key includes the rank); the step choices below do not.
-        generator = self._generator(self.num_iterations, self.global_rank)
+    def _rollout(self, cond, batch_size: int, key: tuple[int, ...]) -> Trajectory:
+        # Noise differs per rank (the key includes the rank); the step choices of the update do not.
+        generator = self._generator(*key)
         if self.sampling.same_noise_per_group:
             noise = self.backbone.initial_noise(batch_size // self.group_size, generator, self.device)
             noise = noise.repeat_interleave(self.group_size, dim=0)

@@ -53,6 +53,16 @@ class PerformanceOptions:
     """torch.compile backend ("inductor"; "aot_eager" or "eager" to debug a compile problem)."""
     compile_mode: Optional[str] = None
     """torch.compile mode: None (default), "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"."""
+    rollout_chunks: int = 1
+    """Roll each rank's batch out in this many chunks of whole prompt groups (decoded one after another): caps
+    the rollout's activation memory, and lets `overlap_rewards` score a chunk while the next one samples.
+    Must divide data.prompts_per_batch. Chunk c draws its noise from its own stream (seed, iteration, rank,
+    c), so a run's numbers depend on this setting (not on overlap_rewards)."""
+    overlap_rewards: bool = False
+    """Score each chunk's images in a background thread while the next chunk is rolled out (needs
+    rollout_chunks >= 2); pays off when rewards wait on something other than this process's compute: a
+    reward server on another GPU, CPU-side scoring (JPEG, OCR post-processing) during GPU sampling.
+    time/reward_s is then the reward time left exposed after the last rollout."""
     timing: bool = True
     """Time every phase and count its FLOPs (logged as time/*, flops/*, throughput/*)."""
     throughput_window: int = 4
@@ -62,6 +72,12 @@ class PerformanceOptions:
 
     def __post_init__(self) -> None:
         _require_int("performance.throughput_window", self.throughput_window, minimum=2)
+        _require_int("performance.rollout_chunks", self.rollout_chunks, minimum=1)
+        if self.overlap_rewards and self.rollout_chunks < 2:
+            raise ValueError(
+                f"performance.overlap_rewards=True needs performance.rollout_chunks >= 2, got rollout_chunks="
+                f"{self.rollout_chunks}: with one chunk there is no next rollout to score alongside"
+            )
         _require_number("performance.peak_flops", self.peak_flops, minimum=0.0, strict=True, allow_none=True)
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:

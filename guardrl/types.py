@@ -10,6 +10,7 @@ Shape legend (used in names across sampling/ and algorithm/):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,21 @@ class Trajectory:
     std_T: torch.Tensor
     final_latents: torch.Tensor
     log_prob_reduction: str = "mean"
+
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        """Trajectories of chunks of one batch (same steps), joined along the batch dimension in order."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        if any(p.step_indices != first.step_indices for p in parts):
+            raise ValueError("Trajectory.cat: the chunks stored different steps")
+
+        def join(name):
+            return torch.cat([getattr(p, name) for p in parts], dim=0)
+
+        per_sample = ("latents_BTCHW", "next_latents_BTCHW", "mean_old_BTCHW", "log_prob_old_BT", "final_latents")
+        return dataclasses.replace(first, **{name: join(name) for name in per_sample})
 
     @property
     def dt_T(self) -> torch.Tensor:

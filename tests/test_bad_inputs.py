@@ -337,6 +337,9 @@ CATALOGUE = [
          "sets gradient_accumulation_steps that do not divide the updates",
          build(check_batch_sizes, G(minibatch_size=2, gradient_accumulation_steps=3), 2, 2),
          r"grpo\.gradient_accumulation_steps", r"=3", r"allowed \[1, 2\]"),
+    Case("combo-rollout-chunks-vs-prompts", "combinations", "splits 3 prompt groups into 2 rollout chunks",
+         build(check_batch_sizes, G(), 3, 2, 2), r"performance\.rollout_chunks", r"=2\b.*prompts_per_batch=3",
+         r"allowed \[1, 3\]"),
     Case("combo-fewer-prompts-than-ranks", "combinations", "runs 4 ranks on a file of 2 prompts",
          data_setup("two.txt", "a cat\na dog\n", world_size=4), r"data\.train_prompts", r"two\.txt.*2 prompt",
          r"at least as many prompts as there are ranks"),
@@ -380,6 +383,11 @@ CATALOGUE = [
     Case("performance-compile-backend", "module", "misspells the compile backend (`indcutor`)",
          build(PerformanceOptions, compile=True, compile_backend="indcutor"), r"performance\.compile_backend",
          r"'indcutor'", r"available: .*inductor"),
+    Case("performance-rollout-chunks-0", "module", "sets performance.rollout_chunks 0",
+         build(PerformanceOptions, rollout_chunks=0), r"performance\.rollout_chunks", r"\b0\b", r"integer >= 1"),
+    Case("performance-overlap-one-chunk", "module", "overlaps rewards with a single rollout chunk",
+         build(PerformanceOptions, overlap_rewards=True), r"performance\.overlap_rewards", r"rollout_chunks=1",
+         r"needs performance\.rollout_chunks >= 2"),
 
     # ----- data: the module's options and the prompt files
     Case("data-group-size-1", "data", "sets data.group_size 1", build(PromptDataModule, "p.txt", group_size=1),
