@@ -57,7 +57,8 @@ class ShardingProbe(Callback):
             float((full_tensor(old[name]) - full_tensor(p)).abs().max()) for name, p in trained.items()
         )
         if trainer.is_global_zero:
-            torch.save({"velocity": velocity.cpu(), "old_minus_policy": old_minus_policy},
+            compiled = getattr(pl_module.policy.transformer, "_compiled_call_impl", None) is not None
+            torch.save({"velocity": velocity.cpu(), "old_minus_policy": old_minus_policy, "compiled": compiled},
                        os.path.join(self.out, "velocity.pt"))
 
 

@@ -49,7 +49,10 @@ def runs(tmp_path_factory):
     fsdp = ("--config", "configs/strategy/fsdp.yaml")
     return {
         "ddp": _fit(root / "ddp", 3, "--trainer.strategy", "ddp"),
-        "fsdp": _fit(root / "fsdp", 3, *fsdp),
+        # compiled from its second iteration on (performance.compile; the eager backend runs the same kernels),
+        # so the comparisons below also cover torch.compile over fully_shard'ed blocks
+        "fsdp": _fit(root / "fsdp", 3, *fsdp, "--model.performance.compile", "true",
+                     "--model.performance.compile_backend", "eager"),
         "fsdp_first_2": _fit(root / "resumed", 2, *fsdp),
         "root": root,
     }
@@ -90,6 +93,9 @@ def test_fsdp2_trains_what_ddp_trains(runs):
     # 3 iterations x 2 inner epochs of SGD with gradient clipping and the KL reference forward: the same
     # weights up to the order of floating-point reductions
     assert _relative_difference(ddp, fsdp) < 1e-5
+    # ... with the FSDP2 run's transformer compiled (iterations 2 and 3), the DDP run's not
+    probes = {name: torch.load(runs[name].parent.parent / "probe" / "velocity.pt") for name in ("ddp", "fsdp")}
+    assert (probes["ddp"]["compiled"], probes["fsdp"]["compiled"]) == (False, True)
 
 
 def test_resume_from_the_sharded_checkpoint_gives_the_straight_runs_weights(runs):
