@@ -60,7 +60,9 @@ def rollout_vs_pipeline(repeats: int) -> dict[str, float]:
     def guardrl_rollout():
         generator = torch.Generator().manual_seed(0)
         noise = backbone.initial_noise(batch, generator, torch.device("cpu"))
-        with torch.no_grad(), policy.use_weights("old") as transformer:
+        # what GRPOModule._rollout does: the old snapshot equals the policy here, so no adapter switch
+        weights = "policy" if policy.old_equals_policy() else "old"
+        with torch.no_grad(), policy.use_weights(weights) as transformer:
             return sample_rollouts(lambda x, t, k: backbone.velocity(x, t, cond, 1.0, transformer), noise, sigmas,
                                    scales, "mean", generator).final_latents
 

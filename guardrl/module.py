@@ -301,13 +301,17 @@ class GRPOModule(L.LightningModule):
             noise = noise.repeat_interleave(self.group_size, dim=0)
         else:
             noise = self.backbone.initial_noise(batch_size, generator, self.device)
-        with self.policy.use_weights("old") as transformer:
+        # The old policy samples; when its snapshot equals the policy bitwise, running the policy adapter is
+        # the same computation without the adapter switch.
+        weights = "policy" if self.policy.old_equals_policy() else "old"
+        with self.policy.use_weights(weights) as transformer:
 
             def velocity_fn(latents, t, step_index):
                 return self.backbone.velocity(latents, t, cond, self.sampling.guidance_scale, transformer)
 
             return sample_rollouts(
-                velocity_fn, noise, self.sigmas, self.noise_scales, self.sampling.log_prob_reduction, generator
+                velocity_fn, noise, self.sigmas, self.noise_scales, self.sampling.log_prob_reduction, generator,
+                storage_dtype=self.performance.trajectory_torch_dtype,
             )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -419,7 +423,7 @@ class GRPOModule(L.LightningModule):
 
     def _step_loss(self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats):
         """Clipped policy loss (+ beta KL) of stored step j on the samples `index`; records statistics."""
-        latents = trajectory.latents_BTCHW[index, j]
+        latents = trajectory.latents_BTCHW[index, j].float()  # stored in performance.trajectory_dtype
         t, t_next = trajectory.sigma_T[j], trajectory.sigma_next_T[j]
         noise_scale = trajectory.noise_scale_T[j]
         step_cond = cond.select(index)
@@ -427,7 +431,7 @@ class GRPOModule(L.LightningModule):
         mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale)
         reduction = self.sampling.log_prob_reduction
         terms = compute_ratio_terms(
-            trajectory.next_latents_BTCHW[index, j], trajectory.mean_old_BTCHW[index, j], mean_theta,
+            trajectory.next_latents_BTCHW[index, j].float(), trajectory.mean_old_BTCHW[index, j], mean_theta,
             std, trajectory.dt_T[j].expand(len(index)), reduction,
         )
         policy_ratio = self.ratio_fn(terms)

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import flop_registry
 from guardrl.options import _require_int, _require_number
 
 PHASES = ("encode", "rollout", "decode", "reward", "update")
+TRAJECTORY_DTYPES = ("float32", "bfloat16", "float16")
 # Phases whose FLOPs are the policy model's own (the reward's model is someone else's).
 MODEL_PHASES = ("rollout", "decode", "update")
 
@@ -63,6 +64,10 @@ class PerformanceOptions:
     rollout_chunks >= 2); pays off when rewards wait on something other than this process's compute: a
     reward server on another GPU, CPU-side scoring (JPEG, OCR post-processing) during GPU sampling.
     time/reward_s is then the reward time left exposed after the last rollout."""
+    trajectory_dtype: str = "float32"
+    """dtype of the stored rollout latents x_t and x_next: "float32", or "bfloat16" / "float16" to halve them
+    (the sampler then carries its chain at that precision, as diffusers pipelines carry latents in the model
+    dtype, and the on-policy ratio stays exactly 1; step means and log-probs stay float32)."""
     timing: bool = True
     """Time every phase and count its FLOPs (logged as time/*, flops/*, throughput/*)."""
     throughput_window: int = 4
@@ -73,6 +78,9 @@ class PerformanceOptions:
     def __post_init__(self) -> None:
         _require_int("performance.throughput_window", self.throughput_window, minimum=2)
         _require_int("performance.rollout_chunks", self.rollout_chunks, minimum=1)
+        if self.trajectory_dtype not in TRAJECTORY_DTYPES:
+            raise ValueError(f"performance.trajectory_dtype must be one of {', '.join(map(repr, TRAJECTORY_DTYPES))}; "
+                             f"got {self.trajectory_dtype!r}")
         if self.overlap_rewards and self.rollout_chunks < 2:
             raise ValueError(
                 f"performance.overlap_rewards=True needs performance.rollout_chunks >= 2, got rollout_chunks="
@@ -93,6 +101,11 @@ class PerformanceOptions:
             if self.compile_backend not in backends:
                 raise ValueError(f"performance.compile_backend={self.compile_backend!r} is not a torch.compile "
                                  f"backend; available: {', '.join(sorted(set(backends)))}")
+
+
+    @property
+    def trajectory_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.trajectory_dtype)
 
 
 def compute_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -116,3 +116,19 @@ def test_a_reward_failing_in_the_worker_fails_the_run(prompt_file, tmp_path):
     with pytest.raises(RewardError, match="fault_injection_reward"):
         _fit(prompt_file, tmp_path, **{**OVERLAPPED, "--model.rewards": rewards,
                                        "--model.faults.reward_max_attempts": "1"})
+
+
+def test_rollouts_on_the_policy_adapter_equal_rollouts_on_the_synced_old_adapter(prompt_file, tmp_path, monkeypatch):
+    # when the old snapshot equals the policy, the rollout runs the policy adapter (no peft switch); forcing
+    # the switch to the "old" adapter must give bitwise the same rewards and weights
+    runs = {}
+    for name in ("skip_switch", "switch"):
+        if name == "switch":
+            monkeypatch.setattr("guardrl.policy.FlowPolicy.old_equals_policy", lambda self: False)
+        capture = CaptureOutputs()
+        model = _fit(prompt_file, tmp_path / name, [capture])
+        runs[name] = ([o["rewards"] for o in capture.outputs],
+                      [p.detach().clone() for p in model.policy.trainable_parameters()])
+    (rewards_a, weights_a), (rewards_b, weights_b) = runs["skip_switch"], runs["switch"]
+    assert len(rewards_a) == 2 and all(torch.equal(a, b) for a, b in zip(rewards_a, rewards_b))
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))

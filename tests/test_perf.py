@@ -174,6 +174,19 @@ def test_bf16_autocast_keeps_the_log_probability_math_in_float32(prompt_file, tm
     assert compute_dtype("32-true", torch.bfloat16) is torch.bfloat16
 
 
+def test_a_bfloat16_trajectory_keeps_the_first_updates_ratio_exactly_one(prompt_file, tmp_path):
+    capture = CaptureOutputs()
+    _fit(prompt_file, tmp_path, [capture], **{"--model.performance.trajectory_dtype": "bfloat16",
+                                              "--model.max_iterations": "1"})
+    (outputs,) = capture.outputs
+    assert len(outputs["step_stats"]) == 3  # steps 0-2 of 4 are SDE steps here
+    for stats in outputs["step_stats"]:
+        first_update = stats.log_ratio[0]
+        assert first_update.dtype == torch.float32
+        assert torch.equal(first_update, torch.zeros_like(first_update))
+        assert torch.equal(stats.raw_log_ratio[0], torch.zeros_like(first_update))
+
+
 def test_a_run_with_offloaded_text_encoders_and_vae_trains_the_same_weights(prompt_file, tmp_path):
     results = {}
     for flag in ("false", "true"):

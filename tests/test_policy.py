@@ -66,6 +66,16 @@ def test_old_snapshot_lags_until_synced(lora_policy):
         assert torch.equal(p, lora_policy.named_weight_set("policy")[name])
 
 
+def test_old_equals_policy_only_while_the_snapshot_is_in_sync(lora_policy):
+    assert lora_policy.old_equals_policy()  # built: both adapters are the same initial LoRA
+    _perturb_policy(lora_policy)
+    assert not lora_policy.old_equals_policy()
+    lora_policy.sync_old()
+    assert lora_policy.old_equals_policy()
+    next(iter(lora_policy.named_weight_set("policy").values())).data.view(-1)[0] += 1e-7
+    assert not lora_policy.old_equals_policy()
+
+
 def test_ema_update_is_the_exponential_average(lora_policy):
     ema = {n: p.clone() for n, p in lora_policy.named_weight_set("ema").items()}
     _perturb_policy(lora_policy, 1.0)

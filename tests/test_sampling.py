@@ -381,6 +381,33 @@ def test_rollout_chain_is_consistent_and_noise_comes_from_the_generator():
         torch.testing.assert_close(traj.log_prob_old_BT[:, j].double(), closed, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rollout_stored_in_half_precision_holds_exactly_what_was_sampled(dtype):
+    x0 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(100))
+    traj = sample_rollouts(MinusX(), x0, SIGMAS, torch.tensor([0.0, 0.5, 0.6, 0.8], dtype=torch.float64), "mean",
+                           generator=torch.Generator().manual_seed(7), storage_dtype=dtype)
+    assert traj.latents_BTCHW.dtype == traj.next_latents_BTCHW.dtype == dtype
+    assert traj.mean_old_BTCHW.dtype == traj.log_prob_old_BT.dtype == torch.float32
+    assert traj.latents_BTCHW.element_size() == 2  # half of float32's memory for x_t and x_next
+    # the chain is carried at that precision: step 0 (Euler) starts from x0 rounded, and its result is rounded
+    x0_r = x0.to(dtype).float()
+    assert torch.equal(traj.latents_BTCHW[:, 0].float(), ode_step(-x0_r, x0_r, torch.tensor(-0.25)).to(dtype).float())
+    eps_gen = torch.Generator().manual_seed(7)
+    for j in range(3):
+        x = traj.latents_BTCHW[:, j].float()
+        mu, std = step_mean_and_std(-x, x, traj.sigma_T[j], traj.sigma_next_T[j], traj.noise_scale_T[j])
+        # the update recomputes the same mean from the stored x_t: dmu = 0 on-policy
+        assert torch.equal(traj.mean_old_BTCHW[:, j], mu)
+        eps = torch.randn(B, C, H, W, generator=eps_gen)
+        # the stored x_next is the sample rounded, and the chain continues from exactly it
+        assert torch.equal(traj.next_latents_BTCHW[:, j], (mu + std.view(B, 1, 1, 1) * eps).to(dtype))
+        if j < 2:
+            assert torch.equal(traj.next_latents_BTCHW[:, j], traj.latents_BTCHW[:, j + 1])
+        # log p_old is of the rounded sample: recomputed from the stored tensors it is bitwise the same
+        recomputed = gaussian_log_prob(traj.next_latents_BTCHW[:, j].float(), traj.mean_old_BTCHW[:, j], std, "mean")
+        assert torch.equal(traj.log_prob_old_BT[:, j], recomputed)
+
+
 def test_rollout_final_latents_after_a_trailing_ode_step_and_sum_reduction():
     traj, _, _ = _rollout([0.5, 0.0, 0.7, 0.0], reduction="sum")
     assert traj.step_indices == [0, 2]

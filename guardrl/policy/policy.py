@@ -150,6 +150,19 @@ class FlowPolicy(nn.Module):
         self._copy_into("old")
 
     @torch.no_grad()
+    def old_equals_policy(self) -> bool:
+        """Whether the old-policy adapter holds exactly the policy's weights (true at every rollout when the
+        snapshot is synced each iteration, FlowGRPO's setting), so a rollout may run the policy adapter as it
+        is instead of switching adapters and back (peft walks every module for each switch). LoRA only, and
+        not under FSDP2 (shards would need a collective to agree); False otherwise."""
+        if self.lora is None:
+            return False
+        policy, old = self.named_weight_set("policy"), self.named_weight_set("old")
+        if any(hasattr(p, "full_tensor") for p in policy.values()):
+            return False
+        return policy.keys() == old.keys() and all(torch.equal(old[name], p) for name, p in policy.items())
+
+    @torch.no_grad()
     def update_ema(self) -> None:
         """ema <- decay * ema + (1 - decay) * policy."""
         if self.ema_decay is None:

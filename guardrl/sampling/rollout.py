@@ -24,6 +24,7 @@ def sample_rollouts(
     noise_scales_S: torch.Tensor,
     log_prob_reduction: str = "mean",
     generator: torch.Generator | None = None,
+    storage_dtype: torch.dtype = torch.float32,
 ) -> Trajectory:
     """Sample B trajectories and store x_t, x_next, mu_old, log p_old, t, dt and s for every SDE step.
 
@@ -33,6 +34,12 @@ def sample_rollouts(
         sigmas_S1: (S + 1,) decreasing sigmas ending at 0.
         noise_scales_S: (S,) sigma_k per step; steps with sigma_k = 0 are deterministic and not stored.
         generator: source of the SDE noise eps (seed it per iteration for reproducible rollouts).
+        storage_dtype: dtype of the stored x_t and x_next (performance.trajectory_dtype). Below float32 the
+            chain itself is carried at that precision (each x rounded to it, as diffusers pipelines carry
+            latents in the model dtype) and every log-probability is of the rounded sample, so the stored
+            trajectory is exactly what was sampled and the on-policy ratio stays exactly 1. The math runs in
+            float32; the step means and log-probabilities are stored in float32 (the update's dmu =
+            mu_old - mu_theta must be exactly 0 on-policy).
     """
     num_steps = len(sigmas_S1) - 1
     if len(noise_scales_S) != num_steps:
@@ -40,13 +47,15 @@ def sample_rollouts(
             f"noise_scales_S has {len(noise_scales_S)} entries but there are {num_steps} sampler steps "
             f"(len(sigmas_S1) - 1): it must have one per step"
         )
-    latents = initial_noise.float()
+    rounding = None if storage_dtype == torch.float32 else storage_dtype
+    latents = initial_noise.float() if rounding is None else initial_noise.to(rounding).float()
     stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")}
     for k in range(num_steps):
         t, t_next = float(sigmas_S1[k]), float(sigmas_S1[k + 1])
         velocity = velocity_fn(latents, t, k).float()
         out = sde_step(
-            velocity, latents, t, t_next, float(noise_scales_S[k]), log_prob_reduction, generator=generator
+            velocity, latents, t, t_next, float(noise_scales_S[k]), log_prob_reduction, generator=generator,
+            sample_dtype=rounding,
         )
         if out.log_prob is not None:
             for key, value in (
@@ -57,16 +66,16 @@ def sample_rollouts(
                 stored[key].append(value)
         latents = out.next_latents
 
-    def stack(key: str) -> torch.Tensor:
+    def stack(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not stored[key]:
-            return latents.new_zeros((latents.shape[0], 0, *latents.shape[1:]))
-        return torch.stack(stored[key], dim=1)
+            return latents.new_zeros((latents.shape[0], 0, *latents.shape[1:]), dtype=dtype)
+        return torch.stack(stored[key], dim=1).to(dtype)  # exact: the values are representable in dtype
 
     device = latents.device
     return Trajectory(
         step_indices=stored["idx"],
-        latents_BTCHW=stack("x"),
-        next_latents_BTCHW=stack("x_next"),
+        latents_BTCHW=stack("x", storage_dtype),
+        next_latents_BTCHW=stack("x_next", storage_dtype),
         mean_old_BTCHW=stack("mu"),
         log_prob_old_BT=(
             torch.stack(stored["logp"], dim=1) if stored["logp"] else latents.new_zeros((latents.shape[0], 0))

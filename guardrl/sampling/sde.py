@@ -120,6 +120,7 @@ def sde_step(
     reduction: str = "mean",
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    sample_dtype: torch.dtype | None = None,
 ) -> StepOutput:
     """One stochastic step x_t -> x_next with its log-probability.
 
@@ -129,14 +130,19 @@ def sde_step(
         t, t_next: sigmas of the step (scalars or (B,)).
         noise_scale: sigma_k; 0 gives the Euler step and no log-probability.
         noise: eps, if given (tests); otherwise drawn from `generator`.
+        sample_dtype: round x_next to this dtype (kept in x's dtype) BEFORE its log-probability, so that a
+            trajectory stored in that dtype holds exactly the sample the log-probability is of.
     """
     mean, std = step_mean_and_std(velocity, x, t, t_next, noise_scale)
     if bool((std == 0).all()):
-        return StepOutput(next_latents=mean, mean=mean, std=std, log_prob=None)
+        next_latents = mean if sample_dtype is None else mean.to(sample_dtype).to(x.dtype)
+        return StepOutput(next_latents=next_latents, mean=mean, std=std, log_prob=None)
     if noise is None:
         device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
     next_latents = mean + _per_sample(std, x) * noise
+    if sample_dtype is not None:
+        next_latents = next_latents.to(sample_dtype).to(x.dtype)
     return StepOutput(
         next_latents=next_latents,
         mean=mean,
