@@ -15,13 +15,13 @@ guardrl/rewards/clip_rewards.py). Both models load eagerly in the constructor, f
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from guardrl.rewards.base import Reward
+from guardrl.rewards.weights import load_state_dict_file
 from guardrl.rewards.clip_rewards import _features, clip_preprocess, freeze, resolve_dtype, to_pil_images
 
 
@@ -41,21 +41,6 @@ class AestheticMLP(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.layers(embeddings)
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .pth/.pt/.bin read with `torch.load(weights_only=True)`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights file at {path!r} (expected a .pth or .safetensors state dict)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
 
 
 class LaionAesthetic(Reward):

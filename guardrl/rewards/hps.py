@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from guardrl.rewards.base import Reward
 from guardrl.rewards.clip_rewards import freeze, quantize_uint8, resolve_dtype, to_pil_images
+from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -362,11 +363,6 @@ def build_model(cfg: dict):
         return CLIPModel(config)
 
 
-def _few(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
-
-
 # ---------------------------------------------------------------------------------------------- the reward
 
 
@@ -426,7 +422,7 @@ class HPSv21(Reward):
             if os.path.isfile(path):
                 return path
             raise self._error(f"checkpoint={checkpoint!r} is a directory without {CHECKPOINT_NAME} "
-                              f"(it holds: {_few(os.listdir(checkpoint)) or 'nothing'})")
+                              f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})")
         looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
                            or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
         if looks_like_path:
@@ -477,23 +473,13 @@ class HPSv21(Reward):
         return tok
 
     def _load(self, path: str, model) -> None:
-        from guardrl.rewards.aesthetic import load_state_dict_file
-
-        try:
-            state = load_state_dict_file(path)  # unwraps {"state_dict": ...}
-        except Exception as e:
-            raise self._error(f"checkpoint={path!r} could not be read as a state dict "
-                              f"({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise self._error(f"checkpoint={path!r} is not a state dict of tensors")
+        state = read_tensor_state(path, self._error)
         state = strip_module_prefix(state)
         missing, unexpected, shapes = layout_mismatches(state, open_clip_layout(self.model_config))
         if missing or unexpected or shapes:
             raise self._error(
                 f"checkpoint={path!r} does not match the open_clip CLIP architecture of model_config: "
-                + (f"{len(missing)} missing keys: {_few(missing)}; " if missing else "")
-                + (f"{len(unexpected)} unexpected keys: {_few(unexpected)}; " if unexpected else "")
-                + (f"{len(shapes)} tensors of other shapes: {_few(shapes, 3)}; " if shapes else "")
+                + describe_mismatch(missing, unexpected, shapes)
                 + "expected open_clip's key names (visual.*, transformer.resblocks.*, "
                 "token_embedding.weight, ...) as HPS_v2.1_compressed.pt holds them")
         converted, unknown = convert_state_dict(state)
@@ -504,7 +490,7 @@ class HPSv21(Reward):
             module.position_ids = torch.arange(module.position_embedding.num_embeddings).expand((1, -1))
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:  # a transformers version with other buffers: fail here, not at the first call
-            raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {_few(left)}")
+            raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {few(left)}")
 
     # ------------------------------------------------------------------ scoring
 

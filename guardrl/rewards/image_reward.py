@@ -57,10 +57,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from guardrl.rewards.aesthetic import AestheticMLP, load_state_dict_file
+from guardrl.rewards.aesthetic import AestheticMLP
 from guardrl.rewards.base import Reward
 from guardrl.rewards.clip_rewards import clip_preprocess, freeze, resolve_dtype, to_pil_images
 from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state
 
 IMAGE_REWARD_MEAN = 0.16717362830052426  # ImageReward.py: self.mean
 IMAGE_REWARD_STD = 1.0333394966054072  # ImageReward.py: self.std
@@ -162,11 +163,6 @@ def _original_name(part: str, name: str) -> str:
         if re.match(pattern, name):
             return "blip.visual_encoder." + re.sub(pattern, replacement, name)
     return "blip.visual_encoder." + name
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
 def build_modules(med: dict, vit: dict, bos_token_id: int | None = None, sep_token_id: int | None = None):
@@ -319,7 +315,7 @@ class ImageReward(Reward):
                     beside = os.path.join(checkpoint, "med_config.json")
                     return os.path.join(checkpoint, name), beside if os.path.isfile(beside) else None
             raise self._error(f"checkpoint={checkpoint!r} is a directory without {' or '.join(CHECKPOINT_NAMES)} "
-                              f"(it holds: {_few(os.listdir(checkpoint)) or 'nothing'})")
+                              f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})")
         # a hub id is "name" or "owner/name"; anything else that does not exist is a wrong path
         looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
                            or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
@@ -400,21 +396,13 @@ class ImageReward(Reward):
         return tok
 
     def _load(self, path: str, vision, text, mlp) -> None:
-        try:
-            state = load_state_dict_file(path)
-        except Exception as e:
-            raise self._error(f"checkpoint={path!r} could not be read as a state dict ({type(e).__name__}: {e})"
-                              ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise self._error(f"checkpoint={path!r} is not a state dict of tensors")
+        state = read_tensor_state(path, self._error)
         parts = convert_state_dict(state)
         missing, unexpected, shapes = state_dict_mismatches(parts, vision, text, mlp)
         if missing or unexpected or shapes:
             raise self._error(
                 f"checkpoint={path!r} does not match the ImageReward architecture: "
-                + (f"{len(missing)} missing keys: {_few(missing)}; " if missing else "")
-                + (f"{len(unexpected)} unexpected keys: {_few(unexpected)}; " if unexpected else "")
-                + (f"{len(shapes)} tensors of other shapes: {_few(shapes, 3)}; " if shapes else "")
+                + describe_mismatch(missing, unexpected, shapes)
                 + "expected the original key names (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) "
                 "of the released ImageReward.pt, with med_config and vision_config giving its sizes")
         vision.load_state_dict({k: v.float() for k, v in parts[0].items()}, strict=True, assign=True)
@@ -426,7 +414,7 @@ class ImageReward(Reward):
         left = [n for n, t in [*vision.named_parameters(), *vision.named_buffers(), *text.named_parameters(),
                                *text.named_buffers()] if t.is_meta]
         if left:  # a transformers version with other buffers: fail here, not with meta tensors at the first call
-            raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {_few(left)}")
+            raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {few(left)}")
 
     # ------------------------------------------------------------------ scoring
 
