@@ -294,6 +294,14 @@ def test_mask2former_detector_loads_a_saved_model_and_returns_detections_at_imag
         Mask2FormerDetector(tiny_geneval["m2f"], max_per_image=0)
 
 
+def test_the_detector_without_scipy_says_how_to_install_it(tiny_geneval, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)  # as if scipy were not installed
+    with pytest.raises(ImportError, match=r"needs scipy.*pip install 'guardrl\[geneval\]'"):
+        Mask2FormerDetector(tiny_geneval["m2f"])
+
+
 def test_color_classifier_uses_genevals_three_templates_averaged(tiny_geneval):
     from transformers import CLIPModel, CLIPProcessor
 

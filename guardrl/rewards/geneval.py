@@ -108,6 +108,11 @@ class Mask2FormerDetector(torch.nn.Module):
         super().__init__()
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
+        try:
+            import scipy  # noqa: F401 - transformers builds Mask2Former's (training) loss with it
+        except ImportError:
+            raise ImportError("Mask2FormerDetector (GenEval's detector) needs scipy, which transformers' "
+                              "Mask2Former requires: pip install 'guardrl[geneval]' (or pip install scipy)") from None
         if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
             raise ValueError(f"Mask2FormerDetector: max_per_image={max_per_image!r} must be an int >= 1")
         self.max_per_image = max_per_image
