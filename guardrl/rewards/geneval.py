@@ -109,7 +109,9 @@ class Mask2FormerDetector(torch.nn.Module):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         try:
-            import scipy  # noqa: F401 - transformers builds Mask2Former's (training) loss with it
+            import scipy  # transformers builds Mask2Former's (training) loss with it
+
+            del scipy
         except ImportError:
             raise ImportError("Mask2FormerDetector (GenEval's detector) needs scipy, which transformers' "
                               "Mask2Former requires: pip install 'guardrl[geneval]' (or pip install scipy)") from None
