@@ -77,8 +77,10 @@ def rollout_vs_pipeline(repeats: int) -> dict[str, float]:
     latents = guardrl_rollout()
     stock_pipeline()  # warm-up (guardrl's rollout warmed up above)
     ours_times, stock_times = [], []
-    for _ in range(repeats):  # alternately, so that load on the machine hits both alike
-        for fn, times in ((guardrl_rollout, ours_times), (stock_pipeline, stock_times)):
+    for r in range(repeats):  # alternately, so that load on the machine hits both alike, in ABBA order, so
+        # that any bias of running first or second in a pair cancels
+        pair = ((guardrl_rollout, ours_times), (stock_pipeline, stock_times))
+        for fn, times in (pair if r % 2 == 0 else pair[::-1]):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
