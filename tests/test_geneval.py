@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guardrl.rewards import GenEval
+from guardrl.rewards import GenEval, RewardError
 from guardrl.rewards.geneval import (
     COLOR_TEMPLATES,
     ClipColorClassifier,
@@ -379,3 +379,26 @@ def test_geneval_loads_through_the_reward_server_loader(tiny_geneval):
     assert isinstance(reward.detector, Mask2FormerDetector) and reward.detector.max_per_image == 3
     assert isinstance(reward.color_classifier, ClipColorClassifier)
     assert set(reward(torch.rand(1, 3, 32, 32), [RED_CAR["prompt"]]).tolist()) <= {0.0, 1.0}
+
+
+def test_geneval_served_by_the_reward_server_scores_as_it_does_in_process(tiny_geneval):
+    # what the GenEval recipes do: the reward server hosts GenEval, RemoteReward sends prompts and uint8 images
+    from guardrl.rewards.remote import RemoteReward, images_to_uint8
+    from tests.test_reward_server import _free_port, _kill, _start_server
+
+    init_args = {"metadata": tiny_geneval["metadata"], "detector": tiny_geneval["m2f"],
+                 "color_classifier": tiny_geneval["clip"], "threshold": 0.0, "counting_threshold": 0.0}
+    port = _free_port()
+    process = _start_server("guardrl.rewards.GenEval", init_args, port)
+    try:
+        images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+        prompts = [COUNT3["prompt"], RED_CAR["prompt"], DOG_LEFT_OF_CAT["prompt"]]
+        served = RemoteReward(f"http://127.0.0.1:{port}", name="geneval", max_attempts=1)(images, prompts)
+        quantised = torch.from_numpy(images_to_uint8(images)).permute(0, 3, 1, 2).float() / 255
+        local = GenEval(**init_args)(quantised, prompts)
+        torch.testing.assert_close(served, local, rtol=0, atol=1e-6)
+        # the server's error reaches the trainer, at once (a wrong request is not retried)
+        with pytest.raises(RewardError, match=r"refused the request \(422\).*'a unicorn' is not in metadata"):
+            RemoteReward(f"http://127.0.0.1:{port}", name="geneval", max_attempts=3)(images[:1], ["a unicorn"])
+    finally:
+        _kill(process)

@@ -108,7 +108,8 @@ class RemoteReward(Reward):
                     # The request itself is wrong: retrying cannot help.
                     raise RewardError(f"reward server {self.url} refused the request ({response.status_code}): "
                                       f"{response.text[:300]}")
-                response.raise_for_status()
+                if response.status_code >= 400:  # a server error (5xx): retried; its body says what happened
+                    raise RuntimeError(f"HTTP {response.status_code} from {self.url}/predict: {response.text[:300]}")
                 return _parse_scores(response, len(prompts), self.url).to(images.device)
             except RewardError:
                 raise

@@ -81,7 +81,13 @@ class RewardAPI(ls.LitAPI):
 
     def predict(self, inputs):
         images, prompts = inputs[0], inputs[1]
-        scores = self.reward(images.to(self.device_), prompts).cpu()
+        try:
+            scores = self.reward(images.to(self.device_), prompts).cpu()
+        except ValueError as e:
+            # guardrl rewards raise ValueError for input they cannot score (a prompt a GenEval metadata file
+            # lacks, a prompt without a quote for OCR): the client's request is wrong, retrying cannot help,
+            # and the message must reach the trainer rather than a bare 500.
+            raise HTTPException(422, f"{type(e).__name__}: {e}") from None
         return (scores, inputs[2]) if len(inputs) == 3 else scores
 
     def unbatch(self, output):
