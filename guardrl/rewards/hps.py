@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from guardrl.rewards.base import Reward
 from guardrl.rewards.clip_rewards import freeze, quantize_uint8, resolve_dtype, to_pil_images
-from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state
+from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state, resolve_weights_file
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -396,7 +396,7 @@ class HPSv21(Reward):
             raise self._error(f"resize={resize!r} must be 'longest_pad' or 'shortest_crop'")
         self.preprocess, self.resize = preprocess, resize
         self.dtype = resolve_dtype(torch_dtype)
-        self.checkpoint = self._resolve_checkpoint(checkpoint)
+        self.checkpoint = resolve_weights_file(checkpoint, (CHECKPOINT_NAME,), self._error)
         self.model_config = self._model_config(model_config, base)
         self.image_size = _image_size(self.model_config["vision_cfg"])
         self.context_length = int(self.model_config["text_cfg"]["context_length"])
@@ -409,32 +409,6 @@ class HPSv21(Reward):
 
     def _error(self, message: str) -> ValueError:
         return ValueError(f"reward {self.name!r}: {message}")
-
-    def _resolve_checkpoint(self, checkpoint) -> str:
-        if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
-            raise self._error(f"checkpoint={checkpoint!r} must be a path to {CHECKPOINT_NAME}, a directory "
-                              "holding it, or a hub id")
-        checkpoint = str(checkpoint)
-        if os.path.isfile(checkpoint):
-            return checkpoint
-        if os.path.isdir(checkpoint):
-            path = os.path.join(checkpoint, CHECKPOINT_NAME)
-            if os.path.isfile(path):
-                return path
-            raise self._error(f"checkpoint={checkpoint!r} is a directory without {CHECKPOINT_NAME} "
-                              f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})")
-        looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
-                           or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
-        if looks_like_path:
-            raise self._error(f"checkpoint={checkpoint!r}: no such file or directory")
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return hf_hub_download(checkpoint, CHECKPOINT_NAME)
-        except Exception as e:  # offline, unknown repo, missing file
-            raise self._error(f"checkpoint={checkpoint!r} is not a local file or directory, and "
-                              f"{CHECKPOINT_NAME} could not be fetched from the hub repo of that name "
-                              f"({type(e).__name__}: {e})") from None
 
     def _model_config(self, model_config, base) -> dict:
         source = model_config

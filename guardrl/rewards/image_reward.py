@@ -61,7 +61,7 @@ from guardrl.rewards.aesthetic import AestheticMLP
 from guardrl.rewards.base import Reward
 from guardrl.rewards.clip_rewards import clip_preprocess, freeze, resolve_dtype, to_pil_images
 from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state
+from guardrl.rewards.weights import describe_mismatch, few, read_tensor_state, resolve_weights_file
 
 IMAGE_REWARD_MEAN = 0.16717362830052426  # ImageReward.py: self.mean
 IMAGE_REWARD_STD = 1.0333394966054072  # ImageReward.py: self.std
@@ -302,38 +302,16 @@ class ImageReward(Reward):
 
     def _resolve_checkpoint(self, checkpoint: str) -> tuple[str, str | None]:
         """-> (weights file, med_config.json beside it or None)."""
-        if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
-            raise self._error(f"checkpoint={checkpoint!r} must be a path to ImageReward.pt, a directory holding "
-                              "it, or a hub id")
-        checkpoint = str(checkpoint)
-        if os.path.isfile(checkpoint):
-            beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "med_config.json")
-            return checkpoint, beside if os.path.isfile(beside) else None
-        if os.path.isdir(checkpoint):
-            for name in CHECKPOINT_NAMES:
-                if os.path.isfile(os.path.join(checkpoint, name)):
-                    beside = os.path.join(checkpoint, "med_config.json")
-                    return os.path.join(checkpoint, name), beside if os.path.isfile(beside) else None
-            raise self._error(f"checkpoint={checkpoint!r} is a directory without {' or '.join(CHECKPOINT_NAMES)} "
-                              f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})")
-        # a hub id is "name" or "owner/name"; anything else that does not exist is a wrong path
-        looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
-                           or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
-        if looks_like_path:
-            raise self._error(f"checkpoint={checkpoint!r}: no such file or directory")
-        try:
+        path = resolve_weights_file(checkpoint, CHECKPOINT_NAMES, self._error)
+        if os.path.exists(str(checkpoint)):  # a local file or directory
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), "med_config.json")
+            return path, beside if os.path.isfile(beside) else None
+        try:  # a hub id: its repo's med_config.json, if it has one
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(checkpoint, CHECKPOINT_NAMES[0])
-        except Exception as e:  # offline, unknown repo, missing file: say which option and what was tried
-            raise self._error(f"checkpoint={checkpoint!r} is not a local file or directory, and "
-                              f"{CHECKPOINT_NAMES[0]} could not be fetched from the hub repo of that name "
-                              f"({type(e).__name__}: {e})") from None
-        try:
-            med = hf_hub_download(checkpoint, "med_config.json")
+            return path, hf_hub_download(str(checkpoint), "med_config.json")
         except Exception:
-            med = None
-        return path, med
+            return path, None
 
     def _med_config(self, med_config) -> dict:
         if med_config is None:
