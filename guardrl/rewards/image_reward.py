@@ -313,17 +313,22 @@ class ImageReward(Reward):
         except Exception:
             return path, None
 
+    def _config_dict(self, option: str, value, default: dict, allowed: str) -> dict:
+        """A config option given as None (a copy of `default`), a dict, or a path to a JSON file."""
+        if value is None:
+            return dict(default)
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+            with open(value) as f:
+                return json.load(f)
+        raise self._error(f"{option}={value!r} must be {allowed}")
+
     def _med_config(self, med_config) -> dict:
-        if med_config is None:
-            config = dict(RELEASED_MED_CONFIG)
-        elif isinstance(med_config, dict):
-            config = dict(med_config)
-        elif isinstance(med_config, (str, os.PathLike)) and os.path.isfile(med_config):
-            with open(med_config) as f:
-                config = json.load(f)
-        else:
-            raise self._error(f"med_config={med_config!r} must be a path to a med_config.json file, a dict, or "
-                              "None (the med_config.json beside the checkpoint, else the released BERT-base)")
+        config = self._config_dict(
+            "med_config", med_config, RELEASED_MED_CONFIG,
+            "a path to a med_config.json file, a dict, or None (the med_config.json beside the checkpoint, else "
+            "the released BERT-base)")
         required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings"]
         missing = [k for k in required if k not in config]
@@ -339,16 +344,8 @@ class ImageReward(Reward):
         return config
 
     def _vision_config(self, vision_config) -> dict:
-        if vision_config is None:
-            config = dict(VIT_LARGE)
-        elif isinstance(vision_config, dict):
-            config = dict(vision_config)
-        elif isinstance(vision_config, (str, os.PathLike)) and os.path.isfile(vision_config):
-            with open(vision_config) as f:
-                config = json.load(f)
-        else:
-            raise self._error(f"vision_config={vision_config!r} must be a path to a JSON file, a dict, or None "
-                              "(ViT-L/16 at 224 px, the released model's)")
+        config = self._config_dict("vision_config", vision_config, VIT_LARGE,
+                                   "a path to a JSON file, a dict, or None (ViT-L/16 at 224 px, the released model's)")
         unknown = sorted(set(config) - set(VIT_LARGE))
         if unknown:
             raise self._error(f"vision_config has unknown keys {unknown}; allowed: {sorted(VIT_LARGE)}")
