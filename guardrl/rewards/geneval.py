@@ -75,14 +75,11 @@ def instance_detections(class_logits: torch.Tensor, mask_logits: torch.Tensor, i
     probs = class_logits.float().softmax(-1)[:, :-1]
     num_classes = probs.shape[1]
     top_scores, top = probs.flatten().topk(min(max_per_image, probs.numel()), sorted=True)
-    detections = []
-    for score, index in zip(top_scores.tolist(), top.tolist()):
-        logits = masks[index // num_classes]
-        binary = logits > 0
-        inside = binary.sum()
-        mask_score = float((logits.sigmoid() * binary).sum() / (inside + 1e-6))
-        detections.append((index % num_classes, score * mask_score, binary))
-    return detections
+    # Per query, once (a query can be picked for several classes): its binary mask and mean probability inside.
+    binary = masks > 0
+    mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    return [(index % num_classes, score * float(mask_scores[index // num_classes]), binary[index // num_classes])
+            for score, index in zip(top_scores.tolist(), top.tolist())]
 
 
 def geneval_label_names(id2label: dict) -> list[str]:
