@@ -22,6 +22,7 @@ from torch import nn
 
 from guardrl.policy.backbones import FlowBackbone
 from guardrl.policy.lora import LoraSpec
+from guardrl.sharding import is_sharded
 
 WEIGHT_SETS = ("policy", "old", "reference", "ema")
 _ADAPTER_OF = {"policy": "default", "old": "old", "ema": "ema"}
@@ -158,7 +159,7 @@ class FlowPolicy(nn.Module):
         if self.lora is None:
             return False
         policy, old = self.named_weight_set("policy"), self.named_weight_set("old")
-        if any(hasattr(p, "full_tensor") for p in policy.values()):
+        if any(is_sharded(p) for p in policy.values()):
             return False
         return policy.keys() == old.keys() and all(torch.equal(old[name], p) for name, p in policy.items())
 
