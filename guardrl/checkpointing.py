@@ -45,10 +45,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     # Makes the rename itself durable (POSIX); not possible on every platform.
     try:
         fd = os.open(directory, os.O_RDONLY)

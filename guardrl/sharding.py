@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from guardrl.checkpointing import _fsync_directory
+from guardrl.checkpointing import fsync_directory
 
 # Lightning's names in a distributed checkpoint: the module's state under "state_dict", the rest in meta.pt.
 MODEL_KEY = "state_dict"
@@ -184,14 +184,14 @@ def swap_in(writing: Path, path: Path) -> None:
     """
     fsync_tree(writing)
     if os.path.lexists(path) and exchange_paths(writing, path):
-        _fsync_directory(str(path.parent))
+        fsync_directory(str(path.parent))
         remove_path(writing)  # now the old checkpoint
         return
     previous = previous_path(path)
     if os.path.lexists(path):
         os.rename(path, previous)
     os.rename(writing, path)
-    _fsync_directory(str(path.parent))  # both renames on disk before the old copy goes
+    fsync_directory(str(path.parent))  # both renames on disk before the old copy goes
     remove_path(previous)
 
 
@@ -233,7 +233,7 @@ def restore_interrupted_swap(path) -> None:
         os.rename(previous, path)
     except FileNotFoundError:  # another process restored it first
         return
-    _fsync_directory(str(path.parent))
+    fsync_directory(str(path.parent))
 
 
 def fsync_tree(directory: Path) -> None:
@@ -243,7 +243,7 @@ def fsync_tree(directory: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_directory(root)
+        fsync_directory(root)
 
 
 def remove_path(path: Path) -> None:
