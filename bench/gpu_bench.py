@@ -1,60 +1,74 @@
-"""Rollout and update throughput of random-weight transformers with the real SD3.5-Medium and FLUX.1-dev shapes,
-and their model FLOP utilisation against this device's measured matmul ceiling (issue 4; docs/benchmarks.md).
+"""Throughput, memory and model FLOP utilisation at the real SD3.5-Medium and FLUX.1-dev shapes, random weights
+(issue 4; docs/benchmarks.md), against this device's measured matmul ceiling.
 
     python bench/gpu_bench.py                          # a GPU: full shapes at 512 px, bf16
     python bench/gpu_bench.py --small                  # any machine: the same code on shrunken shapes (CPU: float32)
     python bench/gpu_bench.py --count-only             # any machine: full-shape parameters and FLOPs per image,
                                                        # built on the meta device (no memory, no compute)
 
-No download: the transformers are built from their published configs with random weights (only the shapes
-matter for speed). Text encoders are not run: the prompt embeddings are random tensors of the real shapes
-(SD3: 77 CLIP + 256 T5 tokens of width 4096 and a 2048-wide pooled vector; Flux: 512 T5 tokens, 768 pooled),
-as a run with a warm prompt cache sees them. Per model the script prints:
+No download: the transformers and VAEs are built from their published configs with random weights
+(`guardrl.policy.random_weights`; only the shapes matter for speed). Text encoders are not run: the prompt
+embeddings are random tensors of the real shapes (SD3: 77 CLIP + 256 T5 tokens of width 4096 and a 2048-wide
+pooled vector; Flux: 512 T5 tokens, 768 pooled), as a run with a warm prompt cache sees them. Per model:
 
-- the matmul ceiling: FLOP/s of a large square matmul in the compute dtype (what MFU is measured against);
-- rollout: `--steps` sampler steps of `--batch` images (SD3 with and without CFG, which doubles the batch in
-  one forward; Flux-dev has guidance as an embedding, one forward), images/s and MFU;
-- update: one LoRA (rank `--lora-rank`) forward + backward + AdamW step on `--minibatch` images at one
-  timestep, seconds and MFU;
-- peak device memory (CUDA) or peak RSS (CPU).
+1. The bare transformer, the upper bound of what any trainer can reach:
+   - rollout: `--steps` forwards of `--batch` images (SD3 with and without CFG, which doubles the batch in one
+     forward; Flux-dev has guidance as an embedding, one forward), images/s and MFU;
+   - update: one forward + backward + AdamW step on `--minibatch` images at one timestep, seconds and MFU;
+   both with the recipe's LoRA adapters (a LoRA policy's rollouts run them too; configs/<model>/
+   grpo_guard_pickscore.yaml: SD3.5-M rank 32, Flux rank 64, attention projections of both streams) and
+   under bf16 autocast with float32 adapters, as guardrl runs them.
+2. A real GRPO iteration through guardrl (`guardrl fit` in this process, `--iterations` timed after the first,
+   which counts FLOPs): the model's GRPO-Guard recipe (configs/<model>/grpo_guard_pickscore.yaml: sampler, CFG,
+   LoRA rank and targets, all SDE steps trained) on the random-weight backbone, with `--batch` images per
+   iteration in groups of `--group-size`, `--steps` sampler steps, minibatches of `--minibatch`, one optimizer
+   step per iteration, and the JPEG-compressibility reward (no weights; PickScore's 0.4B-parameter CLIP would
+   add its own time). Per phase (rollout, decode, reward, update, the whole iteration): seconds, TFLOP and
+   MFU from the run's own logged time/* and flops/* metrics; the rollout's time against the bare rollout of
+   the same images (guardrl's overhead), and the MFU the run itself logs (throughput/iteration/mfu).
 
+The matmul ceiling is the FLOP/s of a large square matmul in the compute dtype (what MFU is measured against).
 FLOPs are counted exactly by guardrl.perf.FlopCounter (matmuls and attention, forward and backward), the same
-count the training logs use. Times are medians of `--repeats` after a warm-up.
+count the training logs use. Times are medians (bare: `--repeats` after a warm-up). Peak memory is CUDA's
+max_memory_allocated (the CPU: the process's peak RSS). A model or section that runs out of device memory
+prints "out of memory" and the script goes on (rerun it with a smaller --minibatch or --gradient-checkpointing).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
+import yaml
 
 from guardrl.perf import FlopCounter
 from guardrl.policy import LoraSpec
+from guardrl.policy.random_weights import SD3_CLIP_TOKENS, build_transformer, transformer_config
 
-# Published transformer configs (diffusers' config.json of each model's "transformer" folder).
-SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-# --small: the same architectures with few, narrow layers, so the script runs anywhere in seconds.
-SMALL = {
-    "sd35m": dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
-                  joint_attention_dim=64, pooled_projection_dim=32, dual_attention_layers=(0,)),
-    "flux": dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
-                 joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
-}
-TEXT_TOKENS = {"sd35m": 77 + 256, "flux": 512}
 VAE_FACTOR, LATENT_CHANNELS = 8, 16
+MAX_SEQUENCE_LENGTH = {"sd35m": 256, "flux": 512}  # T5 tokens per prompt in the recipes
+SMALL_MAX_SEQUENCE_LENGTH = 16  # --small
+BACKBONES = {"sd35m": "guardrl.policy.RandomSD35MediumBackbone", "flux": "guardrl.policy.RandomFluxDevBackbone"}
+RECIPES = {"sd35m": "configs/sd35m/grpo_guard_pickscore.yaml", "flux": "configs/flux/grpo_guard_pickscore.yaml"}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def max_sequence_length(kind: str, small: bool) -> int:
+    return SMALL_MAX_SEQUENCE_LENGTH if small else MAX_SEQUENCE_LENGTH[kind]
+
+
+def text_tokens(kind: str, small: bool) -> int:
+    """Prompt-embedding tokens of one prompt: SD3 puts 77 CLIP tokens before the T5 ones; Flux has T5 only."""
+    t5_tokens = max_sequence_length(kind, small)
+    return SD3_CLIP_TOKENS + t5_tokens if kind == "sd35m" else t5_tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -82,23 +96,18 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, repeats:
 
 
 def build(kind: str, small: bool, device: torch.device, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    config = dict(SD35_MEDIUM if kind == "sd35m" else FLUX_DEV)
-    if small:
-        config.update(SMALL[kind])
-    cls = SD3Transformer2DModel if kind == "sd35m" else FluxTransformer2DModel
-    torch.manual_seed(0)
-    transformer = cls(**config).to(device=device, dtype=dtype).eval()
+    """The random-weight transformer, built on `device` in `dtype` (guardrl.policy.random_weights)."""
+    with device:
+        transformer = build_transformer(kind, small, dtype).eval()
     transformer.requires_grad_(False)
-    return transformer, config
+    return transformer, transformer_config(kind, small)
 
 
-def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, text_tokens: int):
+def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, tokens: int):
     """Random latents, prompt embeddings and (Flux) position ids of the real shapes; returns forward kwargs."""
     latent = resolution // VAE_FACTOR
     width, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
-    text = torch.randn(batch, text_tokens, width, device=device, dtype=dtype)
+    text = torch.randn(batch, tokens, width, device=device, dtype=dtype)
     pooled_embeds = torch.randn(batch, pooled, device=device, dtype=dtype)
     t = torch.full((batch,), 500.0, device=device, dtype=dtype)
     if kind == "sd35m":
@@ -111,7 +120,7 @@ def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, 
     img_ids[..., 1] = torch.arange(side, device=device)[:, None]
     img_ids[..., 2] = torch.arange(side, device=device)[None, :]
     return dict(hidden_states=x, timestep=t / 1000.0, encoder_hidden_states=text, pooled_projections=pooled_embeds,
-                txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype), img_ids=img_ids.reshape(-1, 3),
+                txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype), img_ids=img_ids.reshape(-1, 3),
                 guidance=torch.full((batch,), 3.5, device=device, dtype=dtype), return_dict=False)
 
 
@@ -127,9 +136,27 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def recipe_lora(kind: str) -> LoraSpec:
+    """The LoRA settings (rank, alpha, target modules) of the model's GRPO-Guard recipe."""
+    with open(os.path.join(REPO_ROOT, RECIPES[kind])) as f:
+        return LoraSpec(**yaml.safe_load(f)["model"]["lora"])
+
+
 def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
+    """The bare transformer with the recipe's LoRA adapters (rollouts of a LoRA policy run them too), under the
+    autocast a bf16-mixed run uses: rollouts (no grad) and one update step."""
     transformer, config = build(kind, args.small, device, dtype)
-    tokens = TEXT_TOKENS[kind] if not args.small else 16
+    lora = recipe_lora(kind)
+    # Adapters in float32 as guardrl keeps them; AdamW over the adapters only.
+    transformer.add_adapter(lora.to_peft_config())
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = text_tokens(kind, args.small)
     rows = []
     cfg_modes = (False, True) if kind == "sd35m" else (False,)
     for cfg in cfg_modes:
@@ -138,26 +165,20 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
 
         @torch.no_grad()
         def rollout():
-            for _ in range(args.steps):
-                transformer(**kwargs)
+            with autocast:
+                for _ in range(args.steps):
+                    transformer(**kwargs)
 
         seconds = _median_seconds(rollout, device, args.repeats)
         flops = flops_of(rollout)
         rows.append({
-            "model": kind, "phase": "rollout" + (" + CFG" if cfg else ""), "batch": args.batch,
+            "model": kind, "phase": "rollout" + (" + CFG" if cfg else ""), "cfg": cfg, "batch": args.batch,
             "seconds": seconds, "images_per_s": args.batch / seconds, "tflops": flops / 1e12,
             "mfu": flops / seconds / ceiling,
         })
-    # The LoRA update: adapters in float32 as guardrl keeps them, AdamW over the adapters only.
-    transformer.add_adapter(LoraSpec(rank=args.lora_rank, alpha=2 * args.lora_rank).to_peft_config())
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     kwargs = inputs(kind, config, args.minibatch, args.resolution, device, dtype, tokens)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def update():
         with autocast:
@@ -166,17 +187,14 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     seconds = _median_seconds(update, device, args.repeats)
     flops = flops_of(update)
     rows.append({
-        "model": kind, "phase": f"LoRA r{args.lora_rank} update", "batch": args.minibatch, "seconds": seconds,
-        "images_per_s": args.minibatch / seconds, "tflops": flops / 1e12, "mfu": flops / seconds / ceiling,
-        "peak_gib": peak_memory_gib(device),
+        "model": kind, "phase": f"update, one step (LoRA r{lora.rank})", "batch": args.minibatch,
+        "seconds": seconds, "images_per_s": args.minibatch / seconds, "tflops": flops / 1e12,
+        "mfu": flops / seconds / ceiling, "peak_gib": peak_memory_gib(device),
     })
-    rows[0]["parameters_m"] = sum(p.numel() for p in transformer.parameters() if not p.requires_grad) / 1e6
-    return rows  # the model is freed with this frame; main() empties the CUDA cache before the next
+    return rows  # the model is freed with this frame; _guarded empties the CUDA cache before the next
 
 
 def count_only(models: list[str], resolution: int) -> None:
@@ -188,23 +206,132 @@ def count_only(models: list[str], resolution: int) -> None:
     for kind in models:
         with meta:
             transformer, config = build(kind, False, meta, torch.bfloat16)
-        kwargs = inputs(kind, config, 1, resolution, meta, torch.bfloat16, TEXT_TOKENS[kind])
+        tokens = text_tokens(kind, small=False)
+        kwargs = inputs(kind, config, 1, resolution, meta, torch.bfloat16, tokens)
         with torch.no_grad():
             flops = flops_of(lambda: transformer(**kwargs))
         image_tokens = (resolution // VAE_FACTOR // 2) ** 2
         parameters = sum(p.numel() for p in transformer.parameters())
-        print(f"| {kind} | {parameters / 1e9:.3f} B | {flops / 1e12:.3f} | {image_tokens} | {TEXT_TOKENS[kind]} |")
+        print(f"| {kind} | {parameters / 1e9:.3f} B | {flops / 1e12:.3f} | {image_tokens} | {tokens} |")
 
 
-def main(argv=None) -> None:
+class _IterationMetrics:
+    """Collects the time/, flops/ and throughput/ metrics a GRPO iteration writes (guardrl.perf.PhaseMeter)."""
+
+    def __init__(self):
+        import lightning as L
+
+        collected = self.iterations = []
+
+        class Callback(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                collected.append({name: float(value) for name, value in trainer.callback_metrics.items()
+                                  if name.startswith(("time/", "flops/", "throughput/"))})
+
+        self.callback = Callback()
+
+
+def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
+    """`guardrl fit` of the model's GRPO-Guard recipe on the random-weight backbone, in this process; one row per
+    phase with the medians of the iterations after the first (which counts FLOPs and warms up)."""
+    from guardrl.cli import main as guardrl_main
+
+    tmp = tempfile.mkdtemp(prefix="guardrl-gpu-bench-")
+    prompt_file = os.path.join(tmp, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(f"benchmark prompt {i}" for i in range(256)) + "\n")
+    backbone = {"class_path": BACKBONES[kind], "init_args": {
+        "torch_dtype": str(dtype).replace("torch.", ""), "resolution": args.resolution,
+        "max_sequence_length": max_sequence_length(kind, args.small), "small": args.small}}
+    overrides = {
+        "--model.backbone": json.dumps(backbone),
+        # The recipe's reward is PickScore; its name would carry over to a class_path given alone.
+        "--model.rewards": json.dumps([{"class_path": "guardrl.rewards.JpegCompressibility",
+                                        "init_args": {"name": "jpeg_compressibility"}}]),
+        "--model.sampling.num_inference_steps": args.steps,
+        "--model.grpo.minibatch_size": args.minibatch,
+        "--model.grpo.gradient_accumulation_steps": args.batch // args.minibatch,  # one optimizer step
+        "--model.max_iterations": args.iterations + 1,
+        "--model.performance.peak_flops": ceiling,
+        "--model.performance.throughput_window": max(2, args.iterations),
+        "--model.performance.gradient_checkpointing": str(args.gradient_checkpointing).lower(),
+        "--data.train_prompts": prompt_file,
+        "--data.group_size": args.group_size,
+        "--data.prompts_per_batch": args.batch // args.group_size,
+        "--trainer.accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "--trainer.devices": 1, "--trainer.num_nodes": 1, "--trainer.strategy": "auto",
+        "--trainer.precision": "bf16-mixed" if dtype == torch.bfloat16 else "32-true",
+        "--trainer.logger": "false", "--trainer.enable_checkpointing": "false", "--trainer.default_root_dir": tmp,
+        "--trainer.enable_progress_bar": "false", "--trainer.enable_model_summary": "false",
+    }
+    argv = ["--config", os.path.join(REPO_ROOT, RECIPES[kind])]
+    for option, value in overrides.items():
+        argv += [option, str(value)]
+    cli = guardrl_main(argv, run=False)
+    metrics = _IterationMetrics()
+    cli.trainer.callbacks.append(metrics.callback)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    peak = peak_memory_gib(device)
+    measured = metrics.iterations[1:]
+    lora = cli.model.hparams.get("lora") or {}
+    trained_steps = len(cli.model.noise_scales.nonzero()) if cli.model.grpo.num_train_timesteps is None else (
+        cli.model.grpo.num_train_timesteps)
+    # grpo.track_kl (the default) adds a no-grad reference forward (adapters off) per trained step: train/kl.
+    kl = " + KL reference forwards" if cli.model.grpo.needs_reference else ""
+    names = {"update": f"update (LoRA r{lora.get('rank', '-')}, {args.batch // args.minibatch} minibatches x "
+                       f"{trained_steps} steps{kl})", "iteration": "whole iteration"}
+    rows = []
+    for phase in ("rollout", "decode", "reward", "update", "iteration"):
+        seconds = statistics.median(m[f"time/{phase}_s"] for m in measured)
+        flops = measured[-1]["flops/model" if phase == "iteration" else f"flops/{phase}"]
+        row = {"model": kind, "phase": names.get(phase, phase), "batch": args.batch, "seconds": seconds,
+               "images_per_s": args.batch / seconds,
+               "tflops": flops / 1e12, "mfu": flops / seconds / ceiling if flops else None}
+        rows.append(row)
+    rows[-1]["peak_gib"] = peak
+    rows[-1]["logged_mfu"] = measured[-1].get("throughput/iteration/mfu")
+    del cli
+    return rows
+
+
+def _print_rows(rows: list[dict], extra: str = "") -> None:
+    print("| model | phase | images | seconds | images/s | TFLOP | MFU | peak GiB |" + (f" {extra} |" if extra else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        line = (f"| {r['model']} | {r['phase']} | {r['batch']} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | "
+                f"{r['tflops']:.4g} | {mfu} | {peak} |")
+        print(line + (f" {r.get(extra, '')} |" if extra else ""))
+
+
+def _guarded(section: str, kind: str, fn):
+    """Run one section; out of device memory prints a line and the script goes on with the next."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        print(f"{kind} {section}: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        return []
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> tuple[list[dict], list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd35m,flux", help="comma-separated: sd35m, flux")
+    parser.add_argument("--sections", default="bare,iteration", help="comma-separated: bare, iteration")
     parser.add_argument("--small", action="store_true", help="shrunken shapes (automatic without CUDA)")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8, help="rollout images per forward (before CFG doubling)")
+    parser.add_argument("--batch", type=int, default=8, help="rollout images (before CFG doubling)")
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO iteration: images per prompt")
     parser.add_argument("--minibatch", type=int, default=4, help="images per LoRA update step")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per rollout")
-    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=3, help="GRPO iterations timed after the first")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="GRPO iteration: checkpoint blocks")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--count-only", action="store_true", help="full-shape parameters and FLOPs, meta device")
@@ -213,32 +340,58 @@ def main(argv=None) -> None:
     unknown = sorted(set(models) - {"sd35m", "flux"})
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; allowed: sd35m, flux")
+    sections = [m.strip() for m in args.sections.split(",") if m.strip()]
+    unknown = sorted(set(sections) - {"bare", "iteration"})
+    if unknown or not sections:
+        raise SystemExit(f"--sections: unknown {unknown or sections}; allowed: bare, iteration")
     if args.count_only:
         count_only(models, args.resolution)
-        return
+        return [], []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.small:
         print("no CUDA device: running the small shapes (--small)", file=sys.stderr)
         args.small = True
     if args.small and args.resolution == 512 and device.type == "cpu":
-        args.resolution, args.batch, args.minibatch, args.steps, args.matmul_size = 128, 2, 2, 4, 1024
+        args.resolution, args.batch, args.group_size, args.minibatch, args.steps, args.matmul_size = (
+            128, 4, 2, 2, 4, 1024)
+    for option, value in (("--batch", args.batch), ("--minibatch", args.minibatch), ("--group-size", args.group_size),
+                          ("--steps", args.steps), ("--iterations", args.iterations), ("--repeats", args.repeats)):
+        if value < 1:
+            raise SystemExit(f"{option}={value}: must be >= 1")
+    if args.batch % args.group_size or args.batch % args.minibatch:
+        raise SystemExit(f"--batch={args.batch} must be a multiple of --group-size={args.group_size} and of "
+                         f"--minibatch={args.minibatch}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceiling = matmul_ceiling(device, dtype, args.matmul_size, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, {torch.get_num_threads()} threads, dtype {str(dtype).replace('torch.', '')}, "
           f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; torch {torch.__version__}")
     print(f"matmul ceiling ({args.matmul_size}^3): {ceiling / 1e12:.3f} TFLOP/s")
-    rows = []
+    bare, iteration = [], []
     for kind in models:
-        rows += bench_model(kind, args, device, dtype, ceiling)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print("| model | phase | batch | seconds | images/s | TFLOP | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
-        print(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | "
-              f"{r['tflops']:.3g} | {100 * r['mfu']:.1f}% | {peak} |")
+        if "bare" in sections:
+            bare += _guarded("bare", kind, lambda: bench_model(kind, args, device, dtype, ceiling))
+        if "iteration" in sections:
+            rows = _guarded("GRPO iteration", kind, lambda: grpo_iteration(kind, args, device, dtype, ceiling))
+            # guardrl's rollout against the bare transformer's rollout of the same images (with CFG when the
+            # recipe has it: SD3's guidance 4.5; Flux's guidance is an embedding, no extra forward).
+            reference = [r for r in bare if r["model"] == kind and r["phase"].startswith("rollout")
+                         and r["cfg"] == (kind == "sd35m")]
+            for r in rows:
+                if r["phase"] == "rollout" and reference:
+                    r["vs bare"] = f"x{r['seconds'] / reference[0]['seconds']:.3f} time"
+                if r["phase"] == "whole iteration" and r.get("logged_mfu") is not None:
+                    r["vs bare"] = f"logged MFU {100 * r['logged_mfu']:.1f}%"
+            iteration += rows
+    if bare:
+        print("\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + backward + "
+              "AdamW at one timestep)")
+        _print_rows(bare)
+    if iteration:
+        print(f"\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, {args.batch} "
+              f"images in groups of {args.group_size}, minibatch {args.minibatch}, medians of {args.iterations})")
+        _print_rows(iteration, extra="vs bare")
+    return bare, iteration
 
 
 if __name__ == "__main__":

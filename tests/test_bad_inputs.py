@@ -34,7 +34,7 @@ from guardrl.data import PromptDataModule, PromptStream, iter_prompt_file
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.perf import PerformanceOptions
-from guardrl.policy import FluxBackbone, LoraSpec, SD3Backbone, TinySD3Backbone
+from guardrl.policy import FluxBackbone, LoraSpec, RandomSD35MediumBackbone, SD3Backbone, TinySD3Backbone
 from guardrl.rewards import JpegCompressibility, RemoteReward, Reward, RewardError
 from guardrl.sampling import flow_match_sigmas, noise_scales, reduce_elements, sample_rollouts
 from tests.conftest import REPO_ROOT, tiny_fit_args
@@ -483,6 +483,9 @@ CATALOGUE = [
          build(SD3Backbone, "x", prompt_cache_size=-1), r"prompt_cache_size", r"-1", r"integer >= 0"),
     Case("backbone-tiny-layers", "backbone", "builds the tiny model with 0 layers",
          build(TinySD3Backbone, num_layers=0), r"num_layers", r"\b0\b", r"integer >= 1"),
+    Case("backbone-random-small", "backbone", "gives the random-weight backbone `small: \"yes\"`",
+         build(RandomSD35MediumBackbone, small="yes"), r"model\.backbone\.init_args\.small", r"'yes'",
+         r"true or false"),
 
     # ----- model.rewards
     Case("reward-weight-nan", "rewards", "gives a reward weight NaN", build(JpegCompressibility, weight=NAN),

@@ -1,8 +1,10 @@
-"""The flow-matching policy: backbones (SD3, Flux, tiny), LoRA, old-policy snapshot, reference, EMA."""
+"""The flow-matching policy: backbones (SD3, Flux, tiny, random weights of the full shapes), LoRA, old-policy
+snapshot, reference, EMA."""
 
 from guardrl.policy.backbones import Conditioning, FlowBackbone, FluxBackbone, SD3Backbone
 from guardrl.policy.lora import LoraSpec
 from guardrl.policy.policy import WEIGHT_SETS, FlowPolicy
+from guardrl.policy.random_weights import RandomFluxDevBackbone, RandomSD35MediumBackbone
 from guardrl.policy.tiny import TinyFluxBackbone, TinySD3Backbone
 
 __all__ = [
@@ -12,6 +14,8 @@ __all__ = [
     "FlowPolicy",
     "FluxBackbone",
     "LoraSpec",
+    "RandomFluxDevBackbone",
+    "RandomSD35MediumBackbone",
     "SD3Backbone",
     "TinyFluxBackbone",
     "TinySD3Backbone",
