@@ -26,6 +26,9 @@ pooled vector; Flux: 512 T5 tokens, 768 pooled), as a run with a warm prompt cac
    add its own time). Per phase (rollout, decode, reward, update, the whole iteration): seconds, TFLOP and
    MFU from the run's own logged time/* and flops/* metrics; the rollout's time against the bare rollout of
    the same images (guardrl's overhead), and the MFU the run itself logs (throughput/iteration/mfu).
+3. Memory savers and switches (`--sections savers`, not by default): the GRPO iteration of 2 once per switch
+   of docs/performance.md (`--savers`: recipe, checkpointing, bf16_trajectories, chunks, offload_vae,
+   adamw8bit, compile), with its times, update FLOPs and peak memory against the recipe's.
 
 The matmul ceiling is the FLOP/s of a large square matmul in the compute dtype (what MFU is measured against).
 FLOPs are counted exactly by guardrl.perf.FlopCounter (matmuls and attention, forward and backward), the same
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import resource
@@ -231,9 +235,11 @@ class _IterationMetrics:
         self.callback = Callback()
 
 
-def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
+def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float,
+                   extra: dict | None = None, warmup: int = 1) -> list[dict]:
     """`guardrl fit` of the model's GRPO-Guard recipe on the random-weight backbone, in this process; one row per
-    phase with the medians of the iterations after the first (which counts FLOPs and warms up)."""
+    phase with the medians of `args.iterations` iterations after `warmup` ones (the first counts FLOPs and warms
+    up). `extra`: more command-line options, applied last."""
     from guardrl.cli import main as guardrl_main
 
     tmp = tempfile.mkdtemp(prefix="guardrl-gpu-bench-")
@@ -251,7 +257,7 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
         "--model.sampling.num_inference_steps": args.steps,
         "--model.grpo.minibatch_size": args.minibatch,
         "--model.grpo.gradient_accumulation_steps": args.batch // args.minibatch,  # one optimizer step
-        "--model.max_iterations": args.iterations + 1,
+        "--model.max_iterations": args.iterations + warmup,
         "--model.performance.peak_flops": ceiling,
         "--model.performance.throughput_window": max(2, args.iterations),
         "--model.performance.gradient_checkpointing": str(args.gradient_checkpointing).lower(),
@@ -264,6 +270,7 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
         "--trainer.logger": "false", "--trainer.enable_checkpointing": "false", "--trainer.default_root_dir": tmp,
         "--trainer.enable_progress_bar": "false", "--trainer.enable_model_summary": "false",
     }
+    overrides.update(extra or {})
     argv = ["--config", os.path.join(REPO_ROOT, RECIPES[kind])]
     for option, value in overrides.items():
         argv += [option, str(value)]
@@ -274,7 +281,7 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
         torch.cuda.reset_peak_memory_stats(device)
     cli.trainer.fit(cli.model, cli.datamodule)
     peak = peak_memory_gib(device)
-    measured = metrics.iterations[1:]
+    measured = metrics.iterations[warmup:]
     lora = cli.model.hparams.get("lora") or {}
     trained_steps = len(cli.model.noise_scales.nonzero()) if cli.model.grpo.num_train_timesteps is None else (
         cli.model.grpo.num_train_timesteps)
@@ -294,6 +301,74 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     rows[-1]["logged_mfu"] = measured[-1].get("throughput/iteration/mfu")
     del cli
     return rows
+
+
+def savers(device: torch.device) -> dict[str, tuple[str, dict | str]]:
+    """The memory savers and speed switches of docs/performance.md, one at a time on top of the recipe: key ->
+    (label, extra command-line options, or a string saying why the entry cannot run here)."""
+    compile_backend = "inductor" if device.type == "cuda" else "eager"  # CPU: no compiler needed, same graphs
+    eight_bit = {"--model.optimizer": json.dumps({"class_path": "bitsandbytes.optim.AdamW8bit",
+                                                  "init_args": {"lr": 1e-4, "weight_decay": 1e-4}})}
+    if device.type != "cuda":
+        eight_bit = "needs CUDA"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        eight_bit = "needs bitsandbytes (pip install 'guardrl[bnb]')"
+    return {
+        "recipe": ("recipe as shipped", {}),
+        "checkpointing": ("gradient_checkpointing", {"--model.performance.gradient_checkpointing": "true"}),
+        "bf16_trajectories": ("trajectory_dtype bfloat16", {"--model.performance.trajectory_dtype": "bfloat16"}),
+        "chunks": ("rollout_chunks 2", {"--model.performance.rollout_chunks": 2}),
+        "offload_vae": ("offload_vae", {"--model.backbone.init_args.offload_vae": "true"}),
+        "adamw8bit": ("8-bit AdamW (bitsandbytes)", eight_bit),
+        "compile": (f"compile ({compile_backend})", {"--model.performance.compile": "true",
+                                                     "--model.performance.compile_backend": compile_backend}),
+    }
+
+
+def savers_table(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
+    """One GRPO-iteration fit per saver in args.savers; a saver that fails prints its error and the rest go on."""
+    rows = []
+    available = savers(device)
+    for key in args.savers:
+        name, extra = available[key]
+        if isinstance(extra, str):
+            rows.append({"model": kind, "saver": name, "skipped": extra})
+            continue
+        # torch.compile compiles in the second iteration (the first counts FLOPs eagerly): one more warm-up.
+        warmup = 2 if key == "compile" else 1
+        try:
+            phases = {r["phase"].split(" (")[0]: r
+                      for r in grpo_iteration(kind, args, device, dtype, ceiling, extra, warmup)}
+        except torch.OutOfMemoryError as e:
+            rows.append({"model": kind, "saver": name, "skipped": f"out of memory ({str(e).splitlines()[0]})"})
+            continue
+        except Exception as e:  # one broken switch must not lose the other rows of a one-shot GPU run
+            rows.append({"model": kind, "saver": name, "skipped": f"failed: {type(e).__name__}: {e}"[:300]})
+            continue
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append({"model": kind, "saver": name, "phases": phases})
+    return rows
+
+
+def _print_savers(rows: list[dict], device: torch.device) -> None:
+    base = {r["model"]: r for r in rows if r["saver"] == "recipe as shipped" and "phases" in r}
+    print("| model | saver | iteration s | rollout s | update s | update TFLOP | peak GiB | peak vs recipe |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['model']} | {r['saver']} | {r['skipped']} | | | | | |")
+            continue
+        p = r["phases"]
+        peak = p["whole iteration"]["peak_gib"]
+        reference = base.get(r["model"])
+        ratio = (f"x{peak / reference['phases']['whole iteration']['peak_gib']:.2f}"
+                 if reference and device.type == "cuda" else "")
+        shown = f"{peak:.2f}" if device.type == "cuda" else "(CPU: RSS only grows)"
+        print(f"| {r['model']} | {r['saver']} | {p['whole iteration']['seconds']:.4f} | {p['rollout']['seconds']:.4f} | "
+              f"{p['update']['seconds']:.4f} | {p['update']['tflops']:.4g} | {shown} | {ratio} |")
 
 
 def _print_rows(rows: list[dict], extra: str = "") -> None:
@@ -320,10 +395,11 @@ def _guarded(section: str, kind: str, fn):
             torch.cuda.empty_cache()
 
 
-def main(argv=None) -> tuple[list[dict], list[dict]]:
+def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd35m,flux", help="comma-separated: sd35m, flux")
-    parser.add_argument("--sections", default="bare,iteration", help="comma-separated: bare, iteration")
+    parser.add_argument("--sections", default="bare,iteration",
+                        help="comma-separated: bare, iteration, savers (one fit per memory saver; not by default)")
     parser.add_argument("--small", action="store_true", help="shrunken shapes (automatic without CUDA)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="rollout images (before CFG doubling)")
@@ -332,6 +408,8 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per rollout")
     parser.add_argument("--iterations", type=int, default=3, help="GRPO iterations timed after the first")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="GRPO iteration: checkpoint blocks")
+    parser.add_argument("--savers", default=",".join(savers(torch.device("cpu"))),
+                        help="savers section: comma-separated keys of the switches to run (default: all)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--count-only", action="store_true", help="full-shape parameters and FLOPs, meta device")
@@ -341,12 +419,16 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; allowed: sd35m, flux")
     sections = [m.strip() for m in args.sections.split(",") if m.strip()]
-    unknown = sorted(set(sections) - {"bare", "iteration"})
+    unknown = sorted(set(sections) - {"bare", "iteration", "savers"})
     if unknown or not sections:
-        raise SystemExit(f"--sections: unknown {unknown or sections}; allowed: bare, iteration")
+        raise SystemExit(f"--sections: unknown {unknown or sections}; allowed: bare, iteration, savers")
+    args.savers = [m.strip() for m in args.savers.split(",") if m.strip()]
+    unknown = [key for key in args.savers if key not in savers(torch.device("cpu"))]
+    if unknown:
+        raise SystemExit(f"--savers: unknown {unknown}; allowed: {', '.join(savers(torch.device('cpu')))}")
     if args.count_only:
         count_only(models, args.resolution)
-        return [], []
+        return {"bare": [], "iteration": [], "savers": []}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.small:
         print("no CUDA device: running the small shapes (--small)", file=sys.stderr)
@@ -367,7 +449,7 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     print(f"device: {name}, {torch.get_num_threads()} threads, dtype {str(dtype).replace('torch.', '')}, "
           f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; torch {torch.__version__}")
     print(f"matmul ceiling ({args.matmul_size}^3): {ceiling / 1e12:.3f} TFLOP/s")
-    bare, iteration = [], []
+    bare, iteration, saver_rows = [], [], []
     for kind in models:
         if "bare" in sections:
             bare += _guarded("bare", kind, lambda: bench_model(kind, args, device, dtype, ceiling))
@@ -383,6 +465,8 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
                 if r["phase"] == "whole iteration" and r.get("logged_mfu") is not None:
                     r["vs bare"] = f"logged MFU {100 * r['logged_mfu']:.1f}%"
             iteration += rows
+        if "savers" in sections:
+            saver_rows += savers_table(kind, args, device, dtype, ceiling)
     if bare:
         print("\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + backward + "
               "AdamW at one timestep)")
@@ -391,7 +475,11 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
         print(f"\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, {args.batch} "
               f"images in groups of {args.group_size}, minibatch {args.minibatch}, medians of {args.iterations})")
         _print_rows(iteration, extra="vs bare")
-    return bare, iteration
+    if saver_rows:
+        print(f"\nmemory savers and switches, one at a time on the recipe (GRPO iteration as above, medians of "
+              f"{args.iterations})")
+        _print_savers(saver_rows, device)
+    return {"bare": bare, "iteration": iteration, "savers": saver_rows}
 
 
 if __name__ == "__main__":

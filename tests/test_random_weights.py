@@ -76,6 +76,11 @@ def test_prompt_embeddings_are_a_fixed_function_of_prompt_and_seed(cls, tokens):
     assert not torch.equal(embed(["a dog"], seed=1).prompt_embeds[0], first.prompt_embeds[1])
 
 
+# What --small picks on a CPU, at 64 px and with one repeat / one timed iteration, to keep the suite fast.
+SMALL_RUN = ["--resolution", "64", "--batch", "4", "--group-size", "2", "--minibatch", "2", "--steps", "4",
+             "--matmul-size", "256", "--repeats", "1", "--iterations", "1"]
+
+
 @pytest.fixture(scope="module")
 def gpu_bench_small():
     sys.path.insert(0, BENCH)
@@ -83,8 +88,9 @@ def gpu_bench_small():
         import gpu_bench
     finally:
         sys.path.remove(BENCH)
-    bare, iteration = gpu_bench.main(["--small", "--repeats", "1", "--iterations", "1"])
-    return gpu_bench, bare, iteration
+    tables = gpu_bench.main(["--small", *SMALL_RUN])
+    assert tables["savers"] == []  # not a default section
+    return gpu_bench, tables["bare"], tables["iteration"]
 
 
 def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_small):
@@ -93,7 +99,7 @@ def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_sma
         ("sd35m", "rollout"), ("sd35m", "rollout + CFG"), ("sd35m", "update, one step (LoRA r32)"),
         ("flux", "rollout"), ("flux", "update, one step (LoRA r64)"),
     ]
-    # CPU --small: 128 px, 4 images in groups of 2, minibatch 2, 4 sampler steps (3 SDE steps trained).
+    # 4 images in groups of 2, minibatch 2, 4 sampler steps (3 SDE steps trained).
     update = "update (LoRA r{}, 2 minibatches x 3 steps + KL reference forwards)"
     assert [(r["model"], r["phase"]) for r in iteration] == [
         (model, phase) for model, rank in (("sd35m", 32), ("flux", 64))
@@ -127,10 +133,12 @@ def test_guardrl_rollout_does_exactly_the_bare_rollouts_model_flops(gpu_bench_sm
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, flux"),
-    (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration"),
+    (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration, savers"),
     (["--small", "--resolution", "64", "--batch", "6", "--group-size", "4"],
      "--batch=6 must be a multiple of --group-size=4 and of --minibatch=4"),
     (["--small", "--resolution", "64", "--iterations", "0"], "--iterations=0: must be >= 1"),
+    (["--savers", "fp8"], "--savers: unknown ['fp8']; allowed: recipe, checkpointing, bf16_trajectories, chunks, "
+                          "offload_vae, adamw8bit, compile"),
 ])
 def test_gpu_bench_refuses_bad_options(gpu_bench_small, argv, message):
     gpu_bench = gpu_bench_small[0]
@@ -163,3 +171,30 @@ def test_the_documented_dry_run_command_trains(tmp_path, monkeypatch):
     assert module.num_iterations == 2 and module.sampling.num_inference_steps == 10  # the recipe's sampler
     assert module.hparams["lora"]["rank"] == 32 and module.hparams["grpo"]["ratio_variant"] == "grpo_guard"
     assert module.num_skipped_updates == 0  # both updates ran with finite losses and gradients
+
+
+def test_gpu_bench_savers_table_runs_each_switch_alone(gpu_bench_small):
+    """--sections savers: one fit per memory saver / switch on top of the recipe. Only gradient checkpointing
+    changes the model FLOPs (it recomputes each block's forward in the backward pass); the others store, move,
+    chunk or compile the same computation."""
+    gpu_bench = gpu_bench_small[0]
+    # compile is left out here (tracing takes most of a minute on this CPU; tests/test_perf.py covers it).
+    rows = gpu_bench.main(["--small", *SMALL_RUN, "--models", "sd35m", "--sections", "savers", "--savers",
+                           "recipe,checkpointing,bf16_trajectories,chunks,offload_vae,adamw8bit"])["savers"]
+    assert [r["saver"] for r in rows] == [
+        "recipe as shipped", "gradient_checkpointing", "trajectory_dtype bfloat16", "rollout_chunks 2",
+        "offload_vae", "8-bit AdamW (bitsandbytes)",
+    ]
+    by_name = {r["saver"]: r for r in rows}
+    assert by_name["8-bit AdamW (bitsandbytes)"] == {
+        "model": "sd35m", "saver": "8-bit AdamW (bitsandbytes)", "skipped": "needs CUDA"}
+    ran = {name: r["phases"] for name, r in by_name.items() if "phases" in r}
+    assert len(ran) == 5  # every other switch trained
+    recipe = ran["recipe as shipped"]
+    for name, phases in ran.items():
+        assert phases["rollout"]["tflops"] == recipe["rollout"]["tflops"], name
+        assert phases["decode"]["tflops"] == recipe["decode"]["tflops"], name
+        if name == "gradient_checkpointing":
+            assert phases["update"]["tflops"] > recipe["update"]["tflops"]
+        else:
+            assert phases["update"]["tflops"] == recipe["update"]["tflops"], name
