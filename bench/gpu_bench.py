@@ -45,6 +45,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -274,12 +275,15 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     argv = ["--config", os.path.join(REPO_ROOT, RECIPES[kind])]
     for option, value in overrides.items():
         argv += [option, str(value)]
-    cli = guardrl_main(argv, run=False)
     metrics = _IterationMetrics()
-    cli.trainer.callbacks.append(metrics.callback)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    cli.trainer.fit(cli.model, cli.datamodule)
+    try:
+        cli = guardrl_main(argv, run=False)
+        cli.trainer.callbacks.append(metrics.callback)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the prompt file and the config Lightning saves (no logs)
     peak = peak_memory_gib(device)
     measured = metrics.iterations[warmup:]
     lora = cli.model.hparams.get("lora") or {}
