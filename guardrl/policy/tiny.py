@@ -111,7 +111,9 @@ def _t5_text_encoder(d_model: int, tokenizer, seed: int) -> T5EncoderModel:
 
 def _tiny_vae(latent_channels: int, seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
-    # 4 blocks give vae_scale_factor 8, as in the real SD3 and Flux VAEs.
+    # 4 blocks give vae_scale_factor 8, as in the real SD3 and Flux VAEs. scaling_factor 1.5035 is a transposition
+    # of SD3's 1.5305; it only scales this random VAE's latents, and the tiny-model numbers in the docs and tests
+    # were measured with it, so it stays (random_weights.SD35_MEDIUM_VAE has the published value).
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4, layers_per_block=1,
