@@ -17,6 +17,7 @@ import torch
 
 from guardrl.rewards import Reward
 from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+import guardrl.rewards.image_reward as image_reward_module
 from guardrl.rewards.image_reward import (
     IMAGE_REWARD_MEAN,
     IMAGE_REWARD_STD,
@@ -244,6 +245,20 @@ def test_key_mapping_covers_the_original_names():
     assert set(state) - used == {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
                        "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
     assert len(vision) == sum(k.startswith("blip.visual_encoder.") for k in state)
+
+
+def test_messages_name_every_converted_key_by_its_original_name():
+    # mismatch messages translate BlipVisionModel / BlipTextModel / MLP names back: the round trip of every key
+    # of the released layout must give the key itself
+    with open(os.path.join(FIXTURE, "full_size_keys.json")) as f:
+        keys = json.load(f)["keys"]
+    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    vision, text, mlp, unknown = convert_state_dict(state)
+    assert unknown == []
+    originals = {image_reward_module._original_name(part, name)
+                 for part, converted in (("vision", vision), ("text", text), ("mlp", mlp)) for name in converted}
+    assert originals == set(state) - {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
+                                      "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
 
 
 def test_the_full_size_original_layout_maps_onto_the_default_architecture():

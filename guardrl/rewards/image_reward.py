@@ -93,18 +93,39 @@ RELEASED_MED_CONFIG = {
 VIT_LARGE = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0}
 _VIT_LAYER_NORM_EPS = 1e-6  # vit.py: partial(nn.LayerNorm, eps=1e-6)
 
-# Original ViT names (under blip.visual_encoder.) -> BlipVisionModel names.
-_VISION_RENAMES = [
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
-    (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
-    (r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layers.\1.self_attn.qkv.\2"),
-    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
-    (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
-    (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
-    (r"^norm\.(weight|bias)$", r"post_layernorm.\1"),
+# Original ViT names (under blip.visual_encoder.) -> BlipVisionModel names: (original prefix, BlipVisionModel
+# prefix, the names allowed after it); N stands for a block number. Both directions are derived from this one
+# table: conversion on load, and the original names in mismatch messages.
+_VISION_NAMES = [
+    ("cls_token", "embeddings.class_embedding", ""),
+    ("pos_embed", "embeddings.position_embedding", ""),
+    ("patch_embed.proj.", "embeddings.patch_embedding.", r"(weight|bias)"),
+    ("blocks.N.norm1.", "encoder.layers.N.layer_norm1.", r"(weight|bias)"),
+    ("blocks.N.attn.qkv.", "encoder.layers.N.self_attn.qkv.", r"(weight|bias)"),
+    ("blocks.N.attn.proj.", "encoder.layers.N.self_attn.projection.", r"(weight|bias)"),
+    ("blocks.N.norm2.", "encoder.layers.N.layer_norm2.", r"(weight|bias)"),
+    ("blocks.N.mlp.", "encoder.layers.N.mlp.", r"(fc1|fc2)\.(weight|bias)"),
+    ("norm.", "post_layernorm.", r"(weight|bias)"),
 ]
+
+
+def _prefix_pattern(prefix: str) -> str:
+    return re.escape(prefix).replace("N", r"(?P<block>\d+)")
+
+
+def _rename(name: str, rules: list[tuple[str, str, str]]) -> str | None:
+    """`name` with the first rule whose source prefix (and allowed suffix) matches renamed; None if none does."""
+    for source, target, suffix in rules:
+        match = re.fullmatch(_prefix_pattern(source) + f"(?P<rest>{suffix})", name)
+        if match:
+            block = match.groupdict().get("block")
+            return (target.replace("N", block) if block is not None else target) + match["rest"]
+    return None
+
+
+# The same table read the other way, any suffix (it only names keys in messages).
+_VISION_INVERSE = [(target, source, r".*") for source, target, _ in _VISION_NAMES]
+
 # Original keys the score never uses: dropped on load (the original loads them into unused modules).
 _UNUSED = [r"^blip\.vision_proj\.", r"^blip\.text_proj\.", r"^blip\.text_encoder\.embeddings\.position_ids$",
            r"^blip\.text_encoder\.pooler\."]
@@ -131,11 +152,8 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict
             continue
         rest = key[len(prefix):]
         if _PREFIXES[prefix] == "vision":
-            for pattern, replacement in _VISION_RENAMES:
-                if re.match(pattern, rest):
-                    rest = re.sub(pattern, replacement, rest)
-                    break
-            else:
+            rest = _rename(rest, _VISION_NAMES)
+            if rest is None:
                 unknown.append(key)
                 continue
         parts[_PREFIXES[prefix]][rest] = value
@@ -148,21 +166,7 @@ def _original_name(part: str, name: str) -> str:
         return "blip.text_encoder." + name
     if part == "mlp":
         return "mlp." + name
-    inverse = [
-        (r"^embeddings\.class_embedding$", "cls_token"),
-        (r"^embeddings\.position_embedding$", "pos_embed"),
-        (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-        (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-        (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-        (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-        (r"^post_layernorm\.", "norm."),
-    ]
-    for pattern, replacement in inverse:
-        if re.match(pattern, name):
-            return "blip.visual_encoder." + re.sub(pattern, replacement, name)
-    return "blip.visual_encoder." + name
+    return "blip.visual_encoder." + (_rename(name, _VISION_INVERSE) or name)
 
 
 def build_modules(med: dict, vit: dict, bos_token_id: int | None = None, sep_token_id: int | None = None):
