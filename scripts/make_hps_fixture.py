@@ -220,23 +220,24 @@ def main() -> None:
 
     # ---- the original model, built by img_score's own call (patch 1), weights redrawn (patch 2)
     hoc_factory._MODEL_CONFIGS[TINY_NAME] = json.loads(json.dumps(TINY))
+
+    def create_original_model():
+        # img_score.py's own create_model_and_transforms arguments
+        return hoc.create_model_and_transforms(
+            TINY_NAME, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
+            force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+            image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+            with_score_predictor=False, with_region_predictor=False)
+
     torch.manual_seed(0)
-    model, _, preprocess_val = hoc.create_model_and_transforms(
-        TINY_NAME, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
-        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-        with_score_predictor=False, with_region_predictor=False)
+    model, _, preprocess_val = create_original_model()
     redraw_weights(model, seed=1)
     state = {k: v.half() for k, v in model.state_dict().items()}
     checkpoint = os.path.join(out, "HPS_v2.1_compressed.pt")
     torch.save({"state_dict": state}, checkpoint)
     # a fresh, differently seeded original model goes into img_score's cache; score() loads the checkpoint
     torch.manual_seed(123)
-    fresh, _, preprocess_val = hoc.create_model_and_transforms(
-        TINY_NAME, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
-        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-        with_score_predictor=False, with_region_predictor=False)
+    fresh, _, preprocess_val = create_original_model()
     img_score.model_dict["model"] = fresh
     img_score.model_dict["preprocess_val"] = preprocess_val
 
