@@ -51,29 +51,30 @@ import sys
 import tempfile
 import time
 
+import lightning as L
 import torch
 import yaml
 
 from guardrl.perf import FlopCounter
 from guardrl.policy import LoraSpec
-from guardrl.policy.random_weights import SD3_CLIP_TOKENS, build_transformer, transformer_config
+from guardrl.policy import RandomFluxDevBackbone, RandomSD35MediumBackbone
+from guardrl.policy.random_weights import build_transformer, transformer_config
 
 VAE_FACTOR, LATENT_CHANNELS = 8, 16
-MAX_SEQUENCE_LENGTH = {"sd35m": 256, "flux": 512}  # T5 tokens per prompt in the recipes
 SMALL_MAX_SEQUENCE_LENGTH = 16  # --small
-BACKBONES = {"sd35m": "guardrl.policy.RandomSD35MediumBackbone", "flux": "guardrl.policy.RandomFluxDevBackbone"}
+BACKBONES = {"sd35m": RandomSD35MediumBackbone, "flux": RandomFluxDevBackbone}
 RECIPES = {"sd35m": "configs/sd35m/grpo_guard_pickscore.yaml", "flux": "configs/flux/grpo_guard_pickscore.yaml"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def max_sequence_length(kind: str, small: bool) -> int:
-    return SMALL_MAX_SEQUENCE_LENGTH if small else MAX_SEQUENCE_LENGTH[kind]
+    """T5 tokens per prompt: the model's own (SD3.5-Medium 256, FLUX.1-dev 512), or 16 for --small."""
+    return SMALL_MAX_SEQUENCE_LENGTH if small else BACKBONES[kind].default_max_sequence_length
 
 
 def text_tokens(kind: str, small: bool) -> int:
     """Prompt-embedding tokens of one prompt: SD3 puts 77 CLIP tokens before the T5 ones; Flux has T5 only."""
-    t5_tokens = max_sequence_length(kind, small)
-    return SD3_CLIP_TOKENS + t5_tokens if kind == "sd35m" else t5_tokens
+    return BACKBONES[kind].clip_tokens + max_sequence_length(kind, small)
 
 
 def _sync(device: torch.device) -> None:
@@ -220,20 +221,15 @@ def count_only(models: list[str], resolution: int) -> None:
         print(f"| {kind} | {parameters / 1e9:.3f} B | {flops / 1e12:.3f} | {image_tokens} | {tokens} |")
 
 
-class _IterationMetrics:
-    """Collects the time/, flops/ and throughput/ metrics a GRPO iteration writes (guardrl.perf.PhaseMeter)."""
+class _IterationMetrics(L.Callback):
+    """Collects the time/, flops/ and throughput/ metrics each GRPO iteration writes (guardrl.perf.PhaseMeter)."""
 
     def __init__(self):
-        import lightning as L
+        self.iterations: list[dict[str, float]] = []
 
-        collected = self.iterations = []
-
-        class Callback(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                collected.append({name: float(value) for name, value in trainer.callback_metrics.items()
-                                  if name.startswith(("time/", "flops/", "throughput/"))})
-
-        self.callback = Callback()
+    def on_train_batch_end(self, trainer, *args):
+        self.iterations.append({name: float(value) for name, value in trainer.callback_metrics.items()
+                                if name.startswith(("time/", "flops/", "throughput/"))})
 
 
 def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float,
@@ -247,7 +243,7 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     prompt_file = os.path.join(tmp, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(f"benchmark prompt {i}" for i in range(256)) + "\n")
-    backbone = {"class_path": BACKBONES[kind], "init_args": {
+    backbone = {"class_path": f"guardrl.policy.{BACKBONES[kind].__name__}", "init_args": {
         "torch_dtype": str(dtype).replace("torch.", ""), "resolution": args.resolution,
         "max_sequence_length": max_sequence_length(kind, args.small), "small": args.small}}
     overrides = {
@@ -278,7 +274,7 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     metrics = _IterationMetrics()
     try:
         cli = guardrl_main(argv, run=False)
-        cli.trainer.callbacks.append(metrics.callback)
+        cli.trainer.callbacks.append(metrics)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cli.trainer.fit(cli.model, cli.datamodule)
