@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any, Optional
 
 import lightning as L
@@ -68,6 +69,7 @@ class IterationCheckpoint(ModelCheckpoint):
         dirpath: Optional[str] = None,
         filename: str = "{iteration}",
         every_n_iterations: int = 10,
+        every_n_minutes: Optional[float] = None,
         save_last: bool = True,
         save_top_k: int = 1,
         monitor: Optional[str] = None,
@@ -79,6 +81,9 @@ class IterationCheckpoint(ModelCheckpoint):
             dirpath: where checkpoints go; None: `<log dir>/checkpoints` of the run's logger version.
             filename: name pattern of the periodic checkpoints (`{iteration}` gives `iteration=12.ckpt`).
             every_n_iterations: save after every this many GRPO iterations (and always when training stops).
+            every_n_minutes: also save after the first iteration that ends at least this many minutes after the
+                last save (rank zero's clock decides for all ranks), so an unplanned kill of a large run costs
+                minutes, not `every_n_iterations` iterations; None: iterations only.
             save_last: also keep `last.ckpt`, the newest state (what `--ckpt_path last` resumes from).
             save_top_k: periodic checkpoints kept: -1 all, 1 the newest (with monitor, the best k).
             monitor: a logged scalar to rank checkpoints by (e.g. `reward/mean` with mode max); None: by time.
@@ -87,6 +92,10 @@ class IterationCheckpoint(ModelCheckpoint):
         """
         if not isinstance(every_n_iterations, int) or every_n_iterations < 1:
             raise ValueError(f"checkpoint.every_n_iterations must be an integer >= 1, got {every_n_iterations!r}")
+        if every_n_minutes is not None and not (
+            isinstance(every_n_minutes, (int, float)) and not isinstance(every_n_minutes, bool) and every_n_minutes > 0
+        ):
+            raise ValueError(f"checkpoint.every_n_minutes must be a number > 0 or null, got {every_n_minutes!r}")
         if monitor is None and save_top_k not in (-1, 0, 1):
             raise ValueError(
                 f"checkpoint.save_top_k={save_top_k} needs checkpoint.monitor to rank by; without a monitor use "
@@ -100,12 +109,27 @@ class IterationCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.every_n_iterations = every_n_iterations
+        self.every_n_minutes = every_n_minutes
         self._last_iteration_saved: Optional[int] = None
+        self._last_save_time = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # The state training starts from is on disk already (a fresh run's iteration 0 is never saved; a resumed
+        # run's is its checkpoint): a run that stops before another iteration finishes must not rewrite it. The
+        # restored `last_iteration_saved` cannot say so: it was captured before its own save finished.
+        self._last_iteration_saved = getattr(pl_module, "num_iterations", 0)
+        self._last_save_time = time.monotonic()
 
     # Lightning's step-based triggers are off (every_n_train_steps=0, every_n_epochs=0); these replace them.
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         iteration = getattr(pl_module, "num_iterations", 0)
-        if iteration % self.every_n_iterations == 0:
+        due = iteration % self.every_n_iterations == 0
+        if self.every_n_minutes is not None:
+            # One clock for all ranks: a save is a collective under FSDP2, so every rank must agree.
+            late = time.monotonic() - self._last_save_time >= 60.0 * self.every_n_minutes
+            due = bool(trainer.strategy.broadcast(due or late))
+        if due:
             self.save_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -137,6 +161,7 @@ class IterationCheckpoint(ModelCheckpoint):
         # the two writes leaves last.ckpt one save older: resuming then repeats those iterations, exactly.
         self._save_last_checkpoint(trainer, candidates)
         self._last_iteration_saved = iteration
+        self._last_save_time = time.monotonic()
 
     def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
         candidates = super()._monitor_candidates(trainer)

@@ -217,10 +217,15 @@ class GRPOModule(L.LightningModule):
         with self._phase("encode"):
             cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
         trajectory, images, rewards, per_reward = self._rollout_and_score(cond, batch.prompts)
+        # A group with a non-finite reward is dropped from the update (zero advantages) and the others train;
+        # only when every group of every rank is dropped is the update skipped (counted as a fault).
+        dropped_N = ~torch.isfinite(rewards.reshape(-1, self.group_size)).all(dim=1)
+        every_group = self.trainer.strategy.reduce_boolean_decision(bool(dropped_N.all()), all=True)
         problem = self._nonfinite_on_any_rank(
-            {"reward": rewards, "rollout log-prob": trajectory.log_prob_old_BT}
+            {"reward": rewards if every_group else torch.zeros(()), "rollout log-prob": trajectory.log_prob_old_BT}
         )
-        advantages = self._control(self._advantages(rewards)) if problem is None else torch.zeros_like(rewards)
+        usable = rewards.masked_fill(dropped_N.repeat_interleave(self.group_size), 0.0)
+        advantages = self._control(self._advantages(usable)) if problem is None else torch.zeros_like(rewards)
         step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
         if problem is None:
             with self._phase("update"):
@@ -235,7 +240,8 @@ class GRPOModule(L.LightningModule):
         if self.max_iterations is not None and self.num_iterations >= self.max_iterations:
             self.trainer.should_stop = True
 
-        self._log_iteration(iteration, rewards, per_reward, advantages, losses, skipped=problem is not None)
+        metrics = self._log_iteration(iteration, rewards, per_reward, advantages, losses, skipped=problem is not None,
+                                      dropped_groups=int(dropped_N.sum()))
         if self._meter is not None:
             write_scalars(self.trainer, self._meter.end_iteration(len(batch)), iteration)
         if self.performance.compile and not self._compiled:
@@ -249,6 +255,10 @@ class GRPOModule(L.LightningModule):
             "advantages": advantages.detach(),
             "images": images.detach(),
             "prompts": batch.prompts,
+            # this iteration's headline numbers over all ranks (RunSummaryCallback's end-of-run summary)
+            "reward_mean": float(metrics["reward/mean"]),
+            "reward_std": float(metrics["reward/std"]),
+            "skipped": problem is not None,
         }
 
     def _seed(self, *key: int) -> int:
@@ -486,15 +496,23 @@ class GRPOModule(L.LightningModule):
             )
 
     # ------------------------------------------------------------------ logging and state
-    def _log_iteration(self, iteration: int, rewards, per_reward, advantages, losses, skipped: bool) -> None:
+    def _log_iteration(self, iteration: int, rewards, per_reward, advantages, losses, skipped: bool,
+                       dropped_groups: int = 0) -> dict:
         # Collectives on every rank, in the same order; rank zero writes (logs.write_scalars).
         all_rewards = self.all_gather(rewards.detach()).reshape(-1).double()
+        finite = all_rewards[torch.isfinite(all_rewards)]  # dropped groups' NaN/inf rewards are left out
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=all_rewards.device)
         metrics: dict[str, Any] = {
-            "reward/mean": all_rewards.mean(),
-            "reward/std": all_rewards.std(unbiased=False),
+            "reward/mean": finite.mean() if finite.numel() else nan,
+            "reward/std": finite.std(unbiased=False) if finite.numel() else nan,
         }
         for name, values in per_reward.items():
-            metrics[f"reward/{name}/mean"] = self.all_gather(values.detach()).double().mean()
+            metrics[f"reward/{name}/mean"] = self.all_gather(values.detach()).double().nanmean()
+        dropped = int(self.all_gather(torch.tensor(dropped_groups, device=self.device)).sum())
+        metrics["train/dropped_groups"] = dropped
+        if dropped and not skipped and self.trainer.is_global_zero:
+            log.warning("guardrl: iteration %d: %d prompt group(s) with a non-finite reward were left out of the "
+                        "update; the other groups trained", iteration, dropped)
         local = {"advantages/abs_mean": advantages.abs().mean()}
         if losses["loss"]:
             local["train/loss"] = torch.stack(losses["loss"]).mean()
@@ -514,6 +532,7 @@ class GRPOModule(L.LightningModule):
         write_scalars(self.trainer, metrics, iteration)
         self.log("reward", metrics["reward/mean"].float(), prog_bar=True, logger=False, on_step=True, on_epoch=False,
                  batch_size=rewards.numel())
+        return metrics
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # After every callback has written this iteration's scalars: flush, so a killed run keeps its events.
@@ -582,6 +601,16 @@ class GRPOModule(L.LightningModule):
         self.backbone.offload()
 
     def on_train_start(self) -> None:
+        if self.max_iterations is not None and self.num_iterations >= self.max_iterations:
+            # A finished run resumed with the same budget (a requeue wrapper that always passes --ckpt_path
+            # last): no iteration runs and no checkpoint is rewritten; RunSummaryCallback says how to extend it.
+            self.trainer.should_stop = True
+            if self.trainer.is_global_zero:
+                log.warning(
+                    "guardrl: the checkpoint is at iteration %d and model.max_iterations=%d: the run is complete, "
+                    "nothing to do (raise --model.max_iterations to train further)",
+                    self.num_iterations, self.max_iterations,
+                )
         perf = self.performance
         if perf.timing:
             dtype = compute_dtype(self.trainer.precision, self.backbone.model_dtype)

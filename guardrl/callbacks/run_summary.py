@@ -1,10 +1,17 @@
-"""RunSummaryCallback: what this run is, at its start, in TensorBoard and on the console.
+"""RunSummaryCallback: what this run is at its start, and how it went at its end.
 
+At the start, in TensorBoard and on the console:
     config (TensorBoard text, at step = the iteration the run starts from)
         markdown tables of the model's resolved hyperparameters (pl_module.hparams, nested options as
         dotted keys), the objects hparams leaves out (backbone, rewards, optimizer), the data settings
         and the trainer's devices and precision
     console: a few lines (variant, clip range, sampler, batch, lr, where the logs go)
+
+At the end (finished, stopped by a signal, interrupted or failed), on the console: how it stopped, the
+iterations done, reward/mean over the run's first and last `window` iterations (mean +- std of the
+per-iteration means), optimizer steps and skipped updates, the last checkpoint, and the commands to resume or
+extend, export the LoRA and look at the curves. The per-iteration rewards are kept in the checkpoint
+(this callback's state), so a resumed run's summary still starts at iteration 0.
 
 Rank zero only. `guardrl fit` also writes the complete config.yaml beside the events; this is the
 at-a-glance view next to the curves.
@@ -12,13 +19,19 @@ at-a-glance view next to the curves.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 # PromptDataModule does not save hyperparameters; these are its settings.
 DATA_SETTINGS = (
@@ -126,26 +139,146 @@ def summary_lines(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str
     ]
 
 
+def _window_stats(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def end_summary_lines(
+    history: Sequence[tuple[int, float, float]], *, status: str, num_iterations: int,
+    max_iterations: Optional[int], session_iterations: int, session_seconds: float, optimizer_steps: int,
+    skipped_updates: int, last_checkpoint: Optional[str], log_dir: Optional[str], window: int,
+) -> list[str]:
+    """The end-of-run summary. `history`: (iteration, reward mean, reward std) of every iteration of the run
+    (all sessions); `status`: how it stopped, in words."""
+    lines = [f"guardrl: {status} at iteration {num_iterations}"
+             + (f" of {max_iterations}" if max_iterations is not None else "")
+             + f" ({session_iterations} this session, {session_seconds:.0f} s)"]
+    if max_iterations is not None and num_iterations >= max_iterations and session_iterations == 0:
+        lines.append(f"  the checkpoint already holds model.max_iterations={max_iterations} iterations; to train "
+                     "further, resume with a larger --model.max_iterations (command below)")
+    rewards = [mean for _, mean, _ in sorted(history)]
+    if rewards:
+        w = min(window, max(1, len(rewards) // 2))
+        first, last = _window_stats(rewards[:w]), _window_stats(rewards[-w:])
+        lines.append(
+            f"  reward/mean: {first[0]:.4g} ± {first[1]:.2g} over the first {w} iteration(s) -> "
+            f"{last[0]:.4g} ± {last[1]:.2g} over the last {w} (change {last[0] - first[0]:+.4g})"
+        )
+    lines.append(f"  updates: {optimizer_steps} optimizer step(s); {skipped_updates} iteration(s) skipped their "
+                 "update (non-finite values, docs/reliability.md)")
+    if num_iterations > 0 and optimizer_steps == 0:
+        lines.append("  WARNING: no optimizer step was taken: the policy is unchanged from the pretrained model")
+    if last_checkpoint:
+        config = os.path.join(log_dir, "config.yaml") if log_dir else "<config.yaml>"
+        more = (max_iterations or num_iterations) * 2 or 10
+        lines += [
+            f"  last checkpoint: {last_checkpoint}",
+            f"  resume / extend: guardrl fit --config {config} --ckpt_path {last_checkpoint} "
+            f"--model.max_iterations {more}",
+            f"  export the LoRA: python -m guardrl.export --config {config} --ckpt {last_checkpoint} "
+            f"--out {os.path.join(log_dir or '.', 'lora')}",
+        ]
+    else:
+        lines.append("  no checkpoint was written (checkpointing is off, or no iteration finished)")
+    if log_dir:
+        lines.append(f"  curves: tensorboard --logdir {os.path.dirname(log_dir.rstrip(os.sep)) or log_dir}")
+    return lines
+
+
 class RunSummaryCallback(Callback):
-    def __init__(self, console: bool = True) -> None:
+    def __init__(self, console: bool = True, window: int = 5) -> None:
         """
         Args:
-            console: also print a few summary lines at the start of training.
+            console: print the summary lines at the start and at the end of training.
+            window: iterations averaged for the reward at the start and at the end of the end-of-run summary.
         """
+        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+            raise ValueError(f"run_summary.window must be an integer >= 1, got {window!r}")
         self.console = console
+        self.window = window
+        self.history: list[tuple[int, float, float]] = []  # (iteration, reward/mean, reward/std), all sessions
+        self._session_start: tuple[int, float] = (0, time.monotonic())
+        self._log_dir: Optional[str] = None
+        self._summarized = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(i), float(m), float(s)) for i, m, s in state_dict.get("history", [])]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Trainer.log_dir broadcasts from rank zero: every rank must ask, or rank zero waits forever for the
         # others (they have gone on to the first iteration's collectives).
         log_dir = trainer.log_dir
+        self._log_dir = log_dir
+        start = getattr(pl_module, "num_iterations", 0)
+        self._session_start = (start, time.monotonic())
+        self._summarized = False
+        # A resumed run keeps the history up to its checkpoint (iterations after it are redone).
+        self.history = [row for row in self.history if row[0] < start]
         if not trainer.is_global_zero:
             return
         text = summary_markdown(trainer, pl_module, log_dir)
-        step = getattr(pl_module, "num_iterations", 0)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("config", text, step)
+                logger.experiment.add_text("config", text, start)
         if self.console:
             # tqdm.write clears any progress bar, prints above it and redraws it (a plain print would
             # break the bar's line); with no bar it is a plain print to stdout.
             tqdm.write("\n".join(summary_lines(trainer, pl_module, log_dir)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if isinstance(outputs, Mapping) and "reward_mean" in outputs:
+            iteration = getattr(pl_module, "num_iterations", 1) - 1
+            self.history.append((iteration, float(outputs["reward_mean"]), float(outputs["reward_std"])))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._summarize(trainer, pl_module, None)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._summarize(trainer, pl_module, exception)
+
+    def _summarize(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: Optional[BaseException]) -> None:
+        if self._summarized or not trainer.is_global_zero:
+            return
+        self._summarized = True
+        done = getattr(pl_module, "num_iterations", 0)
+        maximum = getattr(pl_module, "max_iterations", None)
+        session = done - self._session_start[0]
+        status = _status(trainer, exception, done, maximum, session)
+        from guardrl.checkpointing import find_iteration_checkpoint
+
+        checkpoint = find_iteration_checkpoint(trainer)
+        last = getattr(checkpoint, "last_model_path", "") or None if checkpoint is not None else None
+        if last is None and checkpoint is not None and checkpoint.dirpath:
+            candidate = os.path.join(checkpoint.dirpath, "last.ckpt")
+            last = candidate if os.path.exists(candidate) else None
+        lines = end_summary_lines(
+            self.history, status=status, num_iterations=done, max_iterations=maximum, session_iterations=session,
+            session_seconds=time.monotonic() - self._session_start[1], optimizer_steps=int(trainer.global_step),
+            skipped_updates=int(getattr(pl_module, "num_skipped_updates", 0)), last_checkpoint=last,
+            log_dir=self._log_dir, window=self.window,
+        )
+        if done > 0 and trainer.global_step == 0:
+            log.warning("guardrl: %d iteration(s) ran but no optimizer step was taken; the policy did not change",
+                        done)
+        if self.console:
+            print("\n".join(lines), flush=True)
+
+
+def _status(trainer: L.Trainer, exception: Optional[BaseException], done: int, maximum: Optional[int],
+            session: int) -> str:
+    if exception is not None:
+        if isinstance(exception, KeyboardInterrupt):
+            return "interrupted (KeyboardInterrupt)"
+        return f"failed ({type(exception).__name__})"
+    signal_name = next((getattr(c, "requested", None) for c in trainer.callbacks
+                        if getattr(c, "requested", None)), None)
+    if signal_name:
+        return f"stopped by {signal_name}"
+    if maximum is not None and done >= maximum:
+        return "run already complete, nothing trained" if session == 0 else "finished"
+    return "stopped"
