@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -47,6 +48,19 @@ def check_rewards(rewards: Sequence) -> None:
                 f"(e.g. name: {name}_{index})"
             )
         first_of[name] = index
+    weights = [getattr(reward, "weight", 1.0) for reward in rewards]
+    if all(weight == 0 for weight in weights):
+        raise ValueError(
+            f"model.rewards: every reward has weight 0 ({', '.join(r.name for r in rewards)}): the total reward "
+            "is 0 for every sample and nothing would be learned; give at least one reward a non-zero weight"
+        )
+    for reward, weight in zip(rewards, weights):
+        if weight == 0:
+            warnings.warn(
+                f"model.rewards: {reward.name!r} has weight 0: it is scored and logged (reward/{reward.name}/mean) "
+                "but does not enter the total reward the policy is trained on",
+                stacklevel=2,
+            )
 
 
 def check_batch_sizes(grpo: GRPOOptions, prompts_per_batch: int, group_size: int, rollout_chunks: int = 1) -> None:

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from guardrl.callbacks import (
@@ -90,6 +90,7 @@ class GuardRLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
+            refuse_taken_run_folder(self.config["fit"])
             resolve_resume(self.config["fit"])
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
@@ -110,6 +111,66 @@ class GuardRLCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
         return super()._instantiate_trainer(config, callbacks)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes `<log dir>/config.yaml` as a description of the run, not as a binding to it.
+
+    `--ckpt_path last` fills in the checkpoint, the logger's version and TensorBoard's purge_step; a config
+    saved with them would make the next `guardrl fit --config <that file> --model.optimizer.init_args.lr 1e-2`
+    silently resume the old run in its own folder (and rewrite its files). They are left out here: a fit from a
+    saved config starts a new version, and resuming is asked for on the command line. When a resumed run's
+    options differ from the saved ones, the previous file is kept as `config.<k>.yaml` (nothing is lost)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        self.config = describe_run(self.config)
+        if self.save_to_log_dir and trainer.is_global_zero:
+            path = os.path.join(trainer.log_dir, self.config_filename)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    previous = f.read()
+                if previous != self.parser.dump(self.config, skip_none=False):
+                    stem, ext = os.path.splitext(path)
+                    k = 1
+                    while os.path.exists(f"{stem}.{k}{ext}"):
+                        k += 1
+                    os.replace(path, f"{stem}.{k}{ext}")
+        super().setup(trainer, pl_module, stage)
+
+
+def describe_run(config: Namespace) -> Namespace:
+    """The config without what binds it to one run folder: ckpt_path, the logger's version and purge_step."""
+    config = config.clone()
+    if "ckpt_path" in config:
+        config["ckpt_path"] = None
+    logger = _tensorboard_logger_args(config)
+    if logger is not None:
+        for key in ("version", "purge_step"):
+            if key in logger:
+                logger[key] = None
+    return config
+
+
+def refuse_taken_run_folder(config: Namespace) -> None:
+    """A new (not resumed) run must not write into a folder that holds another run: with an explicit logger
+    version pointing at an existing run, Lightning would append to its events, rewrite its config.yaml and
+    replace its checkpoints."""
+    if config.get("ckpt_path") is not None:
+        return
+    logger = _tensorboard_logger_args(config)
+    if logger is None or logger.get("version") is None:
+        return
+    version = logger.get("version")
+    folder = os.path.join(_run_dir(logger), version if isinstance(version, str) else f"version_{version}")
+    taken = [name for name in ("config.yaml", "checkpoints") if os.path.exists(os.path.join(folder, name))]
+    if taken:
+        raise ValueError(
+            f"trainer.logger.init_args.version={version!r}: {folder} holds another run ({', '.join(taken)}); a new "
+            "run there would overwrite it. Leave the version unset (a new run gets the next free version_N), or "
+            "resume that run with --ckpt_path last"
+        )
 
 
 def resolve_resume(config: Namespace) -> None:
@@ -213,7 +274,9 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
-        # Resuming into the run's own directory rewrites config.yaml instead of refusing to start.
+        # Resuming into the run's own directory rewrites config.yaml (keeping a differing previous one) instead
+        # of refusing to start; a new run into a taken folder is refused earlier (refuse_taken_run_folder).
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
     )
 

@@ -1,5 +1,7 @@
-"""GracefulShutdown: on SIGTERM (or the cluster's requeue signal) finish the current GRPO iteration, save a
-checkpoint, and exit cleanly; under SLURM, requeue the job so it resumes with `--ckpt_path last`.
+"""GracefulShutdown: on SIGTERM, Ctrl-C (SIGINT) or the cluster's requeue signal, finish the current GRPO
+iteration, save a checkpoint, say where, and exit cleanly; under SLURM, requeue the job so it resumes with
+`--ckpt_path last`. A second Ctrl-C aborts at once, without saving (the last checkpoint on disk stays valid:
+writes are atomic).
 
 Why not Lightning's own SLURM handling: it saves an `hpc_ckpt_*.ckpt` mid-iteration from inside the signal
 handler (for SIGUSR1 under SLURMEnvironment only) and ignores SIGTERM outside SLURM. Here the handler only
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from typing import Any, Optional
 
 import lightning as L
@@ -27,11 +30,12 @@ class GracefulShutdown(Callback):
     def __init__(self, signals: Optional[list[str]] = None, requeue_on_slurm: bool = True) -> None:
         """
         Args:
-            signals: signal names that request a checkpoint-and-exit (default SIGTERM and SIGUSR1; SLURM's
-                `--signal=USR1@120` sends SIGUSR1 ahead of the time limit, schedulers send SIGTERM on preemption).
+            signals: signal names that request a checkpoint-and-exit (default SIGTERM, SIGUSR1 and SIGINT; SLURM's
+                `--signal=USR1@120` sends SIGUSR1 ahead of the time limit, schedulers send SIGTERM on preemption,
+                Ctrl-C sends SIGINT).
             requeue_on_slurm: after the checkpoint, `scontrol requeue $SLURM_JOB_ID` when running under SLURM.
         """
-        names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
+        names = ["SIGTERM", "SIGUSR1", "SIGINT"] if signals is None else list(signals)
         valid = sorted(s.name for s in signal.Signals)
         for name in names:
             if name not in valid or name in ("SIGKILL", "SIGSTOP"):
@@ -55,7 +59,18 @@ class GracefulShutdown(Callback):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
 
     def _on_signal(self, number: int, frame) -> None:
-        self.requested = signal.Signals(number).name
+        name = signal.Signals(number).name
+        if self.requested is not None:
+            if name == "SIGINT":
+                # A second Ctrl-C: the user wants out now. Lightning handles the KeyboardInterrupt (no save).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            return
+        self.requested = name
+        more = " (Ctrl-C again to abort at once, without saving)" if name == "SIGINT" else ""
+        sys.stderr.write(f"\nguardrl: {name} received; finishing this iteration, then saving a checkpoint and "
+                         f"stopping{more}\n")
+        sys.stderr.flush()
 
     def _restore_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():

@@ -53,7 +53,8 @@ def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "dat
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").strip()
+                # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not prompt text.
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 raise ValueError(
                     f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason} at byte {e.start} of the "

@@ -14,14 +14,15 @@ from guardrl.rewards.jpeg import JpegCompressibility
 
 
 class FaultInjectionReward(Reward):
-    """JPEG compressibility, except on chosen calls (0-based, counted per process): a NaN score, an
-    exception, or a sleep. With `noise_std` > 0 it is also stochastic, drawing from the global torch, numpy
+    """JPEG compressibility, except on chosen calls (0-based, counted per process): NaN scores (on the samples
+    `nan_samples`, default all of them), an exception, or a sleep. With `noise_std` > 0 it is also stochastic, drawing from the global torch, numpy
     and Python generators, as user rewards may (random crops, sampled captions); a resumed run must restore
     all three to score like the uninterrupted one. Not for training anything real."""
 
     def __init__(
         self,
         nan_at_calls: Optional[list[int]] = None,
+        nan_samples: Optional[list[int]] = None,
         raise_at_calls: Optional[list[int]] = None,
         sleep_at_calls: Optional[list[int]] = None,
         sleep_s: float = 5.0,
@@ -31,6 +32,7 @@ class FaultInjectionReward(Reward):
     ) -> None:
         super().__init__(weight=weight, name=name)
         self.nan_at_calls = set(nan_at_calls or [])
+        self.nan_samples = None if nan_samples is None else list(nan_samples)
         self.raise_at_calls = set(raise_at_calls or [])
         self.sleep_at_calls = set(sleep_at_calls or [])
         self.sleep_s = sleep_s
@@ -55,5 +57,5 @@ class FaultInjectionReward(Reward):
             scores = scores + self.noise_std * noise.to(scores.dtype)
         if call in self.nan_at_calls:
             scores = scores.clone()
-            scores[0] = float("nan")
+            scores[slice(None) if self.nan_samples is None else self.nan_samples] = float("nan")
         return scores
