@@ -37,6 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.makedirs(directory, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
         try:
+            # mkstemp makes the file 0600; a checkpoint is readable like every other file the run writes.
+            os.chmod(temporary, default_file_mode())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -47,6 +49,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(temporary)
             raise
         fsync_directory(directory)
+
+
+def default_file_mode() -> int:
+    """The mode a plain open() would give a new file under the process's umask (0644 with umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def fsync_directory(directory: str) -> None:

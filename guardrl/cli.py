@@ -196,13 +196,14 @@ def resolve_resume(config: Namespace) -> None:
             f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl (a directory with "
             f"{DISTRIBUTED_METADATA} under FSDP2), or 'last' for the newest last.ckpt of this run"
         )
+    iterations = _iterations_in(ckpt_path)  # also refuses a file that is not a readable guardrl checkpoint
     if logger is None:
         return
     version = _version_of(ckpt_path, logger)
     if version is not None and logger.get("version") is None:
         logger["version"] = version
     if version is not None and logger.get("version") == version:
-        logger["purge_step"] = _iterations_in(ckpt_path)
+        logger["purge_step"] = iterations
 
 
 def _tensorboard_logger_args(config: Namespace) -> Optional[Namespace]:
@@ -257,11 +258,26 @@ def _version_of(ckpt_path: str, logger: Namespace) -> Optional[int]:
 
 
 def _iterations_in(ckpt_path: str) -> int:
-    if os.path.isdir(ckpt_path):
-        ckpt_path = os.path.join(ckpt_path, DISTRIBUTED_METADATA)
-    # mmap: reads the small counters without pulling the weights into memory.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return int(checkpoint.get("guardrl", {}).get("num_iterations", 0))
+    """The checkpoint's GRPO iteration count; a ValueError naming the file when it is not a readable guardrl
+    checkpoint (truncated, another format, another program's): torch's own message would advise
+    weights_only=False, which must never be the answer to a damaged file."""
+    path = os.path.join(ckpt_path, DISTRIBUTED_METADATA) if os.path.isdir(ckpt_path) else ckpt_path
+    try:
+        # mmap: reads the small counters without pulling the weights into memory.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read means the same thing to the user
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is not a readable guardrl checkpoint ({type(error).__name__}: {reason}); it "
+            "may be truncated or another program's file. Pass a .ckpt written by guardrl fit, or 'last' for the "
+            "newest complete last.ckpt of this run"
+        ) from None
+    if not isinstance(checkpoint, dict) or "guardrl" not in checkpoint:
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is not a guardrl checkpoint (no 'guardrl' entry with counters and RNG "
+            "states); pass a .ckpt written by guardrl fit, or 'last' for the newest last.ckpt of this run"
+        )
+    return int(checkpoint["guardrl"].get("num_iterations", 0))
 
 
 def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
@@ -284,6 +300,13 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
 def console_main() -> None:
     """The `guardrl` console script: returns None, so a finished run exits 0 (setuptools' wrapper passes the
     return value to sys.exit, and a returned GuardRLCLI object would mean exit status 1)."""
+    import sys
+
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        import guardrl
+
+        print(f"guardrl {guardrl.__version__} (torch {torch.__version__}, lightning {pl.__version__})")
+        return
     main()
 
 

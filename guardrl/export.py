@@ -22,6 +22,7 @@ import torch
 import yaml
 from peft.utils import get_peft_model_state_dict
 
+from guardrl.checkpointing import default_file_mode
 from guardrl.policy import FlowPolicy
 from guardrl.sharding import full_tensor, is_checkpoint, load_sharded_trainable_state
 
@@ -56,7 +57,9 @@ def write_lora(policy: FlowPolicy, state: dict[str, torch.Tensor], out_dir: str)
         out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )
-    return os.path.join(out_dir, "pytorch_lora_weights.safetensors")
+    path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
+    os.chmod(path, default_file_mode())  # safetensors writes 0600; the export is shared like the run's other files
+    return path
 
 
 def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> str:

@@ -288,10 +288,10 @@ class GRPOModule(L.LightningModule):
                 with self._phase("decode"):
                     images.append(self.backbone.decode(trajectories[-1].final_latents))
                 if worker is not None:
-                    scored.append(worker.submit(self._score, images[-1], prompts[span]))
+                    scored.append(worker.submit(self.score, images[-1], prompts[span]))
                 else:
                     with self._phase("reward"):
-                        scored.append(self._score(images[-1], prompts[span]))
+                        scored.append(self.score(images[-1], prompts[span]))
             with self._phase("reward"):
                 # Overlapped: the reward time still exposed after the last chunk; a reward's error re-raises here.
                 scored = [s.result() if worker is not None else s for s in scored]
@@ -324,7 +324,9 @@ class GRPOModule(L.LightningModule):
                 storage_dtype=self.performance.trajectory_torch_dtype,
             )
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and timeout,
+        the total their weighted sum. The one way the run, its callbacks and the benchmarks score images."""
         faults = self.faults
         per_reward = {
             reward.name: score_with_retries(

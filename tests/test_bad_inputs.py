@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 
 from guardrl.algorithm import clipped_policy_loss, compute_ratio_terms, effective_clip_range, group_advantages
 from guardrl.callbacks import RatioStatsCallback
+from guardrl.checkpointing import IterationCheckpoint
 from guardrl.checks import (
     check_batch_sizes,
     check_group_size,
@@ -95,6 +96,25 @@ def data_setup_on_directory(tmp_path):
 
 def read_prompts(name: str, content: str | bytes, **kwargs):
     return lambda tmp_path: list(iter_prompt_file(write(tmp_path, name, content), **kwargs))
+
+
+def _truncated_checkpoint() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"guardrl": {"num_iterations": 3}, "state_dict": {"w": torch.zeros(256)}}, buffer)
+    return buffer.getvalue()[:300]
+
+
+def _torch_file(tmp_path, name: str) -> str:
+    path = str(tmp_path / name)
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, path)
+    return path
+
+
+def _new_run_into_taken_version(tmp_path):
+    cli(**{"--model.max_iterations": "1"}, run=True)(tmp_path)
+    cli(**{"--trainer.logger.init_args.version": "0"}, run=True)(tmp_path)
 
 
 def cli(*extra: str, run: bool = False, **overrides: str):
@@ -227,6 +247,19 @@ CATALOGUE = [
     Case("cli-ckpt-path-missing", "cli", "resumes from a `--ckpt_path` that does not exist",
          cli("--ckpt_path", "TMP/missing.ckpt", run=True), r"ckpt_path|[Cc]heckpoint", r"missing\.ckpt",
          r"no such file|not found"),
+    Case("cli-ckpt-path-truncated", "cli", "resumes from a truncated checkpoint file",
+         lambda tmp_path: cli("--ckpt_path", write(tmp_path, "cut.ckpt", _truncated_checkpoint()), run=True)(tmp_path),
+         r"ckpt_path", r"cut\.ckpt", r"not a readable guardrl checkpoint.*written by guardrl fit"),
+    Case("cli-ckpt-path-random-bytes", "cli", "passes a file of random bytes as `--ckpt_path`",
+         lambda tmp_path: cli("--ckpt_path", write(tmp_path, "noise.ckpt", bytes(range(256)) * 64),
+                              run=True)(tmp_path),
+         r"ckpt_path", r"noise\.ckpt", r"not a readable guardrl checkpoint.*written by guardrl fit"),
+    Case("cli-ckpt-path-not-guardrl", "cli", "passes another program's PyTorch file as `--ckpt_path`",
+         lambda tmp_path: cli("--ckpt_path", _torch_file(tmp_path, "weights.pt"), run=True)(tmp_path),
+         r"ckpt_path", r"weights\.pt", r"not a guardrl checkpoint.*written by guardrl fit"),
+    Case("cli-taken-version-folder", "cli", "starts a new run with `--trainer.logger.init_args.version` of an "
+         "existing run", _new_run_into_taken_version, r"trainer\.logger\.init_args\.version", r"=0\b",
+         r"Leave the version unset.*--ckpt_path last"),
     Case("cli-nan-clip-range", "cli", "writes `.nan` for a float (`--model.grpo.clip_range .nan`)",
          cli(**{"--model.grpo.clip_range": ".nan"}), r"grpo\.clip_range", r"\bnan\b", FINITE_GT0),
     Case("cli-inf-noise-level", "cli", "writes `.inf` for a float (`--model.sampling.noise_level .inf`)",
@@ -362,6 +395,9 @@ CATALOGUE = [
     Case("rewards-duplicate-names", "module", "lists two rewards with the same name",
          build(check_rewards, [JpegCompressibility(), JpegCompressibility(quality=50)]),
          r"model\.rewards\[0\].*model\.rewards\[1\]", r"'jpeg_compressibility'", r"set init_args\.name"),
+    Case("rewards-all-weights-zero", "module", "gives every reward weight 0",
+         build(check_rewards, [JpegCompressibility(weight=0.0)]), r"model\.rewards",
+         r"weight 0 \(jpeg_compressibility\)", r"at least one reward a non-zero weight"),
     Case("faults-nonfinite-0", "module", "sets faults.max_consecutive_nonfinite 0",
          build(F, max_consecutive_nonfinite=0), r"faults\.max_consecutive_nonfinite", r"\b0\b",
          r"integer >= 1"),
@@ -529,6 +565,9 @@ CATALOGUE = [
          r"'a photo of a unicorn'", r"train on the same file \(data\.train_prompts\)"),
 
     # ----- callbacks
+    Case("checkpoint-every-n-minutes-0", "callbacks", "sets checkpoint.every_n_minutes 0",
+         build(IterationCheckpoint, every_n_minutes=0), r"checkpoint\.every_n_minutes", r"\b0\b",
+         r"number > 0 or null"),
     Case("ratio-stats-every-0", "callbacks", "sets ratio_stats.histogram_every_n_iterations 0",
          build(RatioStatsCallback, histogram_every_n_iterations=0),
          r"ratio_stats\.histogram_every_n_iterations",

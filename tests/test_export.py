@@ -67,6 +67,10 @@ def test_stock_pipeline_with_exported_lora_reproduces_the_policy(trained, tmp_pa
     noise = policy.backbone.initial_noise(len(PROMPTS), torch.Generator().manual_seed(3), torch.device("cpu"))
     path = export_lora(policy, str(tmp_path / "lora"))
     assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
+    # readable like the run's other files (safetensors alone writes 0600)
+    from guardrl.checkpointing import default_file_mode
+
+    assert os.stat(path).st_mode & 0o777 == default_file_mode()
 
     ours = _guardrl_images(policy, noise)
     stock = _stock_images(str(tmp_path / "lora"), noise)

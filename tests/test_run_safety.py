@@ -210,3 +210,28 @@ def test_a_group_with_a_nan_reward_is_dropped_and_the_others_train(prompt_file, 
     assert abs_mean[0] == pytest.approx(1.0, abs=0.01) and abs_mean[1] == pytest.approx(0.5, abs=0.01)
     # reward/mean is over the finite rewards (here the 3 of 4 that are not NaN)
     assert all(math.isfinite(v) for _, v in scalars("reward/mean"))
+
+
+# ---------------------------------------------------------------------------------------------- papercuts
+def test_checkpoints_are_readable_like_the_runs_other_files(prompt_file, tmp_path):
+    from guardrl.checkpointing import default_file_mode
+
+    previous = os.umask(0o022)
+    try:
+        _fit(prompt_file, str(tmp_path / "runs"), **{"--model.max_iterations": "1"})
+    finally:
+        os.umask(previous)
+    folder = os.path.join(str(tmp_path / "runs"), "guardrl", "version_0")
+    assert default_file_mode() == 0o666 & ~previous
+    modes = {name: os.stat(os.path.join(folder, "checkpoints", name)).st_mode & 0o777
+             for name in os.listdir(os.path.join(folder, "checkpoints"))}
+    assert modes == {"iteration=1.ckpt": 0o644, "last.ckpt": 0o644}
+    assert os.stat(os.path.join(folder, "config.yaml")).st_mode & 0o777 == 0o644
+
+
+def test_guardrl_version():
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['guardrl', '--version']; "
+                             "from guardrl.cli import console_main; console_main()"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith("guardrl 0.1.0 (torch ")

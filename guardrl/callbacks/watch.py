@@ -138,7 +138,7 @@ class OverOptimizationWatch(Callback):
         images, prompts = self._images(module)
         proxy_sum = torch.zeros((), dtype=torch.float64, device=module.device)
         if prompts:
-            proxy, _ = module._score(images, prompts)
+            proxy, _ = module.score(images, prompts)
             proxy_sum = proxy.double().sum()
         totals = module.all_gather(torch.stack([proxy_sum, torch.tensor(float(len(prompts)), dtype=torch.float64,
                                                                          device=module.device)]))

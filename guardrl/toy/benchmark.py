@@ -190,7 +190,7 @@ class BenchmarkRecorder(Callback):
                         module.sampling.guidance_scale, sde=sampler == "sde", sde_seed=self.eval_seed,
                         transformer=transformer, scales=module.noise_scales.cpu(),
                     )
-                proxy, _ = module._score(images.to(module.device), prompts)
+                proxy, _ = module.score(images.to(module.device), prompts)
                 gold = gold_metrics(images, prompts, self._real_images(split, prompts, seeds))
                 rows.append({"iteration": iteration, "split": split, "sampler": sampler,
                              "proxy": float(proxy.double().mean()), **gold, "images": len(prompts)})

@@ -15,16 +15,22 @@ model can move and the same budget for every variant (`Settings`; nothing is tun
 The null control is flow_grpo's update on advantages shuffled within each group: the same update size, clipping
 and noise, no reward signal. Whatever it gains is drift; a variant learns when it gains clearly more.
 
-The gain of a run is the mean `reward/mean` of its last `window` iterations minus that of its first `window`
-(the first iterations are the shipped model plus `window - 1` small updates; the same for every variant). Per
-reward, the report gives every variant's gain (mean +- std over seeds), its ratio to the null control's |gain|,
-its distance from the null gain in null seed standard deviations, and whether it passes:
+The gain of a run is measured on a fixed evaluation set, not on the training batches: the training reward of an
+iteration depends mostly on which 4 prompts the stream drew (a learned-proxy batch mean moves by +-4 between
+iterations for that reason alone, as much for the null control as for flow_grpo), so at iterations 0,
+`eval_every`, ... and the last, the policy samples `eval_prompts` training prompts (each from its own fixed
+seed, with the training SDE sampler and fixed SDE noise; the set depends on the run's seed only, so every
+variant of a seed is scored on the same prompts and noise) and the gain is the evaluation reward at the end minus
+that at iteration 0 (the shipped model, identical for every variant of a seed). Per reward, the report gives
+every variant's gain (mean +- std over seeds), its ratio to the null control's |gain|, its distance from the
+null gain in null seed standard deviations, and whether it passes:
 
     pass = mean gain >= 3 x |null mean gain|  and  every seed's gain > every null seed's gain
 
 with the run's mean clip share and gradient norm next to it, so that a variant that does not learn shows why.
+The training reward (`reward/mean`, the first and last `window` iterations) is reported beside it.
 Outputs under OUT/: runs/<reward>-<variant>-lr<lr>-s<seed>/ (TensorBoard events, checkpoints, curve.csv,
-done.json), table.md, gains.csv, curves.png, summary.json. A repeated command skips finished runs and resumes a
+evaluations.csv, done.json), table.md, gains.csv, curves.png, summary.json. A repeated command skips finished runs and resumes a
 killed one from its last checkpoint; `--jobs N` runs N worker processes of one thread each.
 """
 
@@ -44,8 +50,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
 
-from guardrl.toy.benchmark import VARIANTS
+from guardrl.toy.benchmark import VARIANTS, _append_csv, _read_csv, _truncate_csv
 from guardrl.toy.files import write_json_atomic
 
 NULL = "null_control"
@@ -64,13 +72,15 @@ CURVE_COLUMNS = ("iteration", "reward_mean", "reward_std", "grad_norm", "clip_sh
 class Settings:
     """The budget every run gets, whatever its variant (chosen by the pilot in docs/learning.md)."""
 
-    iterations: int = 40
+    iterations: int = 32
     prompts_per_batch: int = 4
     group_size: int = 8
     minibatch_size: int = 16  # 32 samples / 16 = 2 optimizer steps per iteration
     num_train_timesteps: int = 4  # of the 9 SDE steps, the same random subset for every variant (model.seed)
     num_inference_steps: int = 10
-    window: int = 5  # iterations averaged at the start and at the end of a run for its gain
+    window: int = 5  # iterations averaged at the start and at the end of a run for its training-reward gain
+    eval_every: int = 16  # evaluation at iterations 0, eval_every, ... and the last
+    eval_prompts: int = 128  # training prompts (32 per kind), one image each, fixed seeds
 
     def overrides(self) -> list[str]:
         return [
@@ -84,7 +94,7 @@ class Settings:
 
 
 QUICK = Settings(iterations=3, prompts_per_batch=2, group_size=4, minibatch_size=8, num_train_timesteps=2,
-                 num_inference_steps=4, window=1)
+                 num_inference_steps=4, window=1, eval_every=3, eval_prompts=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,55 @@ def fit_args(run: Run, settings: Settings, configs: str, runs_dir: str) -> list[
     ]
 
 
+EVAL_COLUMNS = ("iteration", "reward_mean", "reward_std", "images")
+
+
+class LearningEvaluator(Callback):
+    """Scores the current policy on a fixed set of training prompts (evaluations.csv in `directory`):
+    `eval_prompts` prompts (a quarter per prompt kind), image i from its own seed, the run's SDE sampler with
+    SDE noise from `seed`; at iteration 0, every `every` iterations and when training stops. Resumable: rows
+    past the resumed iteration are dropped, a missing evaluation is redone."""
+
+    def __init__(self, directory: str, every: int, eval_prompts: int, seed: int) -> None:
+        from guardrl.toy.evaluate import evaluation_set
+        from guardrl.toy.world import KINDS
+
+        if every < 1 or eval_prompts < len(KINDS):
+            raise ValueError(f"eval_every must be >= 1 and eval_prompts >= {len(KINDS)}, got {every}, {eval_prompts}")
+        items = evaluation_set("train", eval_prompts // len(KINDS), seed)
+        self.prompts, self.seeds = [p for p, _ in items], [s for _, s in items]
+        self.every, self.seed = every, seed
+        self.path = os.path.join(directory, "evaluations.csv")
+        os.makedirs(directory, exist_ok=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        iteration = pl_module.num_iterations
+        _truncate_csv(self.path, EVAL_COLUMNS, lambda row: int(row["iteration"]) <= iteration)
+        if iteration % self.every == 0 and iteration not in {int(r["iteration"]) for r in _read_csv(self.path)}:
+            self.evaluate(pl_module, iteration)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.num_iterations % self.every == 0 or trainer.should_stop:
+            self.evaluate(pl_module, pl_module.num_iterations)
+
+    @torch.no_grad()
+    def evaluate(self, module, iteration: int) -> None:
+        from guardrl.toy.evaluate import generate
+
+        with module.policy.use_weights("policy") as transformer:
+            images = generate(
+                module.backbone, self.prompts, self.seeds, module.sampling.num_inference_steps,
+                module.sampling.guidance_scale, sde=True, sde_seed=self.seed, transformer=transformer,
+                scales=module.noise_scales.cpu(),
+            )
+        rewards, _ = module.score(images.to(module.device), self.prompts)
+        rewards = rewards.double()
+        _append_csv(self.path, EVAL_COLUMNS, [{
+            "iteration": iteration, "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)), "images": rewards.numel(),
+        }])
+
+
 def run_one(run: Run, settings: Settings, configs: str, out: str) -> dict[str, Any]:
     """One `guardrl fit` in this process; resumes from the run's last checkpoint; writes curve.csv and
     done.json. A finished run (done.json) is not run again."""
@@ -126,6 +185,7 @@ def run_one(run: Run, settings: Settings, configs: str, out: str) -> dict[str, A
         with open(done_path) as f:
             return json.load(f)
     cli = main(fit_args(run, settings, configs, runs_dir), run=False)
+    cli.trainer.callbacks.append(LearningEvaluator(directory, settings.eval_every, settings.eval_prompts, run.seed))
     last = os.path.join(directory, "version_0", "checkpoints", "last.ckpt")
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last if os.path.exists(last) else None)
@@ -161,9 +221,8 @@ def curve_of(directory: str) -> list[dict[str, float]]:
 
 
 def _worker(payload: dict) -> None:
-    import torch
-
     torch.set_num_threads(1)
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from fit_args, not from this process's command line
     settings = Settings(**payload["settings"])
     for spec in payload["runs"]:
         run = Run(**spec)
@@ -209,12 +268,22 @@ def collect(out: str) -> list[dict[str, Any]]:
             meta = json.load(f)
         with open(os.path.join(os.path.dirname(done), "curve.csv"), newline="") as f:
             meta["curve"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        evaluations = _read_csv(os.path.join(os.path.dirname(done), "evaluations.csv"))
+        meta["evaluations"] = sorted(({k: float(v) for k, v in row.items()} for row in evaluations),
+                                     key=lambda r: r["iteration"])
         found.append(meta)
     return found
 
 
+def eval_gain(evaluations: list[dict[str, float]]) -> float:
+    """Evaluation reward at the last evaluation minus that at iteration 0."""
+    if len(evaluations) < 2 or evaluations[0]["iteration"] != 0:
+        raise ValueError(f"a gain needs the evaluation at iteration 0 and a later one, got {evaluations}")
+    return float(evaluations[-1]["reward_mean"] - evaluations[0]["reward_mean"])
+
+
 def gain(curve: list[dict[str, float]], window: int) -> float:
-    """Mean reward of the last `window` iterations minus that of the first `window`."""
+    """Training reward: mean of the last `window` iterations minus that of the first `window`."""
     values = [row["reward_mean"] for row in sorted(curve, key=lambda r: r["iteration"])]
     if len(values) < 2 * window:
         raise ValueError(f"a curve of {len(values)} iterations has no two disjoint windows of {window}")
@@ -234,18 +303,25 @@ def gains_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in group:
             window = r["settings"]["window"]
             by_variant.setdefault(r["variant"], []).append(
-                (r["seed"], gain(r["curve"], window), r["curve"]))
-        null = [g for _, g, _ in by_variant.get(NULL, [])]
+                (r["seed"], eval_gain(r["evaluations"]), r["curve"], gain(r["curve"], window), r["evaluations"]))
+        null = [entry[1] for entry in by_variant.get(NULL, [])]
+        null_by_seed = {entry[0]: entry[1] for entry in by_variant.get(NULL, [])}
         null_mean, null_std = (float(np.mean(null)), _std(null)) if null else (float("nan"), float("nan"))
         for variant in [v for v in VARIANTS if v in by_variant]:
-            entries = sorted(by_variant[variant])
-            gains = [g for _, g, _ in entries]
-            curves = [c for _, _, c in entries]
+            entries = sorted(by_variant[variant], key=lambda e: e[0])
+            gains = [e[1] for e in entries]
+            curves = [e[2] for e in entries]
+            train_gains = [e[3] for e in entries]
             mean = float(np.mean(gains))
+            paired = [g - null_by_seed[e[0]] for g, e in zip(gains, entries) if e[0] in null_by_seed]
             row = {
                 "reward": reward, "lr": lr, "variant": variant, "seeds": len(gains), "gain_mean": mean,
                 "gain_std": _std(gains), "gains": gains,
-                "start": float(np.mean([np.mean([c["reward_mean"] for c in cur[:window]]) for cur in curves])),
+                "start": float(np.mean([e[4][0]["reward_mean"] for e in entries])),
+                "eval_images": int(entries[0][4][0]["images"]),
+                "paired_mean": float(np.mean(paired)) if paired else float("nan"),
+                "paired_std": _std(paired) if paired else float("nan"),
+                "train_gain_mean": float(np.mean(train_gains)), "train_gain_std": _std(train_gains),
                 "clip_share": float(np.nanmean([c["clip_share"] for cur in curves for c in cur])),
                 "grad_norm": float(np.nanmean([c["grad_norm"] for cur in curves for c in cur])),
                 "skipped": int(sum(c["skipped"] for cur in curves for c in cur)),
@@ -270,10 +346,11 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for reward, lr in dict.fromkeys((r["reward"], r["lr"]) for r in rows):
         mine = [r for r in rows if r["reward"] == reward and r["lr"] == lr]
-        lines += [f"### {reward}, lr {lr:g}", "",
+        lines += [f"### {reward}, lr {lr:g} (evaluation: {mine[0]['eval_images']} images)", "",
                   "| variant | start | gain (mean ± std, seeds) | per seed | x \\|null gain\\| | null SDs | "
-                  "> every null seed | passes | clip share | grad norm |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "> every null seed | passes | gain − null, same seed | training-reward gain | clip share "
+                  "| grad norm |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             is_null = r["variant"] == NULL
             lines.append("| " + " | ".join([
@@ -284,6 +361,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
                 "–" if is_null else _fmt(r.get("null_sds", float("nan"))),
                 "–" if is_null else ("yes" if r.get("above_every_null_seed") else "no"),
                 "–" if is_null else ("**yes**" if r.get("passes") else "**no**"),
+                "–" if is_null else f"{_fmt(r['paired_mean'])} ± {_fmt(r['paired_std'])}",
+                f"{_fmt(r['train_gain_mean'])} ± {_fmt(r['train_gain_std'])}",
                 f"{r['clip_share']:.3f}", f"{r['grad_norm']:.3g}",
             ]) + " |")
         lines.append("")
@@ -299,6 +378,8 @@ def smooth(values: Sequence[float], width: int) -> np.ndarray:
 
 
 def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
+    """Per (reward, lr): top, the evaluation reward against iteration; bottom, the training reward (a moving
+    average over `window` iterations). Mean and +-1 std across seeds per variant; the null control dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,29 +387,37 @@ def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
 
     panels = list(dict.fromkeys((r["reward"], r["lr"]) for r in sorted(
         runs, key=lambda r: (list(REWARDS).index(r["reward"]), r["lr"]))))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 8.0), squeeze=False)
     colors = {v: plt.get_cmap("tab10")(i) for i, v in enumerate(VARIANTS)}
-    for ax, (reward, lr) in zip(axes[0], panels):
+    window = max(1, runs[0]["settings"]["window"])
+    for column, (reward, lr) in enumerate(panels):
         for variant in VARIANTS:
-            curves = [r["curve"] for r in runs if (r["reward"], r["lr"], r["variant"]) == (reward, lr, variant)]
-            if not curves:
+            mine = [r for r in runs if (r["reward"], r["lr"], r["variant"]) == (reward, lr, variant)]
+            if not mine:
                 continue
-            length = min(len(c) for c in curves)
-            window = max(1, runs[0]["settings"]["window"])
-            series = np.stack([smooth([row["reward_mean"] for row in c[:length]], window) for c in curves])
-            its = np.arange(length)
-            mean, std = series.mean(0), series.std(0, ddof=1) if len(series) > 1 else np.zeros(length)
             style = "--" if variant == NULL else "-"
-            ax.plot(its, mean, style, color=colors[variant], label=f"{variant} ({len(curves)} seeds)")
-            ax.fill_between(its, mean - std, mean + std, color=colors[variant], alpha=0.15)
-        ax.set_title(f"{reward}, lr {lr:g}")
-        ax.set_xlabel("GRPO iteration")
-        ax.set_ylabel(f"reward/mean, {window}-iteration moving average")
-        ax.grid(alpha=0.3)
+            label = f"{variant} ({len(mine)} seeds)"
+            for row, series in ((0, [[e["reward_mean"] for e in r["evaluations"]] for r in mine]),
+                                (1, [smooth([c["reward_mean"] for c in r["curve"]], window) for r in mine])):
+                length = min(len(x) for x in series)
+                values = np.stack([np.asarray(x[:length], dtype=float) for x in series])
+                its = ([e["iteration"] for e in mine[0]["evaluations"]][:length] if row == 0 else np.arange(length))
+                mean = values.mean(0)
+                std = values.std(0, ddof=1) if len(values) > 1 else np.zeros(length)
+                axis = axes[row][column]
+                axis.plot(its, mean, style, marker="o" if row == 0 else None, color=colors[variant], label=label)
+                axis.fill_between(its, mean - std, mean + std, color=colors[variant], alpha=0.15)
+        images = int(runs[0]["settings"]["eval_prompts"])
+        axes[0][column].set_title(f"{reward}, lr {lr:g}: evaluation ({images} fixed prompts)")
+        axes[1][column].set_title(f"{reward}, lr {lr:g}: training batches ({window}-iteration moving average)")
+        for row in (0, 1):
+            axes[row][column].set_xlabel("GRPO iteration")
+            axes[row][column].set_ylabel("reward mean")
+            axes[row][column].grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("reward mean ± std across seeds")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
+    fig.savefig(path + ".tmp.png", dpi=80)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
@@ -340,8 +429,8 @@ def write_report(out: str) -> dict[str, Any]:
         raise FileNotFoundError(f"--out={out!r} holds no finished learning run (runs/*/done.json)")
     rows = gains_table(runs)
     columns = ["reward", "lr", "variant", "seeds", "start", "gain_mean", "gain_std", "gains", "times_null",
-               "null_sds", "above_every_null_seed", "passes", "clip_share", "grad_norm", "skipped",
-               "seconds_per_iteration"]
+               "null_sds", "above_every_null_seed", "passes", "paired_mean", "paired_std", "train_gain_mean",
+               "train_gain_std", "eval_images", "clip_share", "grad_norm", "skipped", "seconds_per_iteration"]
     _write_csv(os.path.join(out, "gains.csv"), columns, rows)
     table = table_markdown(rows)
     with open(os.path.join(out, "table.md"), "w") as f:
@@ -381,9 +470,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rewards", default=",".join(REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards"))
     parser.add_argument("--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants"))
     parser.add_argument("--seeds", default="0,1,2", type=lambda t: _numbers(t, int))
-    parser.add_argument("--lr", default="1e-3", type=_numbers, help="learning rate(s), comma-separated")
+    parser.add_argument("--lr", default="3e-3", type=_numbers, help="learning rate(s), comma-separated")
     parser.add_argument("--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})")
-    parser.add_argument("--window", type=int, default=None, help="iterations averaged at start and end")
+    parser.add_argument("--window", type=int, default=None,
+                        help=f"iterations averaged at start and end of the training-reward gain ({Settings.window})")
+    parser.add_argument("--eval-every", type=int, default=None, help=f"evaluation cadence ({Settings.eval_every})")
+    parser.add_argument("--eval-prompts", type=int, default=None,
+                        help=f"evaluation images, one per fixed training prompt ({Settings.eval_prompts})")
     parser.add_argument("--quick", action="store_true", help="a tiny budget, for the tests")
     parser.add_argument("--configs", default="configs/toy")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
@@ -391,11 +484,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.report_only:
         settings = dataclasses.replace(QUICK if args.quick else Settings())
-        for field in ("iterations", "window"):
+        for field in ("iterations", "window", "eval_every", "eval_prompts"):
             value = getattr(args, field)
             if value is not None:
                 if value < 1:
-                    parser.error(f"--{field} must be >= 1, got {value}")
+                    parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
                 setattr(settings, field, value)
         if settings.iterations < 2 * settings.window:
             parser.error(f"--iterations={settings.iterations} must be at least twice --window={settings.window}")
@@ -403,8 +496,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         if any(lr <= 0 for lr in args.lr):
             parser.error(f"--lr must be positive, got {args.lr}")
-        runs = [Run(reward, variant, seed, lr) for lr in args.lr for reward in args.rewards
-                for seed in args.seeds for variant in args.variants]
+        # Seed-major order: an interrupted benchmark has whole seeds (every reward and variant) done first.
+        runs = [Run(reward, variant, seed, lr) for seed in args.seeds for lr in args.lr for reward in args.rewards
+                for variant in args.variants]
         start = time.monotonic()
         run_all(args.out, runs, settings, args.configs, args.jobs)
         print(f"[learning] {len(runs)} runs in {time.monotonic() - start:.0f} s", flush=True)
