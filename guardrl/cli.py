@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import re
+import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -48,6 +49,10 @@ class _Parser(LightningArgumentParser):
     def error(self, message, ex=None):
         parser = getattr(ex, "subcommand_parser", None) or self
         super().error(did_you_mean(message, [action.dest for action in parser._actions]), ex)
+
+    def print_usage(self, file=None) -> None:
+        # The full usage lists every option (120 lines) above a one-line mistake; `--help` has them all.
+        self._print_message(f"usage: {self.prog} [options]\n", file)
 
 
 class GuardRLCLI(LightningCLI):
@@ -280,7 +285,22 @@ def _iterations_in(ckpt_path: str) -> int:
     return int(checkpoint["guardrl"].get("num_iterations", 0))
 
 
+# Third-party warnings that every guardrl run triggers on purpose and that say nothing to act on; silenced here,
+# at their one source, instead of teaching users to ignore warnings.
+EXPECTED_WARNINGS = (
+    # The frozen base model, text encoders, VAE and rewards run in eval mode by design (GRPOModule keeps the
+    # policy in eval mode so that the update recomputes the rollout's mean exactly).
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # Lightning 2.6's own use of a torch.utils._pytree name deprecated in torch 2.13; nothing a user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
 def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
+    import warnings
+
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     # Field docstrings of the option dataclasses become --help text.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -300,14 +320,31 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
 def console_main() -> None:
     """The `guardrl` console script: returns None, so a finished run exits 0 (setuptools' wrapper passes the
     return value to sys.exit, and a returned GuardRLCLI object would mean exit status 1)."""
-    import sys
-
     if sys.argv[1:] in (["--version"], ["-V"]):
         import guardrl
 
         print(f"guardrl {guardrl.__version__} (torch {torch.__version__}, lightning {pl.__version__})")
         return
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        sys.exit(short_error(error))
+
+
+DEBUG_VARIABLE = "GUARDRL_DEBUG"
+
+
+def short_error(error: BaseException) -> str:
+    """What the console prints for a user error: the message (which names the option, the value and what is
+    allowed) and where it was raised, instead of 12-80 traceback frames. Exit status 1 (sys.exit with a string);
+    GUARDRL_DEBUG=1 shows the whole traceback."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (raised at {os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"guardrl: error: {error}\n  {type(error).__name__}{where}; {DEBUG_VARIABLE}=1 shows the traceback"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m guardrl.cli` works like the console script

@@ -33,10 +33,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(reward: str, init_args: dict, port: int, token: bool = False) -> subprocess.Popen:
+def _start_server(reward: str, init_args: dict, port: int, token: bool = False,
+                  extra: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "GUARDRL_TEST_TOKEN": TOKEN}
     command = [sys.executable, "-m", "guardrl.rewards.server", "--reward", reward, "--port", str(port),
                "--init-args", json.dumps(init_args)] + (["--token-env", "GUARDRL_TEST_TOKEN"] if token else [])
+    command += extra or []
     # A session of its own: LitServe runs workers in child processes, and "killing the server" means all of them.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

@@ -235,3 +235,35 @@ def test_guardrl_version():
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith("guardrl 0.1.0 (torch ")
+
+
+# ---------------------------------------------------------------------------------------------- errors people read
+def _guardrl(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    env.pop("GUARDRL_DEBUG", None)
+    if debug:
+        env["GUARDRL_DEBUG"] = "1"
+    return subprocess.run([sys.executable, "-m", "guardrl.cli", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(600)
+def test_a_user_error_is_a_short_message_and_debug_shows_the_traceback():
+    args = ("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.grpo.clip_range", ".nan")
+    result = _guardrl(*args)
+    assert result.returncode == 1
+    assert "guardrl: error: grpo.clip_range must be a finite number > 0, got nan" in result.stderr
+    assert "GUARDRL_DEBUG=1 shows the traceback" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = _guardrl(*args, debug=True)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_misspelt_option_prints_no_wall_of_usage():
+    result = _guardrl("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.grpo.clip_rnge", "1e-4")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("[transformers]")]
+    assert lines[-1].startswith("error: unrecognized arguments: --model.grpo.clip_rnge 1e-4")
+    assert "did you mean 'model.grpo.clip_range'" in lines[-1]
+    assert len(lines) <= 4, lines  # usage line, tip, error (was 128 lines with every option's usage)

@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import os
+import struct
 import time
 from typing import Any, Optional
 
@@ -40,8 +41,22 @@ def encode_images(images: torch.Tensor, image_format: str = "raw") -> dict[str, 
     raise ValueError(f"RemoteReward.image_format={image_format!r}: must be 'raw' or 'png'")
 
 
-def decode_images(payload: Any) -> torch.Tensor:
-    """The inverse of encode_images, validating everything; returns (B, 3, H, W) float in [0, 1]."""
+# 4096 x 4096: far above any published recipe's resolution (SD3.5 / Flux at 512-1024 px); a decompression bomb
+# (a tiny PNG that claims 20000 x 20000 pixels) is refused before a pixel is decoded.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImagesTooLarge(ValueError):
+    """An image with more pixels than the server accepts (HTTP 413)."""
+
+
+def decode_images(payload: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """The inverse of encode_images, validating everything; returns (B, 3, H, W) float in [0, 1]. Raises
+    ValueError for anything malformed (bad base64, not a PNG, a truncated PNG) and ImagesTooLarge for an image
+    of more than `max_pixels` pixels, so that a server answers 4xx, never 500."""
     if not isinstance(payload, dict) or payload.get("format") not in ("raw", "png"):
         raise ValueError("'images' must be an object with 'format' 'raw' or 'png'")
     if payload["format"] == "raw":
@@ -49,19 +64,47 @@ def decode_images(payload: Any) -> torch.Tensor:
         if not (isinstance(shape, list) and len(shape) == 4 and shape[3] == 3 and all(
                 isinstance(n, int) and n > 0 for n in shape)):
             raise ValueError(f"'images.shape' must be [B, H, W, 3] of positive integers, got {shape!r}")
+        _check_pixels(shape[2], shape[1], max_pixels)
         data = base64.b64decode(payload.get("data", ""), validate=True)
         if len(data) != math.prod(shape):
             raise ValueError(f"'images.data' holds {len(data)} bytes, shape {shape} needs {math.prod(shape)}")
         array = np.frombuffer(data, dtype=np.uint8).reshape(shape)
     else:
-        from PIL import Image
-
         items = payload.get("data")
         if not isinstance(items, list) or not items:
             raise ValueError("'images.data' must be a non-empty list of base64 PNGs")
-        array = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(item, validate=True))).convert("RGB"))
-                          for item in items])
+        arrays = [_decode_png(item, i, max_pixels) for i, item in enumerate(items)]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(f"'images.data' PNGs differ in size ({sorted({a.shape[:2] for a in arrays})}); "
+                             "a batch needs one size")
+        array = np.stack(arrays)
     return torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImagesTooLarge(f"an image of {width} x {height} pixels is larger than this server accepts "
+                             f"({max_pixels} pixels, --max-pixels)")
+
+
+def _decode_png(item: Any, index: int, max_pixels: int) -> np.ndarray:
+    from PIL import Image
+
+    if not isinstance(item, str):
+        raise ValueError(f"'images.data[{index}]' must be a base64 string, got {type(item).__name__}")
+    try:
+        data = base64.b64decode(item, validate=True)
+        if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
+            # The IHDR chunk's size, before PIL opens anything (its own bomb check raises only above 2x its limit).
+            _check_pixels(*struct.unpack(">II", data[16:24]), max_pixels)
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(image.width, image.height, max_pixels)
+            return np.asarray(image.convert("RGB"))
+    except ImagesTooLarge:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # UnidentifiedImageError (not an image), OSError (truncated), binascii.Error (bad base64: a ValueError)
+        raise ValueError(f"'images.data[{index}]' is not a readable PNG ({type(error).__name__}: {error})") from None
 
 
 # ---------------------------------------------------------------- the client
@@ -104,7 +147,7 @@ class RemoteReward(Reward):
         for attempt in range(1, self.max_attempts + 1):
             try:
                 response = requests.post(f"{self.url}/predict", json=body, headers=headers, timeout=self.timeout_s)
-                if response.status_code in (400, 401, 403, 413, 422):
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     # The request itself is wrong: retrying cannot help.
                     raise RewardError(f"reward server {self.url} refused the request ({response.status_code}): "
                                       f"{response.text[:300]}")

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from guardrl.toy.benchmark import VARIANTS, _append_csv, _read_csv, _truncate_csv
+from guardrl.toy.benchmark import VARIANTS, _append_csv, _int_list, _read_csv, _truncate_csv
 from guardrl.toy.files import write_json_atomic
 
 NULL = "null_control"
@@ -453,9 +453,9 @@ def _choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
     return values
 
 
-def _numbers(text: str, kind=float) -> list:
+def _floats(text: str) -> list[float]:
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -469,8 +469,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (a repeated command continues there)")
     parser.add_argument("--rewards", default=",".join(REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards"))
     parser.add_argument("--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants"))
-    parser.add_argument("--seeds", default="0,1,2", type=lambda t: _numbers(t, int))
-    parser.add_argument("--lr", default="3e-3", type=_numbers, help="learning rate(s), comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", type=_int_list)
+    parser.add_argument("--lr", default="3e-3", type=_floats, help="learning rate(s), comma-separated")
     parser.add_argument("--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})")
     parser.add_argument("--window", type=int, default=None,
                         help=f"iterations averaged at start and end of the training-reward gain ({Settings.window})")
