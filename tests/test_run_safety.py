@@ -267,3 +267,17 @@ def test_a_misspelt_option_prints_no_wall_of_usage():
     assert lines[-1].startswith("error: unrecognized arguments: --model.grpo.clip_rnge 1e-4")
     assert "did you mean 'model.grpo.clip_range'" in lines[-1]
     assert len(lines) <= 4, lines  # usage line, tip, error (was 128 lines with every option's usage)
+
+
+def test_a_huge_prompt_is_reported_once_not_echoed(tiny_sd3, caplog):
+    import logging
+
+    huge = "a red circle " * 20_000  # about 260 kB, far past CLIP's 77 tokens and T5's max_sequence_length
+    with caplog.at_level(logging.WARNING):
+        tiny_sd3.encode_prompts([huge, huge + "x", "a blue square"], with_negative=False)
+        tiny_sd3.encode_prompts([huge + "y"], with_negative=False)
+    assert tiny_sd3.truncated_prompts == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("was truncated; said once per run" in m for m in messages) == 1
+    assert not any("The following part of your input was truncated" in m for m in messages)
+    assert sum(len(m) for m in messages) < 2_000  # no cut-off text echoed into the log

@@ -12,6 +12,7 @@ validate a config without touching weights, and so that sharded strategies can w
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -24,6 +25,29 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from torch import nn
 
 from guardrl.sampling.schedules import flow_match_sigmas
+
+_log = logging.getLogger(__name__)
+TRUNCATION_MESSAGE = "The following part of your input was truncated"
+
+
+@contextmanager
+def _caught_truncations(pipeline):
+    """Within the block, diffusers' truncation warnings of `pipeline` (each repeats the cut-off text) are kept
+    out of the log; yields the list they are appended to."""
+    logger = logging.getLogger(type(pipeline).__module__)
+    seen: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(TRUNCATION_MESSAGE):
+            seen.append(record)
+            return False
+        return True
+
+    logger.addFilter(keep)
+    try:
+        yield seen
+    finally:
+        logger.removeFilter(keep)
 
 _DIFFUSERS_VERSION = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,6 +151,7 @@ class FlowBackbone(nn.Module):
         self.offload_vae = offload_vae
         self._pipe = None
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.truncated_prompts = 0  # prompts longer than a text encoder takes, counted over the run
 
     # ----- loading
     @property
@@ -259,9 +284,13 @@ class FlowBackbone(nn.Module):
         # which prompts are missing depends on the cache's history, which a resumed run does not share. Encoding
         # alone keeps every embedding independent of history, so a resumed run is bitwise the straight run.
         if missing:
-            with self._onloaded(self._offloaded_text_encoders(), device):
+            truncated = 0
+            with self._onloaded(self._offloaded_text_encoders(), device), _caught_truncations(self.pipeline) as seen:
                 for prompt in missing:
+                    before = len(seen)
                     self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
+                    truncated += len(seen) > before  # once per prompt, however many encoders cut it
+            self._report_truncations(truncated)
         rows = [self._prompt_cache[p] for p in prompts]
         for p in unique:
             self._prompt_cache.move_to_end(p)
@@ -275,6 +304,20 @@ class FlowBackbone(nn.Module):
         while len(self._prompt_cache) > self.prompt_cache_size:
             self._prompt_cache.popitem(last=False)
         return Conditioning(embeds, pooled, negative, negative_pooled)
+
+    def _report_truncations(self, prompts_truncated: int) -> None:
+        # diffusers logs every truncated prompt with the text it cut off (a 1 MB prompt: 1 MB of log per text
+        # encoder); guardrl says it once per run, with a count.
+        if not prompts_truncated:
+            return
+        first = self.truncated_prompts == 0
+        self.truncated_prompts += prompts_truncated
+        if first:
+            _log.warning(
+                "guardrl: a prompt is longer than the text encoders take (CLIP: 77 tokens; T5: "
+                "model.backbone.init_args.max_sequence_length=%s) and was truncated; said once per run, the count "
+                "is in %s.truncated_prompts", self.max_sequence_length, type(self).__name__,
+            )
 
     def velocity(
         self,
