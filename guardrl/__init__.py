@@ -12,3 +12,20 @@ Where things live (see docs/architecture.md):
 """
 
 __version__ = "0.1.0"
+
+
+def _silence_expected_third_party_messages() -> None:
+    """Importing diffusers' pipelines makes transformers print, for CLIP's and SigLIP's image processors, that
+    torchvision is missing and the PIL processor is used instead. guardrl needs no torchvision (its rewards
+    preprocess tensors themselves, guardrl/rewards/clip_rewards.py), so the fallback is the intended behaviour
+    and the message would only teach users to ignore warnings. This one message is filtered at its source
+    (transformers.utils.import_utils' logger); everything else that logger says still shows."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in str(record.msg)
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(keep)
+
+
+_silence_expected_third_party_messages()

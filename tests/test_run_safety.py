@@ -281,3 +281,11 @@ def test_a_huge_prompt_is_reported_once_not_echoed(tiny_sd3, caplog):
     assert sum("was truncated; said once per run" in m for m in messages) == 1
     assert not any("The following part of your input was truncated" in m for m in messages)
     assert sum(len(m) for m in messages) < 2_000  # no cut-off text echoed into the log
+
+
+def test_importing_guardrl_prints_no_intended_third_party_warnings():
+    # transformers' "requires torchvision (not installed); falling back to ...ImageProcessorPil" on every start
+    result = subprocess.run([sys.executable, "-c", "import guardrl.policy, guardrl.rewards"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "falling back to" not in result.stderr, result.stderr
