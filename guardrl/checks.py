@@ -132,5 +132,29 @@ def did_you_mean(message: str, known_keys: Iterable[str]) -> str:
         if close:
             hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
     if not hints:
-        return message
+        return did_you_mean_class(message)
     return f"{message.rstrip()} ({'; '.join(hints)} `guardrl fit --help` lists every option)"
+
+
+_MISSING_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+
+
+def did_you_mean_class(message: str) -> str:
+    """A parser error about a misspelt class_path (`module 'guardrl.policy' has no attribute 'TinySD3Backbon'`),
+    with the closest public names of that module suggested."""
+    import importlib
+
+    match = _MISSING_ATTRIBUTE.search(message)
+    if match is None:
+        return message
+    module_name, name = match.groups()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - a suggestion must never replace the real error
+        return message
+    public = [n for n in getattr(module, "__all__", dir(module)) if not n.startswith("_")]
+    close = difflib.get_close_matches(name, public, n=2, cutoff=0.75)
+    if not close:
+        return message
+    names = " or ".join(repr(f"{module_name}.{c}") for c in close)
+    return f"{message.rstrip()}\n  (class_path '{module_name}.{name}': did you mean {names}?)"
