@@ -56,6 +56,12 @@ class _Parser(LightningArgumentParser):
 
 
 class GuardRLCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Only `fit`: GRPOModule has no validation/test/predict step, and offering those subcommands would let
+        # a user run one and fail deep inside Lightning. (Evaluation of a checkpoint is a planned addition.)
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
         parser = _Parser(**kwargs)

@@ -289,3 +289,10 @@ def test_importing_guardrl_prints_no_intended_third_party_warnings():
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "falling back to" not in result.stderr, result.stderr
+
+
+def test_only_fit_is_offered(prompt_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["validate", *tiny_fit_args(prompt_file, str(tmp_path / "runs"))])
+    assert raised.value.code == 2
+    assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
