@@ -52,7 +52,8 @@ def write_lora(policy: FlowPolicy, state: dict[str, torch.Tensor], out_dir: str)
     """Write a LoRA state (from `lora_state_dict`) in diffusers format with its adapter metadata."""
     metadata = policy.lora.to_peft_config().to_dict()
     os.makedirs(out_dir, exist_ok=True)
-    pipeline_class = type(policy.backbone.pipeline)
+    backbone = policy.backbone
+    pipeline_class = backbone.lora_format_class or backbone.pipeline_class or type(backbone.pipeline)
     pipeline_class.save_lora_weights(
         out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
         safe_serialization=True,

@@ -162,3 +162,32 @@ def test_exported_lora_in_a_stock_pipeline_gives_the_policys_velocity(kind, tmp_
         got = backbone.velocity(latents, 0.6, cond, 1.0, stock.transformer)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (base - expected).abs().max() > 1e-2  # the LoRA changes the output; alpha/rank = 4 was kept
+
+
+def test_toy_lora_exports_in_sd3_format_and_loads_into_a_fresh_toy_transformer(tmp_path):
+    # The toy model is not a diffusers pipeline; its transformer is an SD3Transformer2DModel, so the export uses
+    # SD3's LoRA format (ToyBackbone.lora_format_class) and every run's end-of-run export command works.
+    from guardrl.policy import FlowPolicy, LoraSpec
+    from guardrl.toy import ToyBackbone
+
+    policy = FlowPolicy(ToyBackbone(), LoraSpec(rank=2, alpha=8))
+    policy.build()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    path = export_lora(policy, str(tmp_path / "lora"))
+    assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
+
+    fresh = ToyBackbone()
+    fresh.load()
+    backbone = policy.backbone
+    latents = backbone.initial_noise(2, torch.Generator().manual_seed(2), torch.device("cpu"))
+    cond = backbone.encode_prompts(["a red circle", "two blue squares"], with_negative=False)
+    with torch.no_grad():
+        base = backbone.velocity(latents, 0.6, cond, 1.0, fresh.transformer)
+        fresh.transformer.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", use_safetensors=True)
+        expected = backbone.velocity(latents, 0.6, cond, 1.0, policy.transformer)
+        got = backbone.velocity(latents, 0.6, cond, 1.0, fresh.transformer)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (base - expected).abs().max() > 1e-2

@@ -235,7 +235,9 @@ class RunSummaryCallback(Callback):
             iteration = getattr(pl_module, "num_iterations", 1) - 1
             self.history.append((iteration, float(outputs["reward_mean"]), float(outputs["reward_std"])))
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After training has ended and the progress bar is closed (on_train_end would print above its last
+        # redraw); the final checkpoint was saved at the end of the last epoch, before this.
         self._summarize(trainer, pl_module, None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

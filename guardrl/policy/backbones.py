@@ -103,6 +103,8 @@ class FlowBackbone(nn.Module):
     """
 
     pipeline_class: type = None  # the stock diffusers pipeline class (also used to export LoRA)
+    # The pipeline class whose `save_lora_weights` writes this backbone's LoRA; None: pipeline_class.
+    lora_format_class: type = None
 
     def __init__(
         self,

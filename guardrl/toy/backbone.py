@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from diffusers import StableDiffusion3Pipeline
+
 from guardrl.policy.backbones import OPTION, FlowBackbone, SD3Backbone, _is_int
 from guardrl.toy.model import load_toy_model
 
@@ -21,6 +23,9 @@ class ToyBackbone(FlowBackbone):
     """The pretrained toy text-to-image model (pixel-space SD3 transformer + word-level text encoder)."""
 
     pipeline_class = None  # not a diffusers pipeline: components are loaded by `load_toy_model`
+    # Its transformer is a diffusers SD3Transformer2DModel: SD3's LoRA format holds it, and
+    # `SD3Transformer2DModel.load_lora_adapter(dir, prefix="transformer", use_safetensors=True)` loads it back.
+    lora_format_class = StableDiffusion3Pipeline
 
     def __init__(
         self,
