@@ -1,9 +1,9 @@
 """Does it train? The cheapest setting of the learning benchmark (docs/learning.md) where learning is certain:
-the toy model, JPEG compressibility, lr 3e-3, 16 iterations of 2 prompts x 8 samples, 6 sampler steps. flow_grpo
-and grpo_guard must raise the evaluation reward (32 fixed training prompts with fixed noise, the same for every
-run of the seed) by MARGIN more than the null control with the same seeds, and must raise it at all; the same
-check must fail when the training signal is broken on purpose (advantages with their sign flipped; a backward
-pass that never reaches the LoRA), so that it cannot pass by drift or by accident.
+the toy model, JPEG compressibility, lr 3e-3, 16 iterations of 2 prompts x 8 samples, 6 sampler steps.
+flow_grpo and grpo_guard must raise the evaluation reward (32 fixed training prompts with fixed noise, the
+same for every run of the seed) by MARGIN more than the null control with the same seeds, and must raise it at
+all; the same check must fail when the training signal is broken on purpose (advantages with their sign
+flipped; a backward pass that never reaches the LoRA), so that it cannot pass by drift or by accident.
 
 Measured here (gain in kB of JPEG, iteration 0 -> 16; start -1.51): flow_grpo +0.223, grpo_guard +0.215, null
 control -0.056 (random updates make images less compressible), flipped advantages -0.223, no gradient 0.000
@@ -23,8 +23,17 @@ from guardrl.toy.learning import Run, Settings, eval_gain, run_one
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = Settings(iterations=16, prompts_per_batch=2, group_size=8, minibatch_size=16, num_train_timesteps=3,
-                    num_inference_steps=6, window=3, eval_every=16, eval_prompts=32)
+SETTINGS = Settings(
+    iterations=16,
+    prompts_per_batch=2,
+    group_size=8,
+    minibatch_size=16,
+    num_train_timesteps=3,
+    num_inference_steps=6,
+    window=3,
+    eval_every=16,
+    eval_prompts=32,
+)
 LR = 3e-3
 SEED = 0
 REWARD = "jpeg"

@@ -1,4 +1,5 @@
-"""The learning benchmark's arithmetic (guardrl/toy/learning.py) on hand-made runs, and its quick mode end to end."""
+"""The learning benchmark's arithmetic (guardrl/toy/learning.py) on hand-made runs, and its quick mode end to
+end."""
 
 from __future__ import annotations
 
@@ -12,21 +13,43 @@ from guardrl.toy.rewards import prompt_color_share
 
 
 def _run(variant: str, seed: int, start: float, end: float, train: list[float]) -> dict:
-    curve = [{"iteration": i, "reward_mean": r, "reward_std": 0.1, "grad_norm": 0.01, "clip_share": 0.05,
-              "skipped": 0.0, "seconds": 2.0} for i, r in enumerate(train)]
-    evaluations = [{"iteration": 0, "reward_mean": start, "reward_std": 0.1, "images": 8},
-                   {"iteration": len(train), "reward_mean": end, "reward_std": 0.1, "images": 8}]
-    return {"reward": "jpeg", "variant": variant, "seed": seed, "lr": 3e-3, "settings": {"window": 2},
-            "curve": curve, "evaluations": evaluations}
+    curve = [
+        {
+            "iteration": i,
+            "reward_mean": r,
+            "reward_std": 0.1,
+            "grad_norm": 0.01,
+            "clip_share": 0.05,
+            "skipped": 0.0,
+            "seconds": 2.0,
+        }
+        for i, r in enumerate(train)
+    ]
+    evaluations = [
+        {"iteration": 0, "reward_mean": start, "reward_std": 0.1, "images": 8},
+        {"iteration": len(train), "reward_mean": end, "reward_std": 0.1, "images": 8},
+    ]
+    return {
+        "reward": "jpeg",
+        "variant": variant,
+        "seed": seed,
+        "lr": 3e-3,
+        "settings": {"window": 2},
+        "curve": curve,
+        "evaluations": evaluations,
+    }
 
 
 def test_gains_table_on_hand_numbers():
     runs = [
-        _run("null_control", 0, 1.0, 1.1, [1, 1, 1, 1]), _run("null_control", 1, 1.0, 0.9, [1, 1, 1, 1]),
+        _run("null_control", 0, 1.0, 1.1, [1, 1, 1, 1]),
+        _run("null_control", 1, 1.0, 0.9, [1, 1, 1, 1]),
         _run("null_control", 2, 1.0, 1.0, [1, 1, 1, 1]),
-        _run("flow_grpo", 0, 1.0, 2.0, [1, 2, 3, 4]), _run("flow_grpo", 1, 1.0, 1.6, [1, 1, 2, 2]),
+        _run("flow_grpo", 0, 1.0, 2.0, [1, 2, 3, 4]),
+        _run("flow_grpo", 1, 1.0, 1.6, [1, 1, 2, 2]),
         _run("flow_grpo", 2, 1.0, 1.8, [1, 1, 1, 1]),
-        _run("grpo_guard", 0, 1.0, 1.12, [1, 1, 1, 1]), _run("grpo_guard", 1, 1.0, 1.0, [1, 1, 1, 1]),
+        _run("grpo_guard", 0, 1.0, 1.12, [1, 1, 1, 1]),
+        _run("grpo_guard", 1, 1.0, 1.0, [1, 1, 1, 1]),
         _run("grpo_guard", 2, 1.0, 1.2, [1, 1, 1, 1]),
     ]
     rows = {r["variant"]: r for r in gains_table(runs)}
@@ -71,7 +94,17 @@ def test_color_share_counts_only_the_prompts_colours():
 @pytest.mark.timeout(600)
 def test_quick_mode_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "learning")
-    argv = ["--out", out, "--quick", "--seeds", "0", "--variants", "flow_grpo,null_control", "--rewards", "jpeg"]
+    argv = [
+        "--out",
+        out,
+        "--quick",
+        "--seeds",
+        "0",
+        "--variants",
+        "flow_grpo,null_control",
+        "--rewards",
+        "jpeg",
+    ]
     main(argv)
     printed = capsys.readouterr().out
     assert "### jpeg, lr 0.003 (evaluation: 4 images)" in printed

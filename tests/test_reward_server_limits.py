@@ -1,5 +1,6 @@
-"""The reward server against bad payloads (4xx with a message, never a 500), its size and pixel limits, and its
-shutdown (Ctrl-C or SIGTERM frees the port and leaves no process behind); RemoteReward never retries a 4xx."""
+"""The reward server against bad payloads (4xx with a message, never a 500), its size and pixel limits, and
+its shutdown (Ctrl-C or SIGTERM frees the port and leaves no process behind); RemoteReward never retries a
+4xx."""
 
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ def _png_claiming(width: int, height: int) -> bytes:
     """A 1 x 1 PNG whose header says width x height (a decompression bomb's header), with a valid CRC."""
     data = bytearray(_png(1, 1))
     start = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[start:start + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12:start + 13])) & 0xFFFFFFFF  # type + 13 bytes of IHDR data
-    data[start + 13:start + 17] = struct.pack(">I", crc)
+    data[start : start + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : start + 13])) & 0xFFFFFFFF  # type + 13 bytes of IHDR data
+    data[start + 13 : start + 17] = struct.pack(">I", crc)
     return bytes(data)
 
 
@@ -47,11 +48,15 @@ def _b64(raw: bytes) -> str:
 
 
 def test_decode_images_refuses_bad_pngs_and_bombs_before_decoding():
-    with pytest.raises(ValueError, match=r"'images.data\[0\]' is not a readable PNG \(UnidentifiedImageError"):
+    with pytest.raises(
+        ValueError, match=r"'images.data\[0\]' is not a readable PNG \(UnidentifiedImageError"
+    ):
         decode_images({"format": "png", "data": [_b64(os.urandom(64))]})
     with pytest.raises(ValueError, match=r"'images.data\[0\]' is not a readable PNG"):
         decode_images({"format": "png", "data": [_b64(_png(8, 8)[:40])]})
-    with pytest.raises(ValueError, match=r"20000 x 20000 pixels is larger than this server accepts \(1000000 pixels"):
+    with pytest.raises(
+        ValueError, match=r"20000 x 20000 pixels is larger than this server accepts \(1000000 pixels"
+    ):
         decode_images({"format": "png", "data": [_b64(_png_claiming(20000, 20000))]}, max_pixels=1_000_000)
     with pytest.raises(ValueError, match=r"2000 x 1000 pixels"):
         decode_images({"format": "raw", "shape": [1, 1000, 2000, 3], "data": ""}, max_pixels=1_000_000)
@@ -62,8 +67,12 @@ def test_decode_images_refuses_bad_pngs_and_bombs_before_decoding():
 @pytest.fixture(scope="module")
 def limited_server():
     port = _free_port()
-    process = _start_server("guardrl.rewards.JpegCompressibility", {}, port, extra=[
-        "--max-request-mb", "1", "--max-pixels", "1000000"])
+    process = _start_server(
+        "guardrl.rewards.JpegCompressibility",
+        {},
+        port,
+        extra=["--max-request-mb", "1", "--max-pixels", "1000000"],
+    )
     yield f"http://127.0.0.1:{port}", process
     _kill(process)
 
@@ -76,16 +85,36 @@ def test_bad_payloads_get_4xx_with_a_message(limited_server):
         return requests.post(f"{url}/predict", timeout=30, **kwargs)
 
     cases = {
-        "random bytes as PNG": (post(json={"prompts": ["a"], "images": {"format": "png", "data": [_b64(os.urandom(99))]}}),
-                                400, "not a readable PNG"),
-        "truncated PNG": (post(json={"prompts": ["a"], "images": {"format": "png", "data": [_b64(_png(8, 8)[:40])]}}),
-                          400, "not a readable PNG"),
-        "20000 x 20000 header": (post(json={"prompts": ["a"], "images": {"format": "png",
-                                                                         "data": [_b64(_png_claiming(20000, 20000))]}}),
-                                 413, "20000 x 20000 pixels"),
-        "not JSON": (post(data=b"\x00\x01 not json", headers={"content-type": "application/json"}), 400, "not JSON"),
-        "too large": (post(data=b"x" * (2 * 2**20), headers={"content-type": "application/json"}), 413,
-                      "larger than this server accepts"),
+        "random bytes as PNG": (
+            post(json={"prompts": ["a"], "images": {"format": "png", "data": [_b64(os.urandom(99))]}}),
+            400,
+            "not a readable PNG",
+        ),
+        "truncated PNG": (
+            post(json={"prompts": ["a"], "images": {"format": "png", "data": [_b64(_png(8, 8)[:40])]}}),
+            400,
+            "not a readable PNG",
+        ),
+        "20000 x 20000 header": (
+            post(
+                json={
+                    "prompts": ["a"],
+                    "images": {"format": "png", "data": [_b64(_png_claiming(20000, 20000))]},
+                }
+            ),
+            413,
+            "20000 x 20000 pixels",
+        ),
+        "not JSON": (
+            post(data=b"\x00\x01 not json", headers={"content-type": "application/json"}),
+            400,
+            "not JSON",
+        ),
+        "too large": (
+            post(data=b"x" * (2 * 2**20), headers={"content-type": "application/json"}),
+            413,
+            "larger than this server accepts",
+        ),
     }
     for name, (response, status, text) in cases.items():
         assert response.status_code == status, (name, response.status_code, response.text)

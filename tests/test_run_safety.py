@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import REPO_ROOT, tiny_fit_args
+
 from guardrl.cli import main
 
 
@@ -51,7 +51,9 @@ def test_a_saved_config_starts_a_new_run_and_touches_nothing_of_the_old(prompt_f
     before = _fingerprint(old)
 
     # "Same config, new lr": a new run in version_1; the old run's every file is unchanged.
-    cli = main(["fit", "--config", saved, "--model.optimizer.init_args.lr", "0.02", "--model.max_iterations", "1"])
+    cli = main(
+        ["fit", "--config", saved, "--model.optimizer.init_args.lr", "0.02", "--model.max_iterations", "1"]
+    )
     assert cli.model.num_iterations == 1
     assert cli.trainer.log_dir == os.path.join(log_root, "guardrl", "version_1")
     assert _fingerprint(old) == before
@@ -62,8 +64,11 @@ def test_a_new_run_into_a_taken_version_folder_is_refused(prompt_file, tmp_path)
     _fit(prompt_file, log_root, **{"--model.max_iterations": "1"})
     old = os.path.join(log_root, "guardrl", "version_0")
     before = _fingerprint(old)
-    with pytest.raises(ValueError, match=r"trainer.logger.init_args.version=0: .*version_0 holds another run "
-                                         r"\(config.yaml, checkpoints\).*--ckpt_path last"):
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.logger.init_args.version=0: .*version_0 holds another run "
+        r"\(config.yaml, checkpoints\).*--ckpt_path last",
+    ):
         _fit(prompt_file, log_root, **{"--trainer.logger.init_args.version": "0"})
     assert _fingerprint(old) == before
 
@@ -89,18 +94,28 @@ def test_a_resume_with_changed_options_keeps_the_previous_config(prompt_file, tm
 def _slow_run_args(prompt_file: str, log_root: str) -> list[str]:
     """5 iterations, a checkpoint every 2; the reward's third call (iteration 2, 0-based) sleeps 6 s: the
     window in which the tests press Ctrl-C."""
-    return tiny_fit_args(prompt_file, log_root, **{
-        "--model.max_iterations": "5",
-        "--checkpoint.every_n_iterations": "2",
-        "--model.rewards": '[{"class_path": "guardrl.rewards.FaultInjectionReward", '
-                           '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "name": "jpeg"}}]',
-    })
+    return tiny_fit_args(
+        prompt_file,
+        log_root,
+        **{
+            "--model.max_iterations": "5",
+            "--checkpoint.every_n_iterations": "2",
+            "--model.rewards": '[{"class_path": "guardrl.rewards.FaultInjectionReward", '
+            '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "name": "jpeg"}}]',
+        },
+    )
 
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    return subprocess.Popen([sys.executable, "-m", "guardrl.cli", "fit", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "guardrl.cli", "fit", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(pattern: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -154,8 +169,16 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(prompt_file, tmp_path):
 
 def test_time_based_checkpoint_cadence(prompt_file, tmp_path):
     log_root = str(tmp_path / "runs")
-    _fit(prompt_file, log_root, **{"--model.max_iterations": "3", "--checkpoint.every_n_iterations": "100",
-                                   "--checkpoint.save_top_k": "-1", "--checkpoint.every_n_minutes": "1e-9"})
+    _fit(
+        prompt_file,
+        log_root,
+        **{
+            "--model.max_iterations": "3",
+            "--checkpoint.every_n_iterations": "100",
+            "--checkpoint.save_top_k": "-1",
+            "--checkpoint.every_n_minutes": "1e-9",
+        },
+    )
     names = sorted(os.listdir(os.path.join(log_root, "guardrl", "version_0", "checkpoints")))
     # every iteration ends more than 1e-9 minutes after the last save
     assert names == ["iteration=1.ckpt", "iteration=2.ckpt", "iteration=3.ckpt", "last.ckpt"]
@@ -177,8 +200,11 @@ def test_reward_weights_of_zero_warn_and_all_zero_is_refused():
     from guardrl.checks import check_rewards
     from guardrl.rewards import JpegCompressibility
 
-    with pytest.warns(UserWarning, match=r"'quiet' has weight 0: it is scored and logged \(reward/quiet/mean\) but "
-                                         r"does not enter the total"):
+    with pytest.warns(
+        UserWarning,
+        match=r"'quiet' has weight 0: it is scored and logged \(reward/quiet/mean\) but "
+        r"does not enter the total",
+    ):
         check_rewards([JpegCompressibility(), JpegCompressibility(weight=0, name="quiet")])
     with pytest.raises(ValueError, match=r"every reward has weight 0 \(jpeg_compressibility\)"):
         check_rewards([JpegCompressibility(weight=0.0)])
@@ -188,10 +214,15 @@ def test_reward_weights_of_zero_warn_and_all_zero_is_refused():
 def test_a_group_with_a_nan_reward_is_dropped_and_the_others_train(prompt_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    reward = ('[{"class_path": "guardrl.rewards.FaultInjectionReward", '
-              '"init_args": {"nan_at_calls": [1], "nan_samples": [0]}}]')
-    cli = _fit(prompt_file, str(tmp_path / "runs"), **{"--model.rewards": reward, "--model.max_iterations": "2",
-                                                      "--model.grpo.num_inner_epochs": "1"})
+    reward = (
+        '[{"class_path": "guardrl.rewards.FaultInjectionReward", '
+        '"init_args": {"nan_at_calls": [1], "nan_samples": [0]}}]'
+    )
+    cli = _fit(
+        prompt_file,
+        str(tmp_path / "runs"),
+        **{"--model.rewards": reward, "--model.max_iterations": "2", "--model.grpo.num_inner_epochs": "1"},
+    )
     model = cli.model
     # Iteration 1's first group (samples 0, 1) had a NaN; its second group trained: no skipped update.
     assert model.num_iterations == 2 and model.num_skipped_updates == 0
@@ -205,7 +236,8 @@ def test_a_group_with_a_nan_reward_is_dropped_and_the_others_train(prompt_file, 
     assert scalars("train/dropped_groups") == [(0, 0.0), (1, 1.0)]
     assert scalars("train/skipped_update") == [(0, 0.0), (1, 0.0)]
     assert [v for _, v in scalars("train/num_optimizer_steps")] == [1.0, 1.0]
-    # Groups of two samples have advantages of about +-1; with one of the two groups zeroed the mean |A| halves.
+    # Groups of two samples have advantages of about +-1; with one of the two groups zeroed, the mean |A|
+    # halves.
     abs_mean = dict(scalars("advantages/abs_mean"))
     assert abs_mean[0] == pytest.approx(1.0, abs=0.01) and abs_mean[1] == pytest.approx(0.5, abs=0.01)
     # reward/mean is over the finite rewards (here the 3 of 4 that are not NaN)
@@ -223,28 +255,45 @@ def test_checkpoints_are_readable_like_the_runs_other_files(prompt_file, tmp_pat
         os.umask(previous)
     folder = os.path.join(str(tmp_path / "runs"), "guardrl", "version_0")
     assert default_file_mode() == 0o666 & ~previous
-    modes = {name: os.stat(os.path.join(folder, "checkpoints", name)).st_mode & 0o777
-             for name in os.listdir(os.path.join(folder, "checkpoints"))}
+    modes = {
+        name: os.stat(os.path.join(folder, "checkpoints", name)).st_mode & 0o777
+        for name in os.listdir(os.path.join(folder, "checkpoints"))
+    }
     assert modes == {"iteration=1.ckpt": 0o644, "last.ckpt": 0o644}
     assert os.stat(os.path.join(folder, "config.yaml")).st_mode & 0o777 == 0o644
 
 
 def test_guardrl_version():
-    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['guardrl', '--version']; "
-                             "from guardrl.cli import console_main; console_main()"],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv = ['guardrl', '--version']; "
+            "from guardrl.cli import console_main; console_main()",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0
     assert result.stdout.startswith("guardrl 0.1.0 (torch ")
 
 
-# ---------------------------------------------------------------------------------------------- errors people read
+# ------------------------------------------------------------------------------------ errors people read
 def _guardrl(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     env.pop("GUARDRL_DEBUG", None)
     if debug:
         env["GUARDRL_DEBUG"] = "1"
-    return subprocess.run([sys.executable, "-m", "guardrl.cli", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "guardrl.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.mark.timeout(600)
@@ -284,9 +333,15 @@ def test_a_huge_prompt_is_reported_once_not_echoed(tiny_sd3, caplog):
 
 
 def test_importing_guardrl_prints_no_intended_third_party_warnings():
-    # transformers' "requires torchvision (not installed); falling back to ...ImageProcessorPil" on every start
-    result = subprocess.run([sys.executable, "-c", "import guardrl.policy, guardrl.rewards"],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
+    # transformers' "requires torchvision (not installed); falling back to ...ImageProcessorPil", at every
+    # start
+    result = subprocess.run(
+        [sys.executable, "-c", "import guardrl.policy, guardrl.rewards"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     assert "falling back to" not in result.stderr, result.stderr
 

@@ -12,26 +12,27 @@ model can move and the same budget for every variant (`Settings`; nothing is tun
     color_share   share of pixels in the prompt's colours, an exact rule (guardrl.toy.rewards.ToyColorShare)
     proxy         the toy world's learned proxy (guardrl.toy.proxy.ToyProxyReward)
 
-The null control is flow_grpo's update on advantages shuffled within each group: the same update size, clipping
-and noise, no reward signal. Whatever it gains is drift; a variant learns when it gains clearly more.
+The null control is flow_grpo's update on advantages shuffled within each group: the same update size,
+clipping and noise, no reward signal. Whatever it gains is drift; a variant learns when it gains clearly more.
 
-The gain of a run is measured on a fixed evaluation set, not on the training batches: the training reward of an
-iteration depends mostly on which 4 prompts the stream drew (a learned-proxy batch mean moves by +-4 between
-iterations for that reason alone, as much for the null control as for flow_grpo), so at iterations 0,
+The gain of a run is measured on a fixed evaluation set, not on the training batches: the training reward of
+an iteration depends mostly on which 4 prompts the stream drew (a learned-proxy batch mean moves by +-4
+between iterations for that reason alone, as much for the null control as for flow_grpo), so at iterations 0,
 `eval_every`, ... and the last, the policy samples `eval_prompts` training prompts (each from its own fixed
 seed, with the training SDE sampler and fixed SDE noise; the set depends on the run's seed only, so every
-variant of a seed is scored on the same prompts and noise) and the gain is the evaluation reward at the end minus
-that at iteration 0 (the shipped model, identical for every variant of a seed). Per reward, the report gives
-every variant's gain (mean +- std over seeds), its ratio to the null control's |gain|, its distance from the
-null gain in null seed standard deviations, and whether it passes:
+variant of a seed is scored on the same prompts and noise) and the gain is the evaluation reward at the end
+minus that at iteration 0 (the shipped model, identical for every variant of a seed). Per reward, the report
+gives every variant's gain (mean +- std over seeds), its ratio to the null control's |gain|, its distance from
+the null gain in null seed standard deviations, and whether it passes:
 
     pass = mean gain >= 3 x |null mean gain|  and  every seed's gain > every null seed's gain
 
 with the run's mean clip share and gradient norm next to it, so that a variant that does not learn shows why.
-The training reward (`reward/mean`, the first and last `window` iterations) is reported beside it.
-Outputs under OUT/: runs/<reward>-<variant>-lr<lr>-s<seed>/ (TensorBoard events, checkpoints, curve.csv,
-evaluations.csv, done.json), table.md, gains.csv, curves.png, summary.json. A repeated command skips finished runs and resumes a
-killed one from its last checkpoint; `--jobs N` runs N worker processes of one thread each.
+The training reward (`reward/mean`, the first and last `window` iterations) is reported beside it. Outputs
+under OUT/: runs/<reward>-<variant>-lr<lr>-s<seed>/ (TensorBoard events, checkpoints, curve.csv,
+evaluations.csv, done.json), table.md, gains.csv, curves.png, summary.json. A repeated command skips finished
+runs and resumes a killed one from its last checkpoint; `--jobs N` runs N worker processes of one thread
+each.
 """
 
 from __future__ import annotations
@@ -84,17 +85,34 @@ class Settings:
 
     def overrides(self) -> list[str]:
         return [
-            "--data.prompts_per_batch", str(self.prompts_per_batch), "--data.group_size", str(self.group_size),
-            "--model.grpo.minibatch_size", str(self.minibatch_size),
-            "--model.grpo.num_train_timesteps", str(self.num_train_timesteps),
-            "--model.grpo.log_step_grad_norms", "false",
-            "--model.sampling.num_inference_steps", str(self.num_inference_steps),
-            "--model.sampling.sde_window", f"[0, {self.num_inference_steps - 1}]",
+            "--data.prompts_per_batch",
+            str(self.prompts_per_batch),
+            "--data.group_size",
+            str(self.group_size),
+            "--model.grpo.minibatch_size",
+            str(self.minibatch_size),
+            "--model.grpo.num_train_timesteps",
+            str(self.num_train_timesteps),
+            "--model.grpo.log_step_grad_norms",
+            "false",
+            "--model.sampling.num_inference_steps",
+            str(self.num_inference_steps),
+            "--model.sampling.sde_window",
+            f"[0, {self.num_inference_steps - 1}]",
         ]
 
 
-QUICK = Settings(iterations=3, prompts_per_batch=2, group_size=4, minibatch_size=8, num_train_timesteps=2,
-                 num_inference_steps=4, window=1, eval_every=3, eval_prompts=4)
+QUICK = Settings(
+    iterations=3,
+    prompts_per_batch=2,
+    group_size=4,
+    minibatch_size=8,
+    num_train_timesteps=2,
+    num_inference_steps=4,
+    window=1,
+    eval_every=3,
+    eval_prompts=4,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +130,30 @@ class Run:
 # ---------------------------------------------------------------------------------------------- running
 def fit_args(run: Run, settings: Settings, configs: str, runs_dir: str) -> list[str]:
     return [
-        "--config", os.path.join(configs, f"{run.variant}.yaml"),
-        "--seed_everything", str(run.seed), "--model.seed", str(run.seed), "--data.seed", str(run.seed),
-        "--model.rewards", json.dumps([REWARDS[run.reward]]),
-        "--model.optimizer.init_args.lr", repr(run.lr),
-        "--model.max_iterations", str(settings.iterations),
-        "--trainer.logger.init_args.save_dir", runs_dir, "--trainer.logger.init_args.name", run.name,
-        "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
+        "--config",
+        os.path.join(configs, f"{run.variant}.yaml"),
+        "--seed_everything",
+        str(run.seed),
+        "--model.seed",
+        str(run.seed),
+        "--data.seed",
+        str(run.seed),
+        "--model.rewards",
+        json.dumps([REWARDS[run.reward]]),
+        "--model.optimizer.init_args.lr",
+        repr(run.lr),
+        "--model.max_iterations",
+        str(settings.iterations),
+        "--trainer.logger.init_args.save_dir",
+        runs_dir,
+        "--trainer.logger.init_args.name",
+        run.name,
+        "--trainer.logger.init_args.version",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
         *settings.overrides(),
     ]
 
@@ -138,7 +172,9 @@ class LearningEvaluator(Callback):
         from guardrl.toy.world import KINDS
 
         if every < 1 or eval_prompts < len(KINDS):
-            raise ValueError(f"eval_every must be >= 1 and eval_prompts >= {len(KINDS)}, got {every}, {eval_prompts}")
+            raise ValueError(
+                f"eval_every must be >= 1 and eval_prompts >= {len(KINDS)}, got {every}, {eval_prompts}"
+            )
         items = evaluation_set("train", eval_prompts // len(KINDS), seed)
         self.prompts, self.seeds = [p for p, _ in items], [s for _, s in items]
         self.every, self.seed = every, seed
@@ -148,7 +184,9 @@ class LearningEvaluator(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         iteration = pl_module.num_iterations
         _truncate_csv(self.path, EVAL_COLUMNS, lambda row: int(row["iteration"]) <= iteration)
-        if iteration % self.every == 0 and iteration not in {int(r["iteration"]) for r in _read_csv(self.path)}:
+        if iteration % self.every == 0 and iteration not in {
+            int(r["iteration"]) for r in _read_csv(self.path)
+        }:
             self.evaluate(pl_module, iteration)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -161,16 +199,30 @@ class LearningEvaluator(Callback):
 
         with module.policy.use_weights("policy") as transformer:
             images = generate(
-                module.backbone, self.prompts, self.seeds, module.sampling.num_inference_steps,
-                module.sampling.guidance_scale, sde=True, sde_seed=self.seed, transformer=transformer,
+                module.backbone,
+                self.prompts,
+                self.seeds,
+                module.sampling.num_inference_steps,
+                module.sampling.guidance_scale,
+                sde=True,
+                sde_seed=self.seed,
+                transformer=transformer,
                 scales=module.noise_scales.cpu(),
             )
         rewards, _ = module.score(images.to(module.device), self.prompts)
         rewards = rewards.double()
-        _append_csv(self.path, EVAL_COLUMNS, [{
-            "iteration": iteration, "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)), "images": rewards.numel(),
-        }])
+        _append_csv(
+            self.path,
+            EVAL_COLUMNS,
+            [
+                {
+                    "iteration": iteration,
+                    "reward_mean": float(rewards.mean()),
+                    "reward_std": float(rewards.std(unbiased=False)),
+                    "images": rewards.numel(),
+                }
+            ],
+        )
 
 
 def run_one(run: Run, settings: Settings, configs: str, out: str) -> dict[str, Any]:
@@ -185,17 +237,26 @@ def run_one(run: Run, settings: Settings, configs: str, out: str) -> dict[str, A
         with open(done_path) as f:
             return json.load(f)
     cli = main(fit_args(run, settings, configs, runs_dir), run=False)
-    cli.trainer.callbacks.append(LearningEvaluator(directory, settings.eval_every, settings.eval_prompts, run.seed))
+    cli.trainer.callbacks.append(
+        LearningEvaluator(directory, settings.eval_every, settings.eval_prompts, run.seed)
+    )
     last = os.path.join(directory, "version_0", "checkpoints", "last.ckpt")
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last if os.path.exists(last) else None)
     if cli.model.num_iterations < settings.iterations:
-        raise RuntimeError(f"{run.name}: stopped after {cli.model.num_iterations} of {settings.iterations} "
-                           "iterations; run the command again to resume it")
+        raise RuntimeError(
+            f"{run.name}: stopped after {cli.model.num_iterations} of {settings.iterations} "
+            "iterations; run the command again to resume it"
+        )
     rows = curve_of(directory)
     _write_csv(os.path.join(directory, "curve.csv"), CURVE_COLUMNS, rows)
-    summary = {**dataclasses.asdict(run), "run": run.name, "iterations": cli.model.num_iterations,
-               "settings": dataclasses.asdict(settings), "wall_s": round(time.monotonic() - start, 1)}
+    summary = {
+        **dataclasses.asdict(run),
+        "run": run.name,
+        "iterations": cli.model.num_iterations,
+        "settings": dataclasses.asdict(settings),
+        "wall_s": round(time.monotonic() - start, 1),
+    }
     write_json_atomic(done_path, summary)
     return summary
 
@@ -211,18 +272,25 @@ def curve_of(directory: str) -> list[dict[str, float]]:
     rows = []
     for step, row in wide.iterrows():
         clip = [row[t] for t in clip_tags if not math.isnan(row[t])]
-        rows.append({
-            "iteration": int(step), "reward_mean": row.get("reward/mean"), "reward_std": row.get("reward/std"),
-            "grad_norm": row.get("grad/norm", float("nan")),
-            "clip_share": float(np.mean(clip)) if clip else float("nan"),
-            "skipped": row.get("train/skipped_update", 0.0), "seconds": row.get("time/iteration_s", float("nan")),
-        })
+        rows.append(
+            {
+                "iteration": int(step),
+                "reward_mean": row.get("reward/mean"),
+                "reward_std": row.get("reward/std"),
+                "grad_norm": row.get("grad/norm", float("nan")),
+                "clip_share": float(np.mean(clip)) if clip else float("nan"),
+                "skipped": row.get("train/skipped_update", 0.0),
+                "seconds": row.get("time/iteration_s", float("nan")),
+            }
+        )
     return rows
 
 
 def _worker(payload: dict) -> None:
     torch.set_num_threads(1)
-    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from fit_args, not from this process's command line
+    sys.argv = sys.argv[
+        :1
+    ]  # LightningCLI gets its arguments from fit_args, not from this process's command line
     settings = Settings(**payload["settings"])
     for spec in payload["runs"]:
         run = Run(**spec)
@@ -230,18 +298,36 @@ def _worker(payload: dict) -> None:
         run_one(run, settings, payload["configs"], payload["out"])
 
 
-def run_all(out: str, runs: Sequence[Run], settings: Settings, configs: str = "configs/toy", jobs: int = 1) -> None:
+def run_all(
+    out: str, runs: Sequence[Run], settings: Settings, configs: str = "configs/toy", jobs: int = 1
+) -> None:
     """Every run, `jobs` worker processes at once (round-robin shards, one thread each, logs in OUT/logs/)."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     shards = [list(runs[k::jobs]) for k in range(jobs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
     for k, shard in enumerate(s for s in shards if s):
-        payload = json.dumps({"runs": [dataclasses.asdict(r) for r in shard], "settings": dataclasses.asdict(settings),
-                              "configs": configs, "out": out})
+        payload = json.dumps(
+            {
+                "runs": [dataclasses.asdict(r) for r in shard],
+                "settings": dataclasses.asdict(settings),
+                "configs": configs,
+                "out": out,
+            }
+        )
         log = open(os.path.join(out, "logs", f"worker-{k}.log"), "a")
-        procs.append((subprocess.Popen([sys.executable, "-m", "guardrl.toy.learning", "_worker", payload],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log, k))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "guardrl.toy.learning", "_worker", payload],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                ),
+                log,
+                k,
+            )
+        )
     failed = []
     for proc, log, k in procs:
         if proc.wait():
@@ -269,8 +355,9 @@ def collect(out: str) -> list[dict[str, Any]]:
         with open(os.path.join(os.path.dirname(done), "curve.csv"), newline="") as f:
             meta["curve"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
         evaluations = _read_csv(os.path.join(os.path.dirname(done), "evaluations.csv"))
-        meta["evaluations"] = sorted(({k: float(v) for k, v in row.items()} for row in evaluations),
-                                     key=lambda r: r["iteration"])
+        meta["evaluations"] = sorted(
+            ({k: float(v) for k, v in row.items()} for row in evaluations), key=lambda r: r["iteration"]
+        )
         found.append(meta)
     return found
 
@@ -297,13 +384,22 @@ def _std(values: Sequence[float]) -> float:
 def gains_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (reward, lr, variant): gains over seeds and the comparison with the null control."""
     rows = []
-    for reward, lr in sorted({(r["reward"], r["lr"]) for r in runs}, key=lambda k: (list(REWARDS).index(k[0]), k[1])):
+    for reward, lr in sorted(
+        {(r["reward"], r["lr"]) for r in runs}, key=lambda k: (list(REWARDS).index(k[0]), k[1])
+    ):
         group = [r for r in runs if r["reward"] == reward and r["lr"] == lr]
         by_variant = {}
         for r in group:
             window = r["settings"]["window"]
             by_variant.setdefault(r["variant"], []).append(
-                (r["seed"], eval_gain(r["evaluations"]), r["curve"], gain(r["curve"], window), r["evaluations"]))
+                (
+                    r["seed"],
+                    eval_gain(r["evaluations"]),
+                    r["curve"],
+                    gain(r["curve"], window),
+                    r["evaluations"],
+                )
+            )
         null = [entry[1] for entry in by_variant.get(NULL, [])]
         null_by_seed = {entry[0]: entry[1] for entry in by_variant.get(NULL, [])}
         null_mean, null_std = (float(np.mean(null)), _std(null)) if null else (float("nan"), float("nan"))
@@ -313,15 +409,23 @@ def gains_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             curves = [e[2] for e in entries]
             train_gains = [e[3] for e in entries]
             mean = float(np.mean(gains))
-            paired = [g - null_by_seed[e[0]] for g, e in zip(gains, entries) if e[0] in null_by_seed]
+            paired = [
+                g - null_by_seed[e[0]] for g, e in zip(gains, entries, strict=True) if e[0] in null_by_seed
+            ]
             row = {
-                "reward": reward, "lr": lr, "variant": variant, "seeds": len(gains), "gain_mean": mean,
-                "gain_std": _std(gains), "gains": gains,
+                "reward": reward,
+                "lr": lr,
+                "variant": variant,
+                "seeds": len(gains),
+                "gain_mean": mean,
+                "gain_std": _std(gains),
+                "gains": gains,
                 "start": float(np.mean([e[4][0]["reward_mean"] for e in entries])),
                 "eval_images": int(entries[0][4][0]["images"]),
                 "paired_mean": float(np.mean(paired)) if paired else float("nan"),
                 "paired_std": _std(paired) if paired else float("nan"),
-                "train_gain_mean": float(np.mean(train_gains)), "train_gain_std": _std(train_gains),
+                "train_gain_mean": float(np.mean(train_gains)),
+                "train_gain_std": _std(train_gains),
                 "clip_share": float(np.nanmean([c["clip_share"] for cur in curves for c in cur])),
                 "grad_norm": float(np.nanmean([c["grad_norm"] for cur in curves for c in cur])),
                 "skipped": int(sum(c["skipped"] for cur in curves for c in cur)),
@@ -329,7 +433,9 @@ def gains_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             if variant != NULL and null:
                 row["times_null"] = mean / abs(null_mean) if null_mean else float("inf")
-                row["null_sds"] = (mean - null_mean) / null_std if null_std and null_std == null_std else float("nan")
+                row["null_sds"] = (
+                    (mean - null_mean) / null_std if null_std and null_std == null_std else float("nan")
+                )
                 row["above_every_null_seed"] = min(gains) > max(null)
                 row["passes"] = bool(mean >= 3 * abs(null_mean) and row["above_every_null_seed"])
             rows.append(row)
@@ -346,25 +452,36 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for reward, lr in dict.fromkeys((r["reward"], r["lr"]) for r in rows):
         mine = [r for r in rows if r["reward"] == reward and r["lr"] == lr]
-        lines += [f"### {reward}, lr {lr:g} (evaluation: {mine[0]['eval_images']} images)", "",
-                  "| variant | start | gain (mean ± std, seeds) | per seed | x \\|null gain\\| | null SDs | "
-                  "> every null seed | passes | gain − null, same seed | training-reward gain | clip share "
-                  "| grad norm |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {reward}, lr {lr:g} (evaluation: {mine[0]['eval_images']} images)",
+            "",
+            "| variant | start | gain (mean ± std, seeds) | per seed | x \\|null gain\\| | null SDs | "
+            "> every null seed | passes | gain − null, same seed | training-reward gain | clip share "
+            "| grad norm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in mine:
             is_null = r["variant"] == NULL
-            lines.append("| " + " | ".join([
-                f"**{r['variant']}**" if is_null else r["variant"], _fmt(r["start"]),
-                f"{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} ({r['seeds']})",
-                ", ".join(_fmt(g) for g in r["gains"]),
-                "–" if is_null else _fmt(r.get("times_null", float("nan"))),
-                "–" if is_null else _fmt(r.get("null_sds", float("nan"))),
-                "–" if is_null else ("yes" if r.get("above_every_null_seed") else "no"),
-                "–" if is_null else ("**yes**" if r.get("passes") else "**no**"),
-                "–" if is_null else f"{_fmt(r['paired_mean'])} ± {_fmt(r['paired_std'])}",
-                f"{_fmt(r['train_gain_mean'])} ± {_fmt(r['train_gain_std'])}",
-                f"{r['clip_share']:.3f}", f"{r['grad_norm']:.3g}",
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"**{r['variant']}**" if is_null else r["variant"],
+                        _fmt(r["start"]),
+                        f"{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} ({r['seeds']})",
+                        ", ".join(_fmt(g) for g in r["gains"]),
+                        "–" if is_null else _fmt(r.get("times_null", float("nan"))),
+                        "–" if is_null else _fmt(r.get("null_sds", float("nan"))),
+                        "–" if is_null else ("yes" if r.get("above_every_null_seed") else "no"),
+                        "–" if is_null else ("**yes**" if r.get("passes") else "**no**"),
+                        "–" if is_null else f"{_fmt(r['paired_mean'])} ± {_fmt(r['paired_std'])}",
+                        f"{_fmt(r['train_gain_mean'])} ± {_fmt(r['train_gain_std'])}",
+                        f"{r['clip_share']:.3f}",
+                        f"{r['grad_norm']:.3g}",
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -385,8 +502,12 @@ def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["reward"], r["lr"]) for r in sorted(
-        runs, key=lambda r: (list(REWARDS).index(r["reward"]), r["lr"]))))
+    panels = list(
+        dict.fromkeys(
+            (r["reward"], r["lr"])
+            for r in sorted(runs, key=lambda r: (list(REWARDS).index(r["reward"]), r["lr"]))
+        )
+    )
     fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 8.0), squeeze=False)
     colors = {v: plt.get_cmap("tab10")(i) for i, v in enumerate(VARIANTS)}
     window = max(1, runs[0]["settings"]["window"])
@@ -397,19 +518,29 @@ def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
                 continue
             style = "--" if variant == NULL else "-"
             label = f"{variant} ({len(mine)} seeds)"
-            for row, series in ((0, [[e["reward_mean"] for e in r["evaluations"]] for r in mine]),
-                                (1, [smooth([c["reward_mean"] for c in r["curve"]], window) for r in mine])):
+            for row, series in (
+                (0, [[e["reward_mean"] for e in r["evaluations"]] for r in mine]),
+                (1, [smooth([c["reward_mean"] for c in r["curve"]], window) for r in mine]),
+            ):
                 length = min(len(x) for x in series)
                 values = np.stack([np.asarray(x[:length], dtype=float) for x in series])
-                its = ([e["iteration"] for e in mine[0]["evaluations"]][:length] if row == 0 else np.arange(length))
+                its = (
+                    [e["iteration"] for e in mine[0]["evaluations"]][:length]
+                    if row == 0
+                    else np.arange(length)
+                )
                 mean = values.mean(0)
                 std = values.std(0, ddof=1) if len(values) > 1 else np.zeros(length)
                 axis = axes[row][column]
-                axis.plot(its, mean, style, marker="o" if row == 0 else None, color=colors[variant], label=label)
+                axis.plot(
+                    its, mean, style, marker="o" if row == 0 else None, color=colors[variant], label=label
+                )
                 axis.fill_between(its, mean - std, mean + std, color=colors[variant], alpha=0.15)
         images = int(runs[0]["settings"]["eval_prompts"])
         axes[0][column].set_title(f"{reward}, lr {lr:g}: evaluation ({images} fixed prompts)")
-        axes[1][column].set_title(f"{reward}, lr {lr:g}: training batches ({window}-iteration moving average)")
+        axes[1][column].set_title(
+            f"{reward}, lr {lr:g}: training batches ({window}-iteration moving average)"
+        )
         for row in (0, 1):
             axes[row][column].set_xlabel("GRPO iteration")
             axes[row][column].set_ylabel("reward mean")
@@ -428,17 +559,42 @@ def write_report(out: str) -> dict[str, Any]:
     if not runs:
         raise FileNotFoundError(f"--out={out!r} holds no finished learning run (runs/*/done.json)")
     rows = gains_table(runs)
-    columns = ["reward", "lr", "variant", "seeds", "start", "gain_mean", "gain_std", "gains", "times_null",
-               "null_sds", "above_every_null_seed", "passes", "paired_mean", "paired_std", "train_gain_mean",
-               "train_gain_std", "eval_images", "clip_share", "grad_norm", "skipped", "seconds_per_iteration"]
+    columns = [
+        "reward",
+        "lr",
+        "variant",
+        "seeds",
+        "start",
+        "gain_mean",
+        "gain_std",
+        "gains",
+        "times_null",
+        "null_sds",
+        "above_every_null_seed",
+        "passes",
+        "paired_mean",
+        "paired_std",
+        "train_gain_mean",
+        "train_gain_std",
+        "eval_images",
+        "clip_share",
+        "grad_norm",
+        "skipped",
+        "seconds_per_iteration",
+    ]
     _write_csv(os.path.join(out, "gains.csv"), columns, rows)
     table = table_markdown(rows)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     plot = plot_curves(runs, os.path.join(out, "curves.png"))
-    report = {"table": os.path.join(out, "table.md"), "gains": os.path.join(out, "gains.csv"), "plot": plot,
-              "runs": len(runs), "settings": runs[0]["settings"],
-              "failing": [f"{r['reward']}/{r['variant']}" for r in rows if r.get("passes") is False]}
+    report = {
+        "table": os.path.join(out, "table.md"),
+        "gains": os.path.join(out, "gains.csv"),
+        "plot": plot,
+        "runs": len(runs),
+        "settings": runs[0]["settings"],
+        "failing": [f"{r['reward']}/{r['variant']}" for r in rows if r.get("passes") is False],
+    }
     write_json_atomic(os.path.join(out, "summary.json"), report)
     return report
 
@@ -448,8 +604,9 @@ def _choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in allowed]
     if bad or not values:
-        raise argparse.ArgumentTypeError(f"{option}={text!r}: {bad or 'empty'} not allowed; choose from "
-                                         f"{', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(
+            f"{option}={text!r}: {bad or 'empty'} not allowed; choose from {', '.join(allowed)}"
+        )
     return values
 
 
@@ -465,18 +622,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["_worker"]:
         _worker(json.loads(argv[1]))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory (a repeated command continues there)")
-    parser.add_argument("--rewards", default=",".join(REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants"))
+    parser.add_argument(
+        "--rewards", default=",".join(REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards")
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants")
+    )
     parser.add_argument("--seeds", default="0,1,2", type=_int_list)
     parser.add_argument("--lr", default="3e-3", type=_floats, help="learning rate(s), comma-separated")
-    parser.add_argument("--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})")
-    parser.add_argument("--window", type=int, default=None,
-                        help=f"iterations averaged at start and end of the training-reward gain ({Settings.window})")
-    parser.add_argument("--eval-every", type=int, default=None, help=f"evaluation cadence ({Settings.eval_every})")
-    parser.add_argument("--eval-prompts", type=int, default=None,
-                        help=f"evaluation images, one per fixed training prompt ({Settings.eval_prompts})")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help=f"iterations averaged at start and end of the training-reward gain ({Settings.window})",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help=f"evaluation cadence ({Settings.eval_every})"
+    )
+    parser.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=None,
+        help=f"evaluation images, one per fixed training prompt ({Settings.eval_prompts})",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny budget, for the tests")
     parser.add_argument("--configs", default="configs/toy")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
@@ -491,14 +666,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
                 setattr(settings, field, value)
         if settings.iterations < 2 * settings.window:
-            parser.error(f"--iterations={settings.iterations} must be at least twice --window={settings.window}")
+            parser.error(
+                f"--iterations={settings.iterations} must be at least twice --window={settings.window}"
+            )
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         if any(lr <= 0 for lr in args.lr):
             parser.error(f"--lr must be positive, got {args.lr}")
         # Seed-major order: an interrupted benchmark has whole seeds (every reward and variant) done first.
-        runs = [Run(reward, variant, seed, lr) for seed in args.seeds for lr in args.lr for reward in args.rewards
-                for variant in args.variants]
+        runs = [
+            Run(reward, variant, seed, lr)
+            for seed in args.seeds
+            for lr in args.lr
+            for reward in args.rewards
+            for variant in args.variants
+        ]
         start = time.monotonic()
         run_all(args.out, runs, settings, args.configs, args.jobs)
         print(f"[learning] {len(runs)} runs in {time.monotonic() - start:.0f} s", flush=True)

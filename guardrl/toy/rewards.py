@@ -2,12 +2,11 @@
 
     ToyColorShare   the share of the image's pixels drawn in one of the prompt's colours
 
-Used by the learning benchmark (guardrl/toy/learning.py) as a reward a person can check by eye: an image of
-"a red circle and a blue square" scores the fraction of its pixels that are red or blue, with the verifier's
-colour rule (a pixel is a palette colour when it lies within COLOR_TOLERANCE of it in RGB, guardrl/toy/verify.py).
-It can be raised by drawing the asked objects bigger or brighter, or by painting the background in their colour;
-it is a learning signal, not a gold metric.
-"""
+Used by the learning benchmark (guardrl/toy/learning.py) as a reward a person can check by eye: an image of "a
+red circle and a blue square" scores the fraction of its pixels that are red or blue, with the verifier's
+colour rule (a pixel is a palette colour when it lies within COLOR_TOLERANCE of it in RGB,
+guardrl/toy/verify.py). It can be raised by drawing the asked objects bigger or brighter, or by painting the
+background in their colour; it is a learning signal, not a gold metric."""
 
 from __future__ import annotations
 
@@ -31,7 +30,9 @@ def _prompt_classes(prompt: str | PromptSpec) -> tuple[int, ...]:
 def prompt_color_share(images: torch.Tensor, prompts: Sequence[str | PromptSpec]) -> torch.Tensor:
     """(N,) float: per image, the share of its H x W pixels classified as one of its prompt's colours."""
     classes_NHW = classify_pixels(as_image_batch(images))
-    wanted_NK = torch.zeros(classes_NHW.shape[0], 1 + len(COLORS), dtype=torch.bool, device=classes_NHW.device)
+    wanted_NK = torch.zeros(
+        classes_NHW.shape[0], 1 + len(COLORS), dtype=torch.bool, device=classes_NHW.device
+    )
     for n, prompt in enumerate(prompts):
         wanted_NK[n, list(_prompt_classes(prompt))] = True
     # UNKNOWN (-1) pixels match nothing: gather at class 0 (background, never wanted) for them.
