@@ -13,6 +13,7 @@ See docs/reliability.md for resuming and docs/analysis.md for reading the logs.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -137,8 +138,10 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved:
             return
         self.config = describe_run(self.config)
-        if self.save_to_log_dir and trainer.is_global_zero:
-            path = os.path.join(trainer.log_dir, self.config_filename)
+        # Trainer.log_dir broadcasts from rank zero: every rank must ask, or rank zero waits forever.
+        log_dir = trainer.log_dir if self.save_to_log_dir else None
+        if log_dir is not None and trainer.is_global_zero:
+            path = os.path.join(log_dir, self.config_filename)
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
                     previous = f.read()
@@ -305,11 +308,23 @@ EXPECTED_WARNINGS = (
 )
 
 
+def _drop_log_message(logger_name: str, prefix: str) -> None:
+    """Lightning's advertisement for its cloud logger at every start (rank_zero_info) says nothing about the run."""
+    logger = logging.getLogger(logger_name)
+    if not any(getattr(f, "guardrl_prefix", None) == prefix for f in logger.filters):
+        def keep(record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefix)
+
+        keep.guardrl_prefix = prefix  # type: ignore[attr-defined]
+        logger.addFilter(keep)
+
+
 def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
     import warnings
 
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    _drop_log_message("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging")
     # Field docstrings of the option dataclasses become --help text.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -336,10 +351,16 @@ def console_main() -> None:
         return
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+    except (ValueError, FileNotFoundError, OSError) as error:
+        user_error = not isinstance(error, OSError) or isinstance(error, FileNotFoundError) or (
+            error.errno in USER_OS_ERRORS)
+        if not user_error or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         sys.exit(short_error(error))
+
+
+# What a full disk, a read-only or unwritable log directory look like: the user's to fix, one line each.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 DEBUG_VARIABLE = "GUARDRL_DEBUG"

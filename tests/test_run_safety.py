@@ -351,3 +351,13 @@ def test_only_fit_is_offered(prompt_file, tmp_path, capsys):
         main(["validate", *tiny_fit_args(prompt_file, str(tmp_path / "runs"))])
     assert raised.value.code == 2
     assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_an_unwritable_log_directory_is_one_line():
+    # /sys refuses new directories even to root (EPERM), like an unwritable or read-only log directory would.
+    result = _guardrl("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.max_iterations", "1",
+                      "--trainer.logger.init_args.save_dir", "/sys/guardrl_runs")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "guardrl: error: [Errno 1] Operation not permitted: '/sys/guardrl_runs" in result.stderr
+    assert "Traceback" not in result.stderr
