@@ -12,6 +12,8 @@
     evaluate pass rates per kind and gold metrics of a toy model (python -m guardrl.toy.evaluate)
     proxy    ToyProxyReward, the learned and hackable proxy reward (python -m guardrl.toy.proxy train|evaluate|hack)
     benchmark every ratio variant + a null control, proxy and gold over iterations (python -m guardrl.toy.benchmark)
+    learning does it train? every variant + a null control on three rewards (python -m guardrl.toy.learning)
+    rewards  ToyColorShare, a rule-based reward: the share of pixels in the prompt's colours
 
 The names below are loaded on first use, not when the package is imported: `python -m guardrl.toy.verify`
 (and `.gold`, `.grammar`) then runs its module once, and `import guardrl.toy` does not pull in torchmetrics.
@@ -56,6 +58,7 @@ _EXPORTS = {
     "save_toy_model": "model",
     "ToyBackbone": "backbone",
     "ToyProxyReward": "proxy",
+    "ToyColorShare": "rewards",
 }
 __all__ = list(_EXPORTS)
 
