@@ -537,9 +537,9 @@ def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
                 )
                 axis.fill_between(its, mean - std, mean + std, color=colors[variant], alpha=0.15)
         images = int(runs[0]["settings"]["eval_prompts"])
-        axes[0][column].set_title(f"{reward}, lr {lr:g}: evaluation ({images} fixed prompts)")
+        axes[0][column].set_title(f"{reward}, lr {lr:g}: evaluation, {images} fixed prompts")
         axes[1][column].set_title(
-            f"{reward}, lr {lr:g}: training batches ({window}-iteration moving average)"
+            f"{reward}: training batches, {window}-iteration mean"
         )
         for row in (0, 1):
             axes[row][column].set_xlabel("GRPO iteration")
