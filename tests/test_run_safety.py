@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT, tiny_fit_args
+from test_resume import _start, _wait_for
 
 from guardrl.cli import main
 
@@ -104,29 +105,6 @@ def _slow_run_args(prompt_file: str, log_root: str) -> list[str]:
             '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "name": "jpeg"}}]',
         },
     )
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    return subprocess.Popen(
-        [sys.executable, "-m", "guardrl.cli", "fit", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _wait_for(pattern: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not glob.glob(pattern):
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before {pattern} appeared:\n{process.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{pattern} did not appear within {timeout} s")
-        time.sleep(0.1)
 
 
 def _iterations_in(path: str) -> int:

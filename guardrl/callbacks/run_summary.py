@@ -254,9 +254,10 @@ class RunSummaryCallback(Callback):
         from guardrl.checkpointing import find_iteration_checkpoint
 
         checkpoint = find_iteration_checkpoint(trainer)
-        last = getattr(checkpoint, "last_model_path", "") or None if checkpoint is not None else None
-        if last is None and checkpoint is not None and checkpoint.dirpath:
-            candidate = os.path.join(checkpoint.dirpath, "last.ckpt")
+        last = None
+        if checkpoint is not None:
+            # last_model_path is empty when this session saved nothing (a finished run resumed): what is on disk.
+            candidate = checkpoint.last_model_path or os.path.join(checkpoint.dirpath or "", "last.ckpt")
             last = candidate if os.path.exists(candidate) else None
         lines = end_summary_lines(
             self.history, status=status, num_iterations=done, max_iterations=maximum, session_iterations=session,

@@ -590,11 +590,13 @@ def write_report(out: str, budget: Budget | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- command
-def _int_list(text: str) -> list[int]:
+def _number_list(text: str, kind: type = int) -> list:
+    """`--seeds 0,1,2` (kind int) or `--lr 3e-4,1e-3` (kind float), for argparse."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -612,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (a repeated command continues there)")
     parser.add_argument("--quick", action="store_true", help="tiny budget: minutes, for the tests")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
+    parser.add_argument("--seeds", type=_number_list, default=[0, 1, 2])
     parser.add_argument("--clip-modes", default=",".join(CLIP_MODES))
     parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations per run")
     parser.add_argument("--eval-every", type=int, default=None)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from guardrl.toy.benchmark import VARIANTS, _append_csv, _int_list, _read_csv, _truncate_csv
+from guardrl.toy.benchmark import VARIANTS, _append_csv, _number_list, _read_csv, _truncate_csv
 from guardrl.toy.files import write_json_atomic
 
 NULL = "null_control"
@@ -610,13 +610,6 @@ def _choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
     return values
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:
@@ -632,8 +625,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants")
     )
-    parser.add_argument("--seeds", default="0,1,2", type=_int_list)
-    parser.add_argument("--lr", default="3e-3", type=_floats, help="learning rate(s), comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", type=_number_list)
+    parser.add_argument(
+        "--lr", default="3e-3", type=lambda t: _number_list(t, float), help="learning rate(s), comma-separated"
+    )
     parser.add_argument(
         "--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})"
     )
