@@ -1,3 +1,3 @@
-from guardrl.cli import main
+from guardrl.console import console_main
 
-main()
+console_main()

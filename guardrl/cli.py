@@ -13,7 +13,6 @@ See docs/reliability.md for resuming and docs/analysis.md for reading the logs.
 
 from __future__ import annotations
 
-import errno
 import glob
 import logging
 import os
@@ -36,7 +35,7 @@ from guardrl.callbacks import (
     RunSummaryCallback,
 )
 from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
-from guardrl.checks import did_you_mean
+from guardrl.suggestions import did_you_mean
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
 from guardrl.sharding import DISTRIBUTED_METADATA, is_checkpoint
@@ -341,41 +340,7 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
     )
 
 
-def console_main() -> None:
-    """The `guardrl` console script: returns None, so a finished run exits 0 (setuptools' wrapper passes the
-    return value to sys.exit, and a returned GuardRLCLI object would mean exit status 1)."""
-    if sys.argv[1:] in (["--version"], ["-V"]):
-        import guardrl
-
-        print(f"guardrl {guardrl.__version__} (torch {torch.__version__}, lightning {pl.__version__})")
-        return
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError) as error:
-        user_error = not isinstance(error, OSError) or isinstance(error, FileNotFoundError) or (
-            error.errno in USER_OS_ERRORS)
-        if not user_error or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
-            raise
-        sys.exit(short_error(error))
-
-
-# What a full disk, a read-only or unwritable log directory look like: the user's to fix, one line each.
-USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
-
-
-DEBUG_VARIABLE = "GUARDRL_DEBUG"
-
-
-def short_error(error: BaseException) -> str:
-    """What the console prints for a user error: the message (which names the option, the value and what is
-    allowed) and where it was raised, instead of 12-80 traceback frames. Exit status 1 (sys.exit with a string);
-    GUARDRL_DEBUG=1 shows the whole traceback."""
-    import traceback
-
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" (raised at {os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
-    return f"guardrl: error: {error}\n  {type(error).__name__}{where}; {DEBUG_VARIABLE}=1 shows the traceback"
-
-
 if __name__ == "__main__":  # pragma: no cover - `python -m guardrl.cli` works like the console script
+    from guardrl.console import console_main
+
     console_main()

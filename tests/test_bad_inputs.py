@@ -29,9 +29,9 @@ from guardrl.checks import (
     check_group_size,
     check_optimizer_for_strategy,
     check_rewards,
-    did_you_mean,
 )
 from guardrl.data import PromptDataModule, PromptStream, iter_prompt_file
+from guardrl.suggestions import did_you_mean
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.perf import PerformanceOptions

@@ -63,6 +63,7 @@ REWARDS: dict[str, dict[str, Any]] = {
     "jpeg": {"class_path": "guardrl.rewards.JpegCompressibility"},
     "color_share": {"class_path": "guardrl.toy.rewards.ToyColorShare"},
     "proxy": {"class_path": "guardrl.toy.proxy.ToyProxyReward"},
+    "proxy_prob": {"class_path": "guardrl.toy.proxy.ToyProxyReward", "init_args": {"form": "mean_prob"}},
 }
 # What each run logs and the report reads (TensorBoard tags, guardrl.analysis).
 CURVE_TAGS = ("reward/mean", "reward/std", "grad/norm", "train/skipped_update", "time/iteration_s")

@@ -260,6 +260,27 @@ def total_reward(heads: dict[str, torch.Tensor], targets: PromptTargets) -> torc
     return terms["total"] + terms["combinations"] + terms["position"]
 
 
+def mean_probability(heads: dict[str, torch.Tensor], targets: PromptTargets) -> torch.Tensor:
+    """(B,) in [0, 1]: the mean, over the prompt's own checks (the total count, each named combination's count,
+    the relation if any), of the probability the proxy gives it. The same heads as `total_reward`, with light
+    tails: a check the image fails completely costs at most 1/n instead of tens of nats, so a group's
+    advantages follow the checks a policy can actually move rather than its worst image (docs/toy_proxy.md)."""
+    rows = torch.arange(targets.total.shape[0], device=targets.total.device)
+    total = heads["total_logits"].softmax(-1)[rows, targets.total]
+    counts = heads["count_logits"].softmax(-1).gather(-1, targets.count.unsqueeze(-1)).squeeze(-1)
+    x_lp, y_lp = heads["x_logits"].log_softmax(-1), heads["y_logits"].log_softmax(-1)
+    position = relation_log_prob(x_lp[:, 0], y_lp[:, 0], x_lp[:, 1], y_lp[:, 1], targets.relation).exp()
+    has_relation = targets.relation >= 0
+    summed = total + counts[:, 0] + torch.where(targets.has_second, counts[:, 1], 0.0)
+    summed = summed + torch.where(has_relation, position, 0.0)
+    checks = 2 + targets.has_second.long() + has_relation.long()
+    return summed / checks
+
+
+# How `ToyProxyReward` turns the heads into one number per image (`form`).
+PROXY_FORMS = {"log_prob": total_reward, "mean_prob": mean_probability}
+
+
 def proxy_accepts(heads: dict[str, torch.Tensor], targets: PromptTargets) -> torch.Tensor:
     """(B,) bool, the proxy's own verdict, to compare with the verifier's: each asked count is its head's most
     likely value, and the relation (if any) has P > 0.5. `heads` as for `reward_terms`."""
@@ -321,10 +342,23 @@ class ToyProxyReward(Reward):
             weights shipped in guardrl/toy/weights/.
         weight: multiplier of this reward in the total.
         name: log tag (`reward/<name>/mean`); defaults to "toy_proxy".
+        form: "log_prob" (the sum of the checks' log-probabilities, at most 0) or "mean_prob" (the mean of
+            their probabilities, in [0, 1]; light-tailed, see `mean_probability`).
     """
 
-    def __init__(self, weights_path: str | None = None, weight: float = 1.0, name: str | None = None) -> None:
+    def __init__(
+        self,
+        weights_path: str | None = None,
+        weight: float = 1.0,
+        name: str | None = None,
+        form: str = "log_prob",
+    ) -> None:
         super().__init__(weight=weight, name=name or "toy_proxy")
+        if form not in PROXY_FORMS:
+            raise ValueError(
+                f"{OPTION}.form must be one of {', '.join(PROXY_FORMS)}, got {form!r}"
+            )
+        self.form = form
         self.weights_path = weights_path
         # About 1 MB: loaded eagerly, so a bad path fails when the config is instantiated, not mid-run.
         self.net, self.record = load_proxy(weights_path)
@@ -362,7 +396,7 @@ class ToyProxyReward(Reward):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str | PromptSpec]) -> torch.Tensor:
         targets = self.targets(prompts)  # parse first: a bad prompt fails before any compute
-        return total_reward(self.heads(images, targets), targets).to(images.device)
+        return PROXY_FORMS[self.form](self.heads(images, targets), targets).to(images.device)
 
 
 # ------------------------------------------------------------------------------------------------- the hack
