@@ -63,15 +63,26 @@ def rollout_vs_pipeline(repeats: int) -> dict[str, float]:
         # what GRPOModule._rollout does: the old snapshot equals the policy here, so no adapter switch
         weights = "policy" if policy.old_equals_policy() else "old"
         with torch.no_grad(), policy.use_weights(weights) as transformer:
-            return sample_rollouts(lambda x, t, k: backbone.velocity(x, t, cond, 1.0, transformer), noise, sigmas,
-                                   scales, "mean", generator).final_latents
+            return sample_rollouts(
+                lambda x, t, k: backbone.velocity(x, t, cond, 1.0, transformer),
+                noise,
+                sigmas,
+                scales,
+                "mean",
+                generator,
+            ).final_latents
 
     def stock_pipeline():
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            return pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
-                        num_inference_steps=STEPS, guidance_scale=1.0, generator=generator,
-                        output_type="latent").images
+            return pipe(
+                prompt_embeds=cond.prompt_embeds,
+                pooled_prompt_embeds=cond.pooled_prompt_embeds,
+                num_inference_steps=STEPS,
+                guidance_scale=1.0,
+                generator=generator,
+                output_type="latent",
+            ).images
 
     pipe.set_progress_bar_config(disable=True)
     latents = guardrl_rollout()
@@ -80,7 +91,7 @@ def rollout_vs_pipeline(repeats: int) -> dict[str, float]:
     for r in range(repeats):  # alternately, so that load on the machine hits both alike, in ABBA order, so
         # that any bias of running first or second in a pair cancels
         pair = ((guardrl_rollout, ours_times), (stock_pipeline, stock_times))
-        for fn, times in (pair if r % 2 == 0 else pair[::-1]):
+        for fn, times in pair if r % 2 == 0 else pair[::-1]:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -105,8 +116,14 @@ def _pure_compute(module) -> dict:
         generator = torch.Generator().manual_seed(0)
         noise = backbone.initial_noise(batch, generator, torch.device("cpu"))
         with torch.no_grad(), policy.use_weights("old") as transformer:
-            state["traj"] = sample_rollouts(lambda x, t, k: backbone.velocity(x, t, cond, 1.0, transformer), noise,
-                                            module.sigmas, module.noise_scales, "mean", generator)
+            state["traj"] = sample_rollouts(
+                lambda x, t, k: backbone.velocity(x, t, cond, 1.0, transformer),
+                noise,
+                module.sigmas,
+                module.noise_scales,
+                "mean",
+                generator,
+            )
 
     def decode():
         state["images"] = backbone.decode(state["traj"].final_latents)
@@ -147,11 +164,20 @@ def iteration_vs_compute(iterations: int) -> dict[str, float]:
     prompt_file = os.path.join(tmp, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(f"prompt {i}" for i in range(64)) + "\n")
-    args = tiny_fit_args(prompt_file, tmp, **{
-        "--model.sampling.num_inference_steps": str(STEPS), "--data.group_size": str(GROUP_SIZE),
-        "--data.prompts_per_batch": str(PROMPTS_PER_BATCH), "--model.grpo.minibatch_size": "8",
-        "--model.max_iterations": str(iterations + 1), "--trainer.logger": "false",
-        "--trainer.enable_checkpointing": "false", "--model.grpo.log_step_grad_norms": "false"})
+    args = tiny_fit_args(
+        prompt_file,
+        tmp,
+        **{
+            "--model.sampling.num_inference_steps": str(STEPS),
+            "--data.group_size": str(GROUP_SIZE),
+            "--data.prompts_per_batch": str(PROMPTS_PER_BATCH),
+            "--model.grpo.minibatch_size": "8",
+            "--model.max_iterations": str(iterations + 1),
+            "--trainer.logger": "false",
+            "--trainer.enable_checkpointing": "false",
+            "--model.grpo.log_step_grad_norms": "false",
+        },
+    )
     cli = main(args, run=False)
 
     class Interleaved(L.Callback):
@@ -202,8 +228,14 @@ def overlap_vs_serial(iterations: int, latency_s: float, reps: int = 2) -> dict[
     prompt_file = os.path.join(tmp, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(f"prompt {i}" for i in range(64)) + "\n")
-    reward = json.dumps([{"class_path": "guardrl.rewards.FaultInjectionReward",
-                          "init_args": {"sleep_at_calls": list(range(4 * (iterations + 1))), "sleep_s": latency_s}}])
+    reward = json.dumps(
+        [
+            {
+                "class_path": "guardrl.rewards.FaultInjectionReward",
+                "init_args": {"sleep_at_calls": list(range(4 * (iterations + 1))), "sleep_s": latency_s},
+            }
+        ]
+    )
 
     class IterationTimer(L.Callback):
         def __init__(self):
@@ -218,13 +250,22 @@ def overlap_vs_serial(iterations: int, latency_s: float, reps: int = 2) -> dict[
     times: dict[str, list[float]] = {"serial": [], "overlapped": []}
     for _ in range(reps):
         for name in ("serial", "overlapped"):
-            args = tiny_fit_args(prompt_file, tmp, **{
-                "--model.sampling.num_inference_steps": str(STEPS), "--data.group_size": str(GROUP_SIZE),
-                "--data.prompts_per_batch": str(PROMPTS_PER_BATCH), "--model.grpo.minibatch_size": "8",
-                "--model.max_iterations": str(iterations + 1), "--trainer.logger": "false",
-                "--trainer.enable_checkpointing": "false", "--model.rewards": reward,
-                "--model.performance.rollout_chunks": "4",
-                "--model.performance.overlap_rewards": str(name == "overlapped").lower()})
+            args = tiny_fit_args(
+                prompt_file,
+                tmp,
+                **{
+                    "--model.sampling.num_inference_steps": str(STEPS),
+                    "--data.group_size": str(GROUP_SIZE),
+                    "--data.prompts_per_batch": str(PROMPTS_PER_BATCH),
+                    "--model.grpo.minibatch_size": "8",
+                    "--model.max_iterations": str(iterations + 1),
+                    "--trainer.logger": "false",
+                    "--trainer.enable_checkpointing": "false",
+                    "--model.rewards": reward,
+                    "--model.performance.rollout_chunks": "4",
+                    "--model.performance.overlap_rewards": str(name == "overlapped").lower(),
+                },
+            )
             cli = main(args, run=False)
             timer = IterationTimer()
             cli.trainer.callbacks.append(timer)
@@ -236,14 +277,22 @@ def overlap_vs_serial(iterations: int, latency_s: float, reps: int = 2) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--iterations", type=int, default=8, help="timed GRPO iterations (each paired with a pure pass)")
-    parser.add_argument("--reward-latency", type=float, default=0.15,
-                        help="seconds a call of the overlap benchmark's reward waits (a served reward's round trip)")
+    parser.add_argument(
+        "--iterations", type=int, default=8, help="timed GRPO iterations (each paired with a pure pass)"
+    )
+    parser.add_argument(
+        "--reward-latency",
+        type=float,
+        default=0.15,
+        help="seconds a call of the overlap benchmark's reward waits (a served reward's round trip)",
+    )
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the in-process `guardrl fit` below must not see this script's options
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {PROMPTS_PER_BATCH} prompts x {GROUP_SIZE}, {STEPS} sampler steps, tiny SD3")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {PROMPTS_PER_BATCH} prompts x {GROUP_SIZE}, {STEPS} sampler steps, tiny SD3"
+    )
     r = rollout_vs_pipeline(args.repeats)
     print("\n| rollout (latents, no decode) | seconds (median) | images/s |\n|---|---|---|")
     print(f"| guardrl rollout (SDE + log-probs) | {r['guardrl_s']:.3f} | {r['batch'] / r['guardrl_s']:.1f} |")
@@ -256,11 +305,15 @@ def main() -> None:
     print(f"| iteration / pure compute (median of per-pair ratios) | {statistics.median(p['ratios']):.3f} |")
     latency = args.reward_latency
     o = overlap_vs_serial(max(2, args.iterations // 2), latency)
-    print(f"\n| rollout_chunks 4, reward with {latency:.2f} s latency per call | iteration seconds (median) |"
-          "\n|---|---|")
+    print(
+        f"\n| rollout_chunks 4, reward with {latency:.2f} s latency per call | iteration seconds (median) |"
+        "\n|---|---|"
+    )
     print(f"| reward after each chunk (serial) | {o['serial']:.3f} |")
     print(f"| reward overlapped with the next chunk | {o['overlapped']:.3f} |")
-    print(f"| saved per iteration (expected: the waits of all but the last chunk, 3 x {latency:.2f} = {3 * latency:.2f}) | {o['serial'] - o['overlapped']:.3f} |")
+    print(
+        f"| saved per iteration (expected: the waits of all but the last chunk, 3 x {latency:.2f} = {3 * latency:.2f}) | {o['serial'] - o['overlapped']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

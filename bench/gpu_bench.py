@@ -63,7 +63,10 @@ from guardrl.policy.random_weights import build_transformer, transformer_config
 VAE_FACTOR, LATENT_CHANNELS = 8, 16
 SMALL_MAX_SEQUENCE_LENGTH = 16  # --small
 BACKBONES = {"sd35m": RandomSD35MediumBackbone, "flux": RandomFluxDevBackbone}
-RECIPES = {"sd35m": "configs/sd35m/grpo_guard_pickscore.yaml", "flux": "configs/flux/grpo_guard_pickscore.yaml"}
+RECIPES = {
+    "sd35m": "configs/sd35m/grpo_guard_pickscore.yaml",
+    "flux": "configs/flux/grpo_guard_pickscore.yaml",
+}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -118,16 +121,28 @@ def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, 
     t = torch.full((batch,), 500.0, device=device, dtype=dtype)
     if kind == "sd35m":
         x = torch.randn(batch, LATENT_CHANNELS, latent, latent, device=device, dtype=dtype)
-        return dict(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled_embeds,
-                    return_dict=False)
+        return dict(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=text,
+            pooled_projections=pooled_embeds,
+            return_dict=False,
+        )
     side = latent // 2  # Flux packs 2 x 2 latent patches: (B, side^2, 64)
     x = torch.randn(batch, side * side, config["in_channels"], device=device, dtype=dtype)
     img_ids = torch.zeros(side, side, 3, device=device, dtype=dtype)
     img_ids[..., 1] = torch.arange(side, device=device)[:, None]
     img_ids[..., 2] = torch.arange(side, device=device)[None, :]
-    return dict(hidden_states=x, timestep=t / 1000.0, encoder_hidden_states=text, pooled_projections=pooled_embeds,
-                txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype), img_ids=img_ids.reshape(-1, 3),
-                guidance=torch.full((batch,), 3.5, device=device, dtype=dtype), return_dict=False)
+    return dict(
+        hidden_states=x,
+        timestep=t / 1000.0,
+        encoder_hidden_states=text,
+        pooled_projections=pooled_embeds,
+        txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
+        img_ids=img_ids.reshape(-1, 3),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
+        return_dict=False,
+    )
 
 
 def flops_of(fn) -> int:
@@ -177,11 +192,18 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
 
         seconds = _median_seconds(rollout, device, args.repeats)
         flops = flops_of(rollout)
-        rows.append({
-            "model": kind, "phase": "rollout" + (" + CFG" if cfg else ""), "cfg": cfg, "batch": args.batch,
-            "seconds": seconds, "images_per_s": args.batch / seconds, "tflops": flops / 1e12,
-            "mfu": flops / seconds / ceiling,
-        })
+        rows.append(
+            {
+                "model": kind,
+                "phase": "rollout" + (" + CFG" if cfg else ""),
+                "cfg": cfg,
+                "batch": args.batch,
+                "seconds": seconds,
+                "images_per_s": args.batch / seconds,
+                "tflops": flops / 1e12,
+                "mfu": flops / seconds / ceiling,
+            }
+        )
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     kwargs = inputs(kind, config, args.minibatch, args.resolution, device, dtype, tokens)
@@ -195,11 +217,18 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
 
     seconds = _median_seconds(update, device, args.repeats)
     flops = flops_of(update)
-    rows.append({
-        "model": kind, "phase": f"update, one step (LoRA r{lora.rank})", "batch": args.minibatch,
-        "seconds": seconds, "images_per_s": args.minibatch / seconds, "tflops": flops / 1e12,
-        "mfu": flops / seconds / ceiling, "peak_gib": peak_memory_gib(device),
-    })
+    rows.append(
+        {
+            "model": kind,
+            "phase": f"update, one step (LoRA r{lora.rank})",
+            "batch": args.minibatch,
+            "seconds": seconds,
+            "images_per_s": args.minibatch / seconds,
+            "tflops": flops / 1e12,
+            "mfu": flops / seconds / ceiling,
+            "peak_gib": peak_memory_gib(device),
+        }
+    )
     return rows  # the model is freed with this frame; _guarded empties the CUDA cache before the next
 
 
@@ -228,12 +257,24 @@ class _IterationMetrics(L.Callback):
         self.iterations: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, *args):
-        self.iterations.append({name: float(value) for name, value in trainer.callback_metrics.items()
-                                if name.startswith(("time/", "flops/", "throughput/"))})
+        self.iterations.append(
+            {
+                name: float(value)
+                for name, value in trainer.callback_metrics.items()
+                if name.startswith(("time/", "flops/", "throughput/"))
+            }
+        )
 
 
-def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float,
-                   extra: dict | None = None, warmup: int = 1) -> list[dict]:
+def grpo_iteration(
+    kind: str,
+    args,
+    device: torch.device,
+    dtype: torch.dtype,
+    ceiling: float,
+    extra: dict | None = None,
+    warmup: int = 1,
+) -> list[dict]:
     """`guardrl fit` of the model's GRPO-Guard recipe on the random-weight backbone, in this process; one row per
     phase with the medians of `args.iterations` iterations after `warmup` ones (the first counts FLOPs and warms
     up). `extra`: more command-line options, applied last."""
@@ -243,14 +284,26 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     prompt_file = os.path.join(tmp, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(f"benchmark prompt {i}" for i in range(256)) + "\n")
-    backbone = {"class_path": f"guardrl.policy.{BACKBONES[kind].__name__}", "init_args": {
-        "torch_dtype": str(dtype).replace("torch.", ""), "resolution": args.resolution,
-        "max_sequence_length": max_sequence_length(kind, args.small), "small": args.small}}
+    backbone = {
+        "class_path": f"guardrl.policy.{BACKBONES[kind].__name__}",
+        "init_args": {
+            "torch_dtype": str(dtype).replace("torch.", ""),
+            "resolution": args.resolution,
+            "max_sequence_length": max_sequence_length(kind, args.small),
+            "small": args.small,
+        },
+    }
     overrides = {
         "--model.backbone": json.dumps(backbone),
         # The recipe's reward is PickScore; its name would carry over to a class_path given alone.
-        "--model.rewards": json.dumps([{"class_path": "guardrl.rewards.JpegCompressibility",
-                                        "init_args": {"name": "jpeg_compressibility"}}]),
+        "--model.rewards": json.dumps(
+            [
+                {
+                    "class_path": "guardrl.rewards.JpegCompressibility",
+                    "init_args": {"name": "jpeg_compressibility"},
+                }
+            ]
+        ),
         "--model.sampling.num_inference_steps": args.steps,
         "--model.grpo.minibatch_size": args.minibatch,
         "--model.grpo.gradient_accumulation_steps": args.batch // args.minibatch,  # one optimizer step
@@ -262,10 +315,15 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
         "--data.group_size": args.group_size,
         "--data.prompts_per_batch": args.batch // args.group_size,
         "--trainer.accelerator": "gpu" if device.type == "cuda" else "cpu",
-        "--trainer.devices": 1, "--trainer.num_nodes": 1, "--trainer.strategy": "auto",
+        "--trainer.devices": 1,
+        "--trainer.num_nodes": 1,
+        "--trainer.strategy": "auto",
         "--trainer.precision": "bf16-mixed" if dtype == torch.bfloat16 else "32-true",
-        "--trainer.logger": "false", "--trainer.enable_checkpointing": "false", "--trainer.default_root_dir": tmp,
-        "--trainer.enable_progress_bar": "false", "--trainer.enable_model_summary": "false",
+        "--trainer.logger": "false",
+        "--trainer.enable_checkpointing": "false",
+        "--trainer.default_root_dir": tmp,
+        "--trainer.enable_progress_bar": "false",
+        "--trainer.enable_model_summary": "false",
     }
     overrides.update(extra or {})
     argv = ["--config", os.path.join(REPO_ROOT, RECIPES[kind])]
@@ -283,19 +341,31 @@ def grpo_iteration(kind: str, args, device: torch.device, dtype: torch.dtype, ce
     peak = peak_memory_gib(device)
     measured = metrics.iterations[warmup:]
     lora = cli.model.hparams.get("lora") or {}
-    trained_steps = len(cli.model.noise_scales.nonzero()) if cli.model.grpo.num_train_timesteps is None else (
-        cli.model.grpo.num_train_timesteps)
+    trained_steps = (
+        len(cli.model.noise_scales.nonzero())
+        if cli.model.grpo.num_train_timesteps is None
+        else (cli.model.grpo.num_train_timesteps)
+    )
     # grpo.track_kl (the default) adds a no-grad reference forward (adapters off) per trained step: train/kl.
     kl = " + KL reference forwards" if cli.model.grpo.needs_reference else ""
-    names = {"update": f"update (LoRA r{lora.get('rank', '-')}, {args.batch // args.minibatch} minibatches x "
-                       f"{trained_steps} steps{kl})", "iteration": "whole iteration"}
+    names = {
+        "update": f"update (LoRA r{lora.get('rank', '-')}, {args.batch // args.minibatch} minibatches x "
+        f"{trained_steps} steps{kl})",
+        "iteration": "whole iteration",
+    }
     rows = []
     for phase in ("rollout", "decode", "reward", "update", "iteration"):
         seconds = statistics.median(m[f"time/{phase}_s"] for m in measured)
         flops = measured[-1]["flops/model" if phase == "iteration" else f"flops/{phase}"]
-        row = {"model": kind, "phase": names.get(phase, phase), "batch": args.batch, "seconds": seconds,
-               "images_per_s": args.batch / seconds,
-               "tflops": flops / 1e12, "mfu": flops / seconds / ceiling if flops else None}
+        row = {
+            "model": kind,
+            "phase": names.get(phase, phase),
+            "batch": args.batch,
+            "seconds": seconds,
+            "images_per_s": args.batch / seconds,
+            "tflops": flops / 1e12,
+            "mfu": flops / seconds / ceiling if flops else None,
+        }
         rows.append(row)
     rows[-1]["peak_gib"] = peak
     rows[-1]["logged_mfu"] = measured[-1].get("throughput/iteration/mfu")
@@ -307,8 +377,11 @@ def savers(device: torch.device) -> dict[str, tuple[str, dict | str]]:
     """The memory savers and speed switches of docs/performance.md, one at a time on top of the recipe: key ->
     (label, extra command-line options, or a string saying why the entry cannot run here)."""
     compile_backend = "inductor" if device.type == "cuda" else "eager"  # CPU: no compiler needed, same graphs
-    eight_bit = {"--model.optimizer": json.dumps({"class_path": "bitsandbytes.optim.AdamW8bit",
-                                                  "init_args": {"lr": 1e-4, "weight_decay": 1e-4}})}
+    eight_bit = {
+        "--model.optimizer": json.dumps(
+            {"class_path": "bitsandbytes.optim.AdamW8bit", "init_args": {"lr": 1e-4, "weight_decay": 1e-4}}
+        )
+    }
     if device.type != "cuda":
         eight_bit = "needs CUDA"
     elif importlib.util.find_spec("bitsandbytes") is None:
@@ -316,12 +389,17 @@ def savers(device: torch.device) -> dict[str, tuple[str, dict | str]]:
     return {
         "recipe": ("recipe as shipped", {}),
         "checkpointing": ("gradient_checkpointing", {"--model.performance.gradient_checkpointing": "true"}),
-        "bf16_trajectories": ("trajectory_dtype bfloat16", {"--model.performance.trajectory_dtype": "bfloat16"}),
+        "bf16_trajectories": (
+            "trajectory_dtype bfloat16",
+            {"--model.performance.trajectory_dtype": "bfloat16"},
+        ),
         "chunks": ("rollout_chunks 2", {"--model.performance.rollout_chunks": 2}),
         "offload_vae": ("offload_vae", {"--model.backbone.init_args.offload_vae": "true"}),
         "adamw8bit": ("8-bit AdamW (bitsandbytes)", eight_bit),
-        "compile": (f"compile ({compile_backend})", {"--model.performance.compile": "true",
-                                                     "--model.performance.compile_backend": compile_backend}),
+        "compile": (
+            f"compile ({compile_backend})",
+            {"--model.performance.compile": "true", "--model.performance.compile_backend": compile_backend},
+        ),
     }
 
 
@@ -337,10 +415,14 @@ def savers_table(kind: str, args, device: torch.device, dtype: torch.dtype, ceil
         # torch.compile compiles in the second iteration (the first counts FLOPs eagerly): one more warm-up.
         warmup = 2 if key == "compile" else 1
         try:
-            phases = {r["phase"].split(" (")[0]: r
-                      for r in grpo_iteration(kind, args, device, dtype, ceiling, extra, warmup)}
+            phases = {
+                r["phase"].split(" (")[0]: r
+                for r in grpo_iteration(kind, args, device, dtype, ceiling, extra, warmup)
+            }
         except torch.OutOfMemoryError as e:
-            rows.append({"model": kind, "saver": name, "skipped": f"out of memory ({str(e).splitlines()[0]})"})
+            rows.append(
+                {"model": kind, "saver": name, "skipped": f"out of memory ({str(e).splitlines()[0]})"}
+            )
             continue
         except Exception as e:  # one broken switch must not lose the other rows of a one-shot GPU run
             rows.append({"model": kind, "saver": name, "skipped": f"failed: {type(e).__name__}: {e}"[:300]})
@@ -364,21 +446,31 @@ def _print_savers(rows: list[dict], device: torch.device) -> None:
         p = r["phases"]
         peak = p["whole iteration"]["peak_gib"]
         reference = base.get(r["model"])
-        ratio = (f"x{peak / reference['phases']['whole iteration']['peak_gib']:.2f}"
-                 if reference and device.type == "cuda" else "")
+        ratio = (
+            f"x{peak / reference['phases']['whole iteration']['peak_gib']:.2f}"
+            if reference and device.type == "cuda"
+            else ""
+        )
         shown = f"{peak:.2f}" if device.type == "cuda" else "(CPU: RSS only grows)"
-        print(f"| {r['model']} | {r['saver']} | {p['whole iteration']['seconds']:.4f} | {p['rollout']['seconds']:.4f} | "
-              f"{p['update']['seconds']:.4f} | {p['update']['tflops']:.4g} | {shown} | {ratio} |")
+        print(
+            f"| {r['model']} | {r['saver']} | {p['whole iteration']['seconds']:.4f} | {p['rollout']['seconds']:.4f} | "
+            f"{p['update']['seconds']:.4f} | {p['update']['tflops']:.4g} | {shown} | {ratio} |"
+        )
 
 
 def _print_rows(rows: list[dict], extra: str = "") -> None:
-    print("| model | phase | images | seconds | images/s | TFLOP | MFU | peak GiB |" + (f" {extra} |" if extra else ""))
+    print(
+        "| model | phase | images | seconds | images/s | TFLOP | MFU | peak GiB |"
+        + (f" {extra} |" if extra else "")
+    )
     print("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        line = (f"| {r['model']} | {r['phase']} | {r['batch']} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | "
-                f"{r['tflops']:.4g} | {mfu} | {peak} |")
+        line = (
+            f"| {r['model']} | {r['phase']} | {r['batch']} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | "
+            f"{r['tflops']:.4g} | {mfu} | {peak} |"
+        )
         print(line + (f" {r.get(extra, '')} |" if extra else ""))
 
 
@@ -398,8 +490,11 @@ def _guarded(section: str, kind: str, fn):
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd35m,flux", help="comma-separated: sd35m, flux")
-    parser.add_argument("--sections", default="bare,iteration",
-                        help="comma-separated: bare, iteration, savers (one fit per memory saver; not by default)")
+    parser.add_argument(
+        "--sections",
+        default="bare,iteration",
+        help="comma-separated: bare, iteration, savers (one fit per memory saver; not by default)",
+    )
     parser.add_argument("--small", action="store_true", help="shrunken shapes (automatic without CUDA)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="rollout images (before CFG doubling)")
@@ -407,12 +502,19 @@ def main(argv=None) -> dict[str, list[dict]]:
     parser.add_argument("--minibatch", type=int, default=4, help="images per LoRA update step")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per rollout")
     parser.add_argument("--iterations", type=int, default=3, help="GRPO iterations timed after the first")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="GRPO iteration: checkpoint blocks")
-    parser.add_argument("--savers", default=",".join(savers(torch.device("cpu"))),
-                        help="savers section: comma-separated keys of the switches to run (default: all)")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="GRPO iteration: checkpoint blocks"
+    )
+    parser.add_argument(
+        "--savers",
+        default=",".join(savers(torch.device("cpu"))),
+        help="savers section: comma-separated keys of the switches to run (default: all)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, default=8192)
-    parser.add_argument("--count-only", action="store_true", help="full-shape parameters and FLOPs, meta device")
+    parser.add_argument(
+        "--count-only", action="store_true", help="full-shape parameters and FLOPs, meta device"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - {"sd35m", "flux"})
@@ -435,30 +537,51 @@ def main(argv=None) -> dict[str, list[dict]]:
         args.small = True
     if args.small and args.resolution == 512 and device.type == "cpu":
         args.resolution, args.batch, args.group_size, args.minibatch, args.steps, args.matmul_size = (
-            128, 4, 2, 2, 4, 1024)
-    for option, value in (("--batch", args.batch), ("--minibatch", args.minibatch), ("--group-size", args.group_size),
-                          ("--steps", args.steps), ("--iterations", args.iterations), ("--repeats", args.repeats)):
+            128,
+            4,
+            2,
+            2,
+            4,
+            1024,
+        )
+    for option, value in (
+        ("--batch", args.batch),
+        ("--minibatch", args.minibatch),
+        ("--group-size", args.group_size),
+        ("--steps", args.steps),
+        ("--iterations", args.iterations),
+        ("--repeats", args.repeats),
+    ):
         if value < 1:
             raise SystemExit(f"{option}={value}: must be >= 1")
     if args.batch % args.group_size or args.batch % args.minibatch:
-        raise SystemExit(f"--batch={args.batch} must be a multiple of --group-size={args.group_size} and of "
-                         f"--minibatch={args.minibatch}")
+        raise SystemExit(
+            f"--batch={args.batch} must be a multiple of --group-size={args.group_size} and of "
+            f"--minibatch={args.minibatch}"
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceiling = matmul_ceiling(device, dtype, args.matmul_size, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}, {torch.get_num_threads()} threads, dtype {str(dtype).replace('torch.', '')}, "
-          f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; torch {torch.__version__}")
+    print(
+        f"device: {name}, {torch.get_num_threads()} threads, dtype {str(dtype).replace('torch.', '')}, "
+        f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; torch {torch.__version__}"
+    )
     print(f"matmul ceiling ({args.matmul_size}^3): {ceiling / 1e12:.3f} TFLOP/s")
     bare, iteration, saver_rows = [], [], []
     for kind in models:
         if "bare" in sections:
             bare += _guarded("bare", kind, lambda: bench_model(kind, args, device, dtype, ceiling))
         if "iteration" in sections:
-            rows = _guarded("GRPO iteration", kind, lambda: grpo_iteration(kind, args, device, dtype, ceiling))
+            rows = _guarded(
+                "GRPO iteration", kind, lambda: grpo_iteration(kind, args, device, dtype, ceiling)
+            )
             # guardrl's rollout against the bare transformer's rollout of the same images (with CFG when the
             # recipe has it: SD3's guidance 4.5; Flux's guidance is an embedding, no extra forward).
-            reference = [r for r in bare if r["model"] == kind and r["phase"].startswith("rollout")
-                         and r["cfg"] == (kind == "sd35m")]
+            reference = [
+                r
+                for r in bare
+                if r["model"] == kind and r["phase"].startswith("rollout") and r["cfg"] == (kind == "sd35m")
+            ]
             for r in rows:
                 if r["phase"] == "rollout" and reference:
                     r["vs bare"] = f"x{r['seconds'] / reference[0]['seconds']:.3f} time"
@@ -468,16 +591,22 @@ def main(argv=None) -> dict[str, list[dict]]:
         if "savers" in sections:
             saver_rows += savers_table(kind, args, device, dtype, ceiling)
     if bare:
-        print("\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + backward + "
-              "AdamW at one timestep)")
+        print(
+            "\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + backward + "
+            "AdamW at one timestep)"
+        )
         _print_rows(bare)
     if iteration:
-        print(f"\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, {args.batch} "
-              f"images in groups of {args.group_size}, minibatch {args.minibatch}, medians of {args.iterations})")
+        print(
+            f"\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, {args.batch} "
+            f"images in groups of {args.group_size}, minibatch {args.minibatch}, medians of {args.iterations})"
+        )
         _print_rows(iteration, extra="vs bare")
     if saver_rows:
-        print(f"\nmemory savers and switches, one at a time on the recipe (GRPO iteration as above, medians of "
-              f"{args.iterations})")
+        print(
+            f"\nmemory savers and switches, one at a time on the recipe (GRPO iteration as above, medians of "
+            f"{args.iterations})"
+        )
         _print_savers(saver_rows, device)
     return {"bare": bare, "iteration": iteration, "savers": saver_rows}
 

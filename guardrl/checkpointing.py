@@ -24,7 +24,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to `<dir>/.<name>.tmp-*`, fsync, os.replace onto the target, fsync the directory."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"AtomicCheckpointIO.save_checkpoint got storage_options={storage_options!r}; it takes none"
@@ -100,19 +102,32 @@ class IterationCheckpoint(ModelCheckpoint):
             verbose: print a line per save.
         """
         if not isinstance(every_n_iterations, int) or every_n_iterations < 1:
-            raise ValueError(f"checkpoint.every_n_iterations must be an integer >= 1, got {every_n_iterations!r}")
+            raise ValueError(
+                f"checkpoint.every_n_iterations must be an integer >= 1, got {every_n_iterations!r}"
+            )
         if every_n_minutes is not None and not (
-            isinstance(every_n_minutes, (int, float)) and not isinstance(every_n_minutes, bool) and every_n_minutes > 0
+            isinstance(every_n_minutes, (int, float))
+            and not isinstance(every_n_minutes, bool)
+            and every_n_minutes > 0
         ):
-            raise ValueError(f"checkpoint.every_n_minutes must be a number > 0 or null, got {every_n_minutes!r}")
+            raise ValueError(
+                f"checkpoint.every_n_minutes must be a number > 0 or null, got {every_n_minutes!r}"
+            )
         if monitor is None and save_top_k not in (-1, 0, 1):
             raise ValueError(
                 f"checkpoint.save_top_k={save_top_k} needs checkpoint.monitor to rank by; without a monitor use "
                 "-1 (keep all), 0 (only last.ckpt) or 1 (the newest)"
             )
         super().__init__(
-            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_last=save_last,
-            save_top_k=save_top_k, every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=True,
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode=mode,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            every_n_train_steps=0,
+            every_n_epochs=0,
+            save_on_train_epoch_end=True,
             verbose=verbose,
             # `last.ckpt` is always the newest state, never `last-v1.ckpt`: `--ckpt_path last` relies on it.
             enable_version_counter=False,
@@ -131,7 +146,9 @@ class IterationCheckpoint(ModelCheckpoint):
         self._last_save_time = time.monotonic()
 
     # Lightning's step-based triggers are off (every_n_train_steps=0, every_n_epochs=0); these replace them.
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         iteration = getattr(pl_module, "num_iterations", 0)
         due = iteration % self.every_n_iterations == 0
         if self.every_n_minutes is not None:

@@ -61,7 +61,9 @@ def check_rewards(rewards: Sequence) -> None:
             )
 
 
-def check_batch_sizes(grpo: GRPOOptions, prompts_per_batch: int, group_size: int, rollout_chunks: int = 1) -> None:
+def check_batch_sizes(
+    grpo: GRPOOptions, prompts_per_batch: int, group_size: int, rollout_chunks: int = 1
+) -> None:
     """The rank's batch must split into whole minibatches, and those into whole optimizer steps; its prompt
     groups into whole rollout chunks."""
     if prompts_per_batch % rollout_chunks:
@@ -101,7 +103,9 @@ def check_optimizer_for_strategy(optimizer, strategy: Strategy) -> None:
         optimizer = optimizer.optimizer
     optimizer_class = type(optimizer)
     module = optimizer_class.__module__ or ""
-    if (module == "bitsandbytes" or module.startswith("bitsandbytes.")) and isinstance(strategy, SHARDED_STRATEGIES):
+    if (module == "bitsandbytes" or module.startswith("bitsandbytes.")) and isinstance(
+        strategy, SHARDED_STRATEGIES
+    ):
         raise ValueError(
             f"model.optimizer={module}.{optimizer_class.__qualname__} cannot be used with trainer.strategy="
             f"{type(strategy).__name__}: guardrl does not shard 8-bit (bitsandbytes) optimizer state. Allowed: a "

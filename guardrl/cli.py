@@ -17,7 +17,6 @@ import glob
 import logging
 import os
 import re
-import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -66,7 +65,10 @@ class GuardRLCLI(LightningCLI):
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
         parser = _Parser(**kwargs)
         parser.add_argument(
-            "-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format."
+            "-c",
+            "--config",
+            action=ActionConfigFile,
+            help="Path to a configuration file in json or yaml format.",
         )
         return parser
 
@@ -112,12 +114,16 @@ class GuardRLCLI(LightningCLI):
         user = user if isinstance(user, list) else [user]
         # A user-listed callback of a forced type replaces the forced one (no double images, no two bars).
         forced = (GRPOProgressBar, ImageGridCallback, RunSummaryCallback)
-        callbacks = [c for c in callbacks if not (isinstance(c, forced) and any(type(u) is type(c) for u in user))]
+        callbacks = [
+            c for c in callbacks if not (isinstance(c, forced) and any(type(u) is type(c) for u in user))
+        ]
         if config.get("enable_progress_bar") is False or any(isinstance(u, ProgressBar) for u in user):
             # Lightning refuses a progress bar with enable_progress_bar=False, and a second bar.
             callbacks = [c for c in callbacks if not isinstance(c, GRPOProgressBar)]
         plugins = config.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        plugins = (
+            [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        )
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
@@ -240,8 +246,11 @@ def _find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Opt
         # Every version's checkpoint folder, not only those holding a last.ckpt: a sharded one whose replacement
         # was killed between its two renames is missing until is_checkpoint below restores it.
         folders = glob.glob(os.path.dirname(pattern))
-        candidates = sorted((os.path.join(folder, "last.ckpt") for folder in folders),
-                            key=lambda p: _version_number(p) or -1, reverse=True)
+        candidates = sorted(
+            (os.path.join(folder, "last.ckpt") for folder in folders),
+            key=lambda p: _version_number(p) or -1,
+            reverse=True,
+        )
         where = pattern
     else:
         raise ValueError(
@@ -311,6 +320,7 @@ def _drop_log_message(logger_name: str, prefix: str) -> None:
     """Lightning's advertisement for its cloud logger at every start (rank_zero_info) says nothing about the run."""
     logger = logging.getLogger(logger_name)
     if not any(getattr(f, "guardrl_prefix", None) == prefix for f in logger.filters):
+
         def keep(record: logging.LogRecord) -> bool:
             return not str(record.msg).startswith(prefix)
 

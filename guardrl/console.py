@@ -47,7 +47,9 @@ def console_main() -> None:
         main()
     except (ValueError, FileNotFoundError, OSError) as error:
         user_error = (
-            not isinstance(error, OSError) or isinstance(error, FileNotFoundError) or error.errno in USER_OS_ERRORS
+            not isinstance(error, OSError)
+            or isinstance(error, FileNotFoundError)
+            or error.errno in USER_OS_ERRORS
         )
         if not user_error or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise

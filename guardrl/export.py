@@ -55,11 +55,15 @@ def write_lora(policy: FlowPolicy, state: dict[str, torch.Tensor], out_dir: str)
     backbone = policy.backbone
     pipeline_class = backbone.lora_format_class or backbone.pipeline_class or type(backbone.pipeline)
     pipeline_class.save_lora_weights(
-        out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
+        out_dir,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )
     path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
-    os.chmod(path, default_file_mode())  # safetensors writes 0600; the export is shared like the run's other files
+    os.chmod(
+        path, default_file_mode()
+    )  # safetensors writes 0600; the export is shared like the run's other files
     return path
 
 
@@ -76,7 +80,9 @@ def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: s
     if not is_checkpoint(ckpt_path):
         raise ValueError(f"--ckpt={ckpt_path!r}: no such file (or sharded checkpoint directory with meta.pt)")
     if not os.path.isfile(config):
-        raise ValueError(f"--config={config!r}: no such file (use the config.yaml in the run's version folder)")
+        raise ValueError(
+            f"--config={config!r}: no such file (use the config.yaml in the run's version folder)"
+        )
     with open(config) as f:
         settings = yaml.safe_load(f)
     # The saved config is the `fit` subcommand's; building the classes alone takes no fit-only keys.

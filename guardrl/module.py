@@ -148,7 +148,9 @@ class GRPOModule(L.LightningModule):
         )
         self.num_latent_elements = self.backbone.latent_numel()
         self.clip_range = effective_clip_range(
-            self.grpo.clip_range, self.grpo.clip_range_unit, self.sampling.log_prob_reduction,
+            self.grpo.clip_range,
+            self.grpo.clip_range_unit,
+            self.sampling.log_prob_reduction,
             self.num_latent_elements,
         )
 
@@ -166,7 +168,8 @@ class GRPOModule(L.LightningModule):
     def _compile_transformers(self) -> None:
         perf = self.performance
         modules = [self.backbone.transformer] + [
-            getattr(self.policy, name) for name in ("old_transformer", "reference_transformer", "ema_transformer")
+            getattr(self.policy, name)
+            for name in ("old_transformer", "reference_transformer", "ema_transformer")
             if getattr(self.policy, name, None) is not None
         ]
         for module in modules:
@@ -180,8 +183,12 @@ class GRPOModule(L.LightningModule):
         # Before any weights load: batch sizes the update cannot split are refused here, not mid-iteration.
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "prompts_per_batch"):
-            check_batch_sizes(self.grpo, datamodule.prompts_per_batch, datamodule.group_size,
-                              self.performance.rollout_chunks)
+            check_batch_sizes(
+                self.grpo,
+                datamodule.prompts_per_batch,
+                datamodule.group_size,
+                self.performance.rollout_chunks,
+            )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.policy.trainable_parameters())
@@ -193,10 +200,14 @@ class GRPOModule(L.LightningModule):
     def _check_batch(self, batch: PromptBatch) -> None:
         size = len(batch)
         if batch.group_size != self.group_size:
-            raise ValueError(f"data.group_size={batch.group_size} differs from model.group_size={self.group_size}")
+            raise ValueError(
+                f"data.group_size={batch.group_size} differs from model.group_size={self.group_size}"
+            )
         if (size // self.group_size) % self.performance.rollout_chunks:
-            raise ValueError(f"performance.rollout_chunks={self.performance.rollout_chunks} must divide the rank's "
-                             f"{size // self.group_size} prompt groups (data.prompts_per_batch)")
+            raise ValueError(
+                f"performance.rollout_chunks={self.performance.rollout_chunks} must divide the rank's "
+                f"{size // self.group_size} prompt groups (data.prompts_per_batch)"
+            )
         minibatch = self.grpo.minibatch_size or size
         if size % minibatch:
             raise ValueError(
@@ -222,7 +233,10 @@ class GRPOModule(L.LightningModule):
         dropped_N = ~torch.isfinite(rewards.reshape(-1, self.group_size)).all(dim=1)
         every_group = self.trainer.strategy.reduce_boolean_decision(bool(dropped_N.all()), all=True)
         problem = self._nonfinite_on_any_rank(
-            {"reward": rewards if every_group else torch.zeros(()), "rollout log-prob": trajectory.log_prob_old_BT}
+            {
+                "reward": rewards if every_group else torch.zeros(()),
+                "rollout log-prob": trajectory.log_prob_old_BT,
+            }
         )
         usable = rewards.masked_fill(dropped_N.repeat_interleave(self.group_size), 0.0)
         advantages = self._control(self._advantages(usable)) if problem is None else torch.zeros_like(rewards)
@@ -240,8 +254,15 @@ class GRPOModule(L.LightningModule):
         if self.max_iterations is not None and self.num_iterations >= self.max_iterations:
             self.trainer.should_stop = True
 
-        metrics = self._log_iteration(iteration, rewards, per_reward, advantages, losses, skipped=problem is not None,
-                                      dropped_groups=int(dropped_N.sum()))
+        metrics = self._log_iteration(
+            iteration,
+            rewards,
+            per_reward,
+            advantages,
+            losses,
+            skipped=problem is not None,
+            dropped_groups=int(dropped_N.sum()),
+        )
         if self._meter is not None:
             write_scalars(self.trainer, self._meter.end_iteration(len(batch)), iteration)
         if self.performance.compile and not self._compiled:
@@ -276,8 +297,11 @@ class GRPOModule(L.LightningModule):
         size = len(prompts) // chunks
         spans = [slice(c * size, (c + 1) * size) for c in range(chunks)]
         # One worker: chunks are scored in order, and a reward never runs twice at once.
-        worker = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrl-reward")
-                  if self.performance.overlap_rewards else None)
+        worker = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrl-reward")
+            if self.performance.overlap_rewards
+            else None
+        )
         trajectories, images, scored = [], [], []
         try:
             for c, span in enumerate(spans):
@@ -320,7 +344,12 @@ class GRPOModule(L.LightningModule):
                 return self.backbone.velocity(latents, t, cond, self.sampling.guidance_scale, transformer)
 
             return sample_rollouts(
-                velocity_fn, noise, self.sigmas, self.noise_scales, self.sampling.log_prob_reduction, generator,
+                velocity_fn,
+                noise,
+                self.sigmas,
+                self.noise_scales,
+                self.sampling.log_prob_reduction,
+                generator,
                 storage_dtype=self.performance.trajectory_torch_dtype,
             )
 
@@ -330,7 +359,11 @@ class GRPOModule(L.LightningModule):
         faults = self.faults
         per_reward = {
             reward.name: score_with_retries(
-                reward, images, prompts, faults.reward_max_attempts, faults.reward_retry_delay_s,
+                reward,
+                images,
+                prompts,
+                faults.reward_max_attempts,
+                faults.reward_retry_delay_s,
                 faults.reward_timeout_s,
             )
             for reward in self.rewards
@@ -408,8 +441,11 @@ class GRPOModule(L.LightningModule):
                         return [step_stats[j] for j in positions], losses, problem
                     losses["grad_norm"].append(grad_norm)
                     if self.grpo.max_grad_norm is not None:
-                        self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm,
-                                            gradient_clip_algorithm="norm")
+                        self.clip_gradients(
+                            optimizer,
+                            gradient_clip_val=self.grpo.max_grad_norm,
+                            gradient_clip_algorithm="norm",
+                        )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if scheduler is not None:
@@ -433,7 +469,9 @@ class GRPOModule(L.LightningModule):
             squares.append(full_tensor(norm) ** 2)
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
-    def _step_loss(self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats):
+    def _step_loss(
+        self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats
+    ):
         """Clipped policy loss (+ beta KL) of stored step j on the samples `index`; records statistics."""
         latents = trajectory.latents_BTCHW[index, j].float()  # stored in performance.trajectory_dtype
         t, t_next = trajectory.sigma_T[j], trajectory.sigma_next_T[j]
@@ -443,15 +481,23 @@ class GRPOModule(L.LightningModule):
         mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale)
         reduction = self.sampling.log_prob_reduction
         terms = compute_ratio_terms(
-            trajectory.next_latents_BTCHW[index, j].float(), trajectory.mean_old_BTCHW[index, j], mean_theta,
-            std, trajectory.dt_T[j].expand(len(index)), reduction,
+            trajectory.next_latents_BTCHW[index, j].float(),
+            trajectory.mean_old_BTCHW[index, j],
+            mean_theta,
+            std,
+            trajectory.dt_T[j].expand(len(index)),
+            reduction,
         )
         policy_ratio = self.ratio_fn(terms)
-        loss, _ = clipped_policy_loss(policy_ratio.log_ratio, advantages[index], policy_ratio.weight, self.clip_range)
+        loss, _ = clipped_policy_loss(
+            policy_ratio.log_ratio, advantages[index], policy_ratio.weight, self.clip_range
+        )
         kl = torch.zeros((), device=loss.device)
         if self.grpo.needs_reference:
             with torch.no_grad(), self.policy.use_weights("reference") as reference:
-                velocity_ref = self.backbone.velocity(latents, t, step_cond, self.sampling.guidance_scale, reference)
+                velocity_ref = self.backbone.velocity(
+                    latents, t, step_cond, self.sampling.guidance_scale, reference
+                )
                 mean_ref, _ = step_mean_and_std(velocity_ref, latents, t, t_next, noise_scale)
             kl_B = kl_to_reference(mean_theta, mean_ref, std, reduction)
             kl = kl_B.mean()
@@ -483,8 +529,12 @@ class GRPOModule(L.LightningModule):
         if self.trainer.is_global_zero:
             log.warning(
                 "guardrl: iteration %d: non-finite %s; its update is skipped (%d in a row, %d in all; the run "
-                "stops at faults.max_consecutive_nonfinite=%d in a row)", iteration, problem,
-                self.consecutive_skipped_updates, self.num_skipped_updates, self.faults.max_consecutive_nonfinite,
+                "stops at faults.max_consecutive_nonfinite=%d in a row)",
+                iteration,
+                problem,
+                self.consecutive_skipped_updates,
+                self.num_skipped_updates,
+                self.faults.max_consecutive_nonfinite,
             )
 
     def _stop_if_too_many_skips(self, problem: Optional[str], iteration: int) -> None:
@@ -498,8 +548,9 @@ class GRPOModule(L.LightningModule):
             )
 
     # ------------------------------------------------------------------ logging and state
-    def _log_iteration(self, iteration: int, rewards, per_reward, advantages, losses, skipped: bool,
-                       dropped_groups: int = 0) -> dict:
+    def _log_iteration(
+        self, iteration: int, rewards, per_reward, advantages, losses, skipped: bool, dropped_groups: int = 0
+    ) -> dict:
         # Collectives on every rank, in the same order; rank zero writes (logs.write_scalars).
         all_rewards = self.all_gather(rewards.detach()).reshape(-1).double()
         finite = all_rewards[torch.isfinite(all_rewards)]  # dropped groups' NaN/inf rewards are left out
@@ -513,8 +564,12 @@ class GRPOModule(L.LightningModule):
         dropped = int(self.all_gather(torch.tensor(dropped_groups, device=self.device)).sum())
         metrics["train/dropped_groups"] = dropped
         if dropped and not skipped and self.trainer.is_global_zero:
-            log.warning("guardrl: iteration %d: %d prompt group(s) with a non-finite reward were left out of the "
-                        "update; the other groups trained", iteration, dropped)
+            log.warning(
+                "guardrl: iteration %d: %d prompt group(s) with a non-finite reward were left out of the "
+                "update; the other groups trained",
+                iteration,
+                dropped,
+            )
         local = {"advantages/abs_mean": advantages.abs().mean()}
         if losses["loss"]:
             local["train/loss"] = torch.stack(losses["loss"]).mean()
@@ -522,18 +577,29 @@ class GRPOModule(L.LightningModule):
         if losses["grad_norm"]:
             local["grad/norm"] = torch.stack(losses["grad_norm"]).mean()
         names = sorted(local)
-        means = self.all_gather(torch.stack([local[n].detach().double() for n in names])).reshape(-1, len(names))
+        means = self.all_gather(torch.stack([local[n].detach().double() for n in names])).reshape(
+            -1, len(names)
+        )
         metrics.update(zip(names, means.mean(dim=0)))
-        metrics.update({
-            "train/num_optimizer_steps": len(losses["grad_norm"]),
-            "train/iteration": iteration,
-            "train/lr": self.optimizers().param_groups[0]["lr"],
-            "train/skipped_update": float(skipped),
-            "train/num_skipped_updates": self.num_skipped_updates,
-        })
+        metrics.update(
+            {
+                "train/num_optimizer_steps": len(losses["grad_norm"]),
+                "train/iteration": iteration,
+                "train/lr": self.optimizers().param_groups[0]["lr"],
+                "train/skipped_update": float(skipped),
+                "train/num_skipped_updates": self.num_skipped_updates,
+            }
+        )
         write_scalars(self.trainer, metrics, iteration)
-        self.log("reward", metrics["reward/mean"].float(), prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                 batch_size=rewards.numel())
+        self.log(
+            "reward",
+            metrics["reward/mean"].float(),
+            prog_bar=True,
+            logger=False,
+            on_step=True,
+            on_epoch=False,
+            batch_size=rewards.numel(),
+        )
         return metrics
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -556,7 +622,7 @@ class GRPOModule(L.LightningModule):
 
     def _is_trainable_key(self, key: str) -> bool:
         prefix = "policy."
-        return key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix):])
+        return key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix) :])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "guardrl" not in checkpoint:
@@ -564,7 +630,9 @@ class GRPOModule(L.LightningModule):
                 "ckpt_path: this checkpoint was not written by guardrl's GRPOModule (no 'guardrl' entry with "
                 "counters and RNG states); resume from a checkpoint of a guardrl run"
             )
-        if "state_dict" in checkpoint:  # a sharded checkpoint's weights were checked and loaded by FSDP2Strategy
+        if (
+            "state_dict" in checkpoint
+        ):  # a sharded checkpoint's weights were checked and loaded by FSDP2Strategy
             self._check_checkpoint_state(checkpoint["state_dict"])
         state = checkpoint["guardrl"]
         self.num_iterations = state["num_iterations"]
@@ -579,11 +647,16 @@ class GRPOModule(L.LightningModule):
     def _check_checkpoint_state(self, saved: dict[str, torch.Tensor]) -> None:
         """Loading is not strict (frozen weights are not saved), so check the trainable part ourselves: a
         checkpoint of another LoRA rank, target list or backbone would otherwise load partly and silently."""
-        expected = {key: value.shape for key, value in self.state_dict().items() if self._is_trainable_key(key)}
+        expected = {
+            key: value.shape for key, value in self.state_dict().items() if self._is_trainable_key(key)
+        }
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
-        mismatched = sorted(k for k in set(expected) & set(saved) if tuple(saved[k].shape) != tuple(expected[k]))
+        mismatched = sorted(
+            k for k in set(expected) & set(saved) if tuple(saved[k].shape) != tuple(expected[k])
+        )
         if missing or unexpected or mismatched:
+
             def show(keys):
                 return f"{len(keys)} (e.g. {keys[:2]})" if keys else "0"
 
@@ -611,7 +684,8 @@ class GRPOModule(L.LightningModule):
                 log.warning(
                     "guardrl: the checkpoint is at iteration %d and model.max_iterations=%d: the run is complete, "
                     "nothing to do (raise --model.max_iterations to train further)",
-                    self.num_iterations, self.max_iterations,
+                    self.num_iterations,
+                    self.max_iterations,
                 )
         perf = self.performance
         if perf.timing:
@@ -626,6 +700,7 @@ class GRPOModule(L.LightningModule):
             log.warning(
                 "guardrl: the checkpoint holds RNG states of %d ranks but this run has %d; the global RNGs are not "
                 "restored (rollout noise does not depend on them; LoRA dropout does)",
-                len(self._rng_to_restore), self.trainer.world_size,
+                len(self._rng_to_restore),
+                self.trainer.world_size,
             )
         self._rng_to_restore = None

@@ -70,7 +70,9 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         _require_int("sampling.num_inference_steps", self.num_inference_steps, minimum=2)
-        _require_number("sampling.guidance_scale", self.guidance_scale, minimum=1.0, note=" (1.0 = no guidance)")
+        _require_number(
+            "sampling.guidance_scale", self.guidance_scale, minimum=1.0, note=" (1.0 = no guidance)"
+        )
         _require_number("sampling.noise_level", self.noise_level, minimum=0.0, note=" (eta; e.g. 0.7)")
         _require_choice("sampling.sde_type", self.sde_type, SDE_TYPES)
         _require_choice("sampling.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
@@ -101,7 +103,9 @@ class SamplingOptions:
 class GRPOOptions:
     """The GRPO update (GRPO names for GRPO concepts)."""
 
-    ratio_variant: Literal["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"] = "grpo_guard"
+    ratio_variant: Literal["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"] = (
+        "grpo_guard"
+    )
     """Which log-ratio is clipped and how each step's loss is weighted (SPEC.md; docs/math.md):
     flow_grpo (log r, 1), temp_reweight (log r, s), mean_revised (log r + ||dmu||^2/2s^2, 1),
     ratio_norm (-dmu.eps, 1), grpo_guard (-dmu.eps, 1/|dt|)."""
@@ -156,7 +160,12 @@ class GRPOOptions:
                 f"band [1 - c, 1 + c] would have a lower end <= 0 (published values: 1e-4 FlowGRPO, 2e-6 GRPO-Guard)"
             )
         _require_number(
-            "grpo.adv_clip_max", self.adv_clip_max, minimum=0.0, strict=True, allow_none=True, note=" (null: no clip)"
+            "grpo.adv_clip_max",
+            self.adv_clip_max,
+            minimum=0.0,
+            strict=True,
+            allow_none=True,
+            note=" (null: no clip)",
         )
         _require_choice("grpo.std_scope", self.std_scope, STD_SCOPES)
         _require_number("grpo.kl_beta", self.kl_beta, minimum=0.0, note=" (0 = no KL penalty)")
@@ -166,7 +175,11 @@ class GRPOOptions:
         _require_int("grpo.num_train_timesteps", self.num_train_timesteps, minimum=1, allow_none=True)
         _require_choice("grpo.timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
         _require_number(
-            "grpo.max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True, allow_none=True,
+            "grpo.max_grad_norm",
+            self.max_grad_norm,
+            minimum=0.0,
+            strict=True,
+            allow_none=True,
             note=" (null: no clipping)",
         )
         if self.ema_decay is not None and not (_is_number(self.ema_decay) and 0.0 < self.ema_decay < 1.0):
@@ -219,7 +232,9 @@ class FaultOptions:
                 f"faults.max_consecutive_nonfinite must be an integer >= 1, got {self.max_consecutive_nonfinite!r}"
             )
         if not isinstance(self.reward_max_attempts, int) or self.reward_max_attempts < 1:
-            raise ValueError(f"faults.reward_max_attempts must be an integer >= 1, got {self.reward_max_attempts!r}")
+            raise ValueError(
+                f"faults.reward_max_attempts must be an integer >= 1, got {self.reward_max_attempts!r}"
+            )
         if not (self.reward_retry_delay_s >= 0 and math.isfinite(self.reward_retry_delay_s)):
             raise ValueError(
                 f"faults.reward_retry_delay_s must be a finite number >= 0, got {self.reward_retry_delay_s!r}"

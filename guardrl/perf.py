@@ -79,8 +79,10 @@ class PerformanceOptions:
         _require_int("performance.throughput_window", self.throughput_window, minimum=2)
         _require_int("performance.rollout_chunks", self.rollout_chunks, minimum=1)
         if self.trajectory_dtype not in TRAJECTORY_DTYPES:
-            raise ValueError(f"performance.trajectory_dtype must be one of {', '.join(map(repr, TRAJECTORY_DTYPES))}; "
-                             f"got {self.trajectory_dtype!r}")
+            raise ValueError(
+                f"performance.trajectory_dtype must be one of {', '.join(map(repr, TRAJECTORY_DTYPES))}; "
+                f"got {self.trajectory_dtype!r}"
+            )
         if self.overlap_rewards and self.rollout_chunks < 2:
             raise ValueError(
                 f"performance.overlap_rewards=True needs performance.rollout_chunks >= 2, got rollout_chunks="
@@ -89,19 +91,24 @@ class PerformanceOptions:
         _require_number("performance.peak_flops", self.peak_flops, minimum=0.0, strict=True, allow_none=True)
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
-            raise ValueError(f"performance.compile_mode must be one of {', '.join(map(repr, modes))}; got "
-                             f"{self.compile_mode!r}")
+            raise ValueError(
+                f"performance.compile_mode must be one of {', '.join(map(repr, modes))}; got "
+                f"{self.compile_mode!r}"
+            )
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
-            raise ValueError(f"performance.compile_backend must be a backend name such as 'inductor', got "
-                             f"{self.compile_backend!r}")
+            raise ValueError(
+                f"performance.compile_backend must be a backend name such as 'inductor', got "
+                f"{self.compile_backend!r}"
+            )
         if self.compile:
             import torch._dynamo
 
             backends = torch._dynamo.list_backends(exclude_tags=()) + ["eager", "aot_eager"]
             if self.compile_backend not in backends:
-                raise ValueError(f"performance.compile_backend={self.compile_backend!r} is not a torch.compile "
-                                 f"backend; available: {', '.join(sorted(set(backends)))}")
-
+                raise ValueError(
+                    f"performance.compile_backend={self.compile_backend!r} is not a torch.compile "
+                    f"backend; available: {', '.join(sorted(set(backends)))}"
+                )
 
     @property
     def trajectory_torch_dtype(self) -> torch.dtype:
@@ -145,7 +152,9 @@ class FlopCounter(TorchDispatchMode):
 class PhaseMeter:
     """Wall time and model FLOPs of each phase of an iteration, and their throughput over a window."""
 
-    def __init__(self, device: torch.device, peak_flops: Optional[float], window: int, count_flops: bool = True):
+    def __init__(
+        self, device: torch.device, peak_flops: Optional[float], window: int, count_flops: bool = True
+    ):
         self.device = device
         self.peak_flops = peak_flops
         self.counting = count_flops
@@ -198,9 +207,14 @@ class PhaseMeter:
                 flops = self.flops.get(name, 0)
             throughput = self._throughput[name]
             throughput.update(
-                time=self._total_time[name], batches=self._measured, samples=self._measured * samples, flops=flops
+                time=self._total_time[name],
+                batches=self._measured,
+                samples=self._measured * samples,
+                flops=flops,
             )
             for key, value in throughput.compute().items():
-                if key.startswith("device/") and (name in MODEL_PHASES or name == "iteration" or "samples" in key):
-                    metrics[f"throughput/{name}/{key[len('device/'):]}"] = value
+                if key.startswith("device/") and (
+                    name in MODEL_PHASES or name == "iteration" or "samples" in key
+                ):
+                    metrics[f"throughput/{name}/{key[len('device/') :]}"] = value
         return metrics

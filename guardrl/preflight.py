@@ -138,7 +138,9 @@ def _option(annotation: Optional[ast.expr], module: str) -> Option:
     if isinstance(annotation, ast.Subscript) and _name(annotation.value) == "Literal":
         elements = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
         try:
-            return Option(choices=tuple(ast.literal_eval(e) for e in elements) + ((None,) if optional else ()))
+            return Option(
+                choices=tuple(ast.literal_eval(e) for e in elements) + ((None,) if optional else ())
+            )
         except ValueError:
             return Option()
     name = _name(annotation)
@@ -167,7 +169,8 @@ def _dataclass_fields(module: str, node: ast.ClassDef) -> Optional[dict[str, Opt
     for statement in node.body:
         if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
             if _name(statement.annotation) == "ClassVar" or (
-                isinstance(statement.annotation, ast.Subscript) and _name(statement.annotation.value) == "ClassVar"
+                isinstance(statement.annotation, ast.Subscript)
+                and _name(statement.annotation.value) == "ClassVar"
             ):
                 continue
             fields[statement.target.id] = _option(statement.annotation, module)
@@ -313,7 +316,9 @@ def check(argv: Sequence[str]) -> None:
             key = arg[2:].split("=", 1)[0].rstrip("+")
             value, has_value = _cli_value(rest, i)
             # A whole group given on the command line (`--model.grpo '{...}'` or a file) is the parser's to read.
-            _check_key(key.split("."), value, "command line", check_value=has_value and not isinstance(value, dict))
+            _check_key(
+                key.split("."), value, "command line", check_value=has_value and not isinstance(value, dict)
+            )
         i += 1
 
 

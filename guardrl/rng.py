@@ -42,15 +42,19 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["kind"],
-        numpy_state["keys"].numpy().astype(np.uint32),
-        numpy_state["position"],
-        numpy_state["has_gauss"],
-        numpy_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))
+    random.setstate(
+        (python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) != torch.cuda.device_count():

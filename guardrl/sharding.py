@@ -60,7 +60,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                     "parallelism); use lightning.pytorch.strategies.ModelParallelStrategy to choose the mesh"
                 )
         super().__init__(
-            data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
             **kwargs,
         )
 
@@ -69,7 +71,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None
+    ) -> None:
         """Write a sharded checkpoint so that `filepath` always holds a complete one, the previous or the new.
 
         Lightning writes the shards straight into `filepath`, so a kill midway leaves a half-written directory in
@@ -123,7 +127,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         module._check_checkpoint_state(saved_model_tensors(str(path), device="meta"))
         model_state = {
-            key: value for key, value in get_model_state_dict(self.model).items() if module._is_trainable_key(key)
+            key: value
+            for key, value in get_model_state_dict(self.model).items()
+            if module._is_trainable_key(key)
         }
         load({MODEL_KEY: model_state}, checkpoint_id=path)
         self.model.load_state_dict(model_state, strict=False)
@@ -132,7 +138,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             load(optimizer_state, checkpoint_id=path)
             set_optimizer_state_dict(
-                self.model, optimizer, optim_state_dict=optimizer_state[key],
+                self.model,
+                optimizer,
+                optim_state_dict=optimizer_state[key],
                 options=StateDictOptions(cpu_offload=True),
             )
         return torch.load(path / DISTRIBUTED_METADATA, weights_only=weights_only)
@@ -259,7 +267,9 @@ def load_sharded_trainable_state(module, path: str) -> dict[str, torch.Tensor]:
     reads every rank's shards when no process group is running): for LoRA export from an FSDP2 run."""
     from torch.distributed.checkpoint import load
 
-    state = {key: t for key, t in saved_model_tensors(path, device="cpu").items() if module._is_trainable_key(key)}
+    state = {
+        key: t for key, t in saved_model_tensors(path, device="cpu").items() if module._is_trainable_key(key)
+    }
     load({MODEL_KEY: state}, checkpoint_id=path)
     return state
 
@@ -270,7 +280,7 @@ def saved_model_tensors(path: str, device: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint import FileSystemReader
 
     return {
-        key[len(MODEL_KEY) + 1:]: torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+        key[len(MODEL_KEY) + 1 :]: torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
         for key, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
         if key.startswith(MODEL_KEY + ".") and hasattr(meta, "size")
     }

@@ -74,7 +74,13 @@ class Trajectory:
         def join(name):
             return torch.cat([getattr(p, name) for p in parts], dim=0)
 
-        per_sample = ("latents_BTCHW", "next_latents_BTCHW", "mean_old_BTCHW", "log_prob_old_BT", "final_latents")
+        per_sample = (
+            "latents_BTCHW",
+            "next_latents_BTCHW",
+            "mean_old_BTCHW",
+            "log_prob_old_BT",
+            "final_latents",
+        )
         return dataclasses.replace(first, **{name: join(name) for name in per_sample})
 
     @property

@@ -93,8 +93,8 @@ def make_images() -> list[np.ndarray]:
         b = 0.5 + 0.4 * np.sin(11 * xx * yy + i)
         img = np.stack([r, g, b], -1)
         ph, pw = h // 4, w // 4
-        img[ph:2 * ph, pw:2 * pw] = rng.random((ph, pw, 3))  # detail, so the resize kernel matters
-        img[h // 2:h // 2 + h // 5, w // 2:w // 2 + w // 5] = [0.9, 0.1, 0.2]  # a sharp-edged square
+        img[ph : 2 * ph, pw : 2 * pw] = rng.random((ph, pw, 3))  # detail, so the resize kernel matters
+        img[h // 2 : h // 2 + h // 5, w // 2 : w // 2 + w // 5] = [0.9, 0.1, 0.2]  # a sharp-edged square
         out.append(np.clip(np.round(img * 255), 0, 255).astype(np.uint8))
     return out
 
@@ -112,7 +112,7 @@ def redraw_weights(model, seed: int) -> None:
             new = 1 + 0.1 * torch.randn(p.shape, generator=gen)
         elif name.endswith(("proj", "projection")) or (p.ndim >= 2 and "embedding" not in name):
             fan_in = p.shape[0] if name.endswith(("proj", "projection")) else p[0].numel()
-            new = torch.randn(p.shape, generator=gen) * (1.5 / fan_in ** 0.5)
+            new = torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5)
         else:  # class / positional / token embeddings
             new = 0.5 * torch.randn(p.shape, generator=gen)
         p.copy_(new.half().float())
@@ -172,17 +172,27 @@ def write_small_tokenizer(simple, prompts: list[str], out_dir: str) -> None:
         json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "pad_token": "<|endoftext|>", "errors": "replace", "add_prefix_space": False}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "errors": "replace",
+        "add_prefix_space": False,
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
 
 def hf_ids(tokenizer, prompts, clean) -> list[list[int]]:
     enc = tokenizer([clean(p) for p in prompts], padding="max_length", truncation=True, max_length=77)
-    return [[i if m else 0 for i, m in zip(ids, mask)]
-            for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    return [
+        [i if m else 0 for i, m in zip(ids, mask)]
+        for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+    ]
 
 
 def pixel_summary(x: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
@@ -190,14 +200,20 @@ def pixel_summary(x: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
     values at 4096 seeded positions."""
     flat = x.reshape(-1).numpy()
     idx = np.random.default_rng(seed).choice(flat.size, 4096, replace=False)
-    return {"rows": x.double().sum(2).numpy(), "cols": x.double().sum(1).numpy(), "idx": idx.astype(np.int64),
-            "values": flat[idx].astype(np.float32), "shape": np.array(x.shape)}
+    return {
+        "rows": x.double().sum(2).numpy(),
+        "cols": x.double().sum(1).numpy(),
+        "idx": idx.astype(np.int64),
+        "values": flat[idx].astype(np.float32),
+        "shape": np.array(x.shape),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                                                      "hps"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hps")
+    )
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -224,10 +240,24 @@ def main() -> None:
     def create_original_model():
         # img_score.py's own create_model_and_transforms arguments
         return hoc.create_model_and_transforms(
-            TINY_NAME, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
-            force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-            image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-            with_score_predictor=False, with_region_predictor=False)
+            TINY_NAME,
+            None,
+            precision="amp",
+            device="cpu",
+            jit=False,
+            force_quick_gelu=False,
+            force_custom_text=False,
+            force_patch_dropout=False,
+            force_image_size=None,
+            pretrained_image=False,
+            image_mean=None,
+            image_std=None,
+            light_augmentation=True,
+            aug_cfg={},
+            output_dict=True,
+            with_score_predictor=False,
+            with_region_predictor=False,
+        )
 
     torch.manual_seed(0)
     model, _, preprocess_val = create_original_model()
@@ -253,8 +283,13 @@ def main() -> None:
     pairs = []
     for p, prompt in enumerate(PROMPTS):
         for i, path in enumerate(paths):
-            pairs.append({"prompt": p, "image": i, "score": float(img_score.score(path, prompt, cp=checkpoint,
-                                                                                 hps_version="v2.1")[0])})
+            pairs.append(
+                {
+                    "prompt": p,
+                    "image": i,
+                    "score": float(img_score.score(path, prompt, cp=checkpoint, hps_version="v2.1")[0]),
+                }
+            )
     scores = np.array([row["score"] for row in pairs])
     print("original scores:", np.round(scores, 4).tolist())
 
@@ -269,6 +304,7 @@ def main() -> None:
     def clean(text):  # guardrl's open_clip_clean, restated
         import html
         import re
+
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -297,8 +333,10 @@ def main() -> None:
     with torch.no_grad():
         pixels = torch.stack([preprocess_val(Image.open(path)) for path in paths])
         ids = torch.tensor(original_ids)
-        diffs = [float((fresh.encode_image(pixels) - oc_model.encode_image(pixels)).abs().max()),
-                 float((fresh.encode_text(ids) - oc_model.encode_text(ids)).abs().max())]
+        diffs = [
+            float((fresh.encode_image(pixels) - oc_model.encode_image(pixels)).abs().max()),
+            float((fresh.encode_text(ids) - oc_model.encode_text(ids)).abs().max()),
+        ]
     print("hpsv2 vendored vs open_clip 3.3.0 features, max |diff| (image, text):", diffs)
     assert max(diffs) < 1e-5, diffs
 
@@ -307,21 +345,37 @@ def main() -> None:
         full = hoc.create_model("ViT-H-14", None, precision="amp", device="meta", output_dict=True)
     keys = {k: list(v.shape) for k, v in full.state_dict().items()}
     with open(os.path.join(out, "full_size_keys.json"), "w") as f:
-        json.dump({"about": "state dict keys and shapes of hpsv2 1.2.0's vendored open_clip CLIP for "
-                            "ViT-H-14 (the layout of HPS_v2.1_compressed.pt's state_dict), written by "
-                            "scripts/make_hps_fixture.py", "keys": keys}, f, indent=0)
+        json.dump(
+            {
+                "about": "state dict keys and shapes of hpsv2 1.2.0's vendored open_clip CLIP for "
+                "ViT-H-14 (the layout of HPS_v2.1_compressed.pt's state_dict), written by "
+                "scripts/make_hps_fixture.py",
+                "keys": keys,
+            },
+            f,
+            indent=0,
+        )
     print(f"full-size ViT-H-14: {len(keys)} keys, {sum(np.prod(v) for v in keys.values()) / 1e6:.1f}M values")
 
     expected = {
         "about": "Written by scripts/make_hps_fixture.py with hpsv2 1.2.0's original code; see its "
-                 "docstring. Scores: hpsv2.img_score.score(png path, prompt, cp=HPS_v2.1_compressed.pt).",
-        "versions": {"hpsv2": "1.2.0", "open_clip_torch": open_clip.__version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "transformers": transformers.__version__,
-                     "ftfy": ftfy.__version__, "pillow": PIL.__version__, "python": sys.version.split()[0]},
+        "docstring. Scores: hpsv2.img_score.score(png path, prompt, cp=HPS_v2.1_compressed.pt).",
+        "versions": {
+            "hpsv2": "1.2.0",
+            "open_clip_torch": open_clip.__version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__,
+            "ftfy": ftfy.__version__,
+            "pillow": PIL.__version__,
+            "python": sys.version.split()[0],
+        },
         "checkpoint": "HPS_v2.1_compressed.pt",
         "model_config": TINY,
-        "vit_h_14": {"hpsv2": hoc.get_model_config("ViT-H-14"),
-                     "open_clip": open_clip.get_model_config("ViT-H-14")},
+        "vit_h_14": {
+            "hpsv2": hoc.get_model_config("ViT-H-14"),
+            "open_clip": open_clip.get_model_config("ViT-H-14"),
+        },
         "tokenizer": "tokenizer",
         "prompts": PROMPTS,
         "token_prompts": token_prompts,

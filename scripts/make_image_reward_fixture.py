@@ -65,14 +65,65 @@ import types
 import numpy as np
 import torch
 
-VISION_CONFIG = {"img_size": 224, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
+VISION_CONFIG = {
+    "img_size": 224,
+    "patch_size": 16,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 4.0,
+}
 
 # An uncased WordPiece vocabulary; [PAD] is id 0 as in bert-base-uncased (med_config's pad_token_id).
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ["a", "an", "the", "of", "on", "in", "at", "with", "and", "under", "near", "photo", "painting", "cat",
-         "dog", "car", "red", "blue", "green", "small", "large", "house", "tree", "garden", "sky", "clouds",
-         "field", "flowers", "river", "mountains", "sunset", "night", "street", "parked", "cafe", "table",
-         "sitting", "portrait", "old", "man", "woman", "golden", "light", "city", "water", "boat"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "at",
+    "with",
+    "and",
+    "under",
+    "near",
+    "photo",
+    "painting",
+    "cat",
+    "dog",
+    "car",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "house",
+    "tree",
+    "garden",
+    "sky",
+    "clouds",
+    "field",
+    "flowers",
+    "river",
+    "mountains",
+    "sunset",
+    "night",
+    "street",
+    "parked",
+    "cafe",
+    "table",
+    "sitting",
+    "portrait",
+    "old",
+    "man",
+    "woman",
+    "golden",
+    "light",
+    "city",
+    "water",
+    "boat",
+]
 PIECES = ["##s", "##ed", "##ing", "##er", "##ly"]
 PUNCTUATION = [",", ".", "!", "?", "'", "-", ":"]
 
@@ -119,8 +170,8 @@ def make_images() -> list[np.ndarray]:
         img = np.stack([r, g, b], -1)
         # a block of noise and a sharp-edged square, so the resize kernel's treatment of detail matters
         ph, pw = h // 4, w // 4
-        img[ph:2 * ph, pw:2 * pw] = rng.random((ph, pw, 3))
-        img[h // 2:h // 2 + h // 5, w // 2:w // 2 + w // 5] = [0.9, 0.1, 0.2]
+        img[ph : 2 * ph, pw : 2 * pw] = rng.random((ph, pw, 3))
+        img[h // 2 : h // 2 + h // 5, w // 2 : w // 2 + w // 5] = [0.9, 0.1, 0.2]
         out.append(np.clip(np.round(img * 255), 0, 255).astype(np.uint8))
     return out
 
@@ -178,8 +229,12 @@ def build_original(modules, med_config_path: str, tokenizer_dir: str, seed: int)
     def tiny_create_vit(vit, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
         # patch 2: the original class at tiny size (the original: vit='large' -> width 1024, depth 24)
         assert vit == "large" and image_size == VISION_CONFIG["img_size"]
-        encoder = vit_module.VisionTransformer(**VISION_CONFIG, use_grad_checkpointing=use_grad_checkpointing,
-                                               ckpt_layer=ckpt_layer, drop_path_rate=drop_path_rate)
+        encoder = vit_module.VisionTransformer(
+            **VISION_CONFIG,
+            use_grad_checkpointing=use_grad_checkpointing,
+            ckpt_layer=ckpt_layer,
+            drop_path_rate=drop_path_rate,
+        )
         return encoder, VISION_CONFIG["embed_dim"]
 
     blip_pretrain_module.create_vit = tiny_create_vit
@@ -202,7 +257,7 @@ def redraw_weights(model, seed: int) -> None:
             new = 1 + 0.1 * torch.randn(p.shape, generator=gen)
         elif p.ndim >= 2 and "embeddings" not in name and "pos_embed" not in name:
             fan_in = p[0].numel()
-            new = torch.randn(p.shape, generator=gen) * (1.5 / fan_in ** 0.5)
+            new = torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5)
         else:  # cls_token, pos_embed, word / position embeddings
             new = 0.5 * torch.randn(p.shape, generator=gen)
         p.copy_(new.half().float())
@@ -210,8 +265,9 @@ def redraw_weights(model, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                                                      "image_reward"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "image_reward")
+    )
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "tokenizer"), exist_ok=True)
@@ -250,15 +306,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, os.path.join(tmp, "ImageReward.pt"))
         reloaded = build_original(modules, med_path, os.path.join(out, "tokenizer"), seed=123)
-        msg = reloaded.load_state_dict(torch.load(os.path.join(tmp, "ImageReward.pt"), map_location="cpu"),
-                                       strict=False)
+        msg = reloaded.load_state_dict(
+            torch.load(os.path.join(tmp, "ImageReward.pt"), map_location="cpu"), strict=False
+        )
         assert not msg.missing_keys and not msg.unexpected_keys, msg
     reloaded.eval()
 
     # weights: the original key names, float16 (every value is float16-representable: patch 5)
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    save_file(tensors, os.path.join(out, "ImageReward.safetensors"),
-              metadata={"source": "scripts/make_image_reward_fixture.py", "format": "pt"})
+    save_file(
+        tensors,
+        os.path.join(out, "ImageReward.safetensors"),
+        metadata={"source": "scripts/make_image_reward_fixture.py", "format": "pt"},
+    )
 
     image_files, crop_files = [], []
     for i, array in enumerate(make_images()):
@@ -286,27 +346,44 @@ def main() -> None:
             tokens = reloaded.blip.tokenizer(prompt, padding="max_length", truncation=True, max_length=35)
             ranked = reloaded.inference_rank(prompt, pil_images)[1]
             for i in range(len(pil_images)):
-                pairs.append({"prompt": p, "image": i, "score": reloaded.score(prompt, pil_images[i]),
-                              "inference_rank_score": ranked[i]})
-            prompt_tokens.append({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
+                pairs.append(
+                    {
+                        "prompt": p,
+                        "image": i,
+                        "score": reloaded.score(prompt, pil_images[i]),
+                        "inference_rank_score": ranked[i],
+                    }
+                )
+            prompt_tokens.append(
+                {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+            )
     scores = np.array([row["score"] for row in pairs])
     print("original scores:", np.round(scores, 4).tolist())
     print("spread (std over pairs):", float(scores.std()))
 
     expected = {
         "about": "Written by scripts/make_image_reward_fixture.py with the original image-reward code; see its "
-                 "docstring for the venv and the patches. Scores: the original's score(prompt, PIL image) "
-                 "and inference_rank(prompt, [PIL images]).",
-        "versions": {"image-reward": "1.5", "torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "transformers": transformers.__version__, "timm": timm.__version__,
-                     "pillow": PIL.__version__, "safetensors": safetensors.__version__},
+        "docstring for the venv and the patches. Scores: the original's score(prompt, PIL image) "
+        "and inference_rank(prompt, [PIL images]).",
+        "versions": {
+            "image-reward": "1.5",
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__,
+            "timm": timm.__version__,
+            "pillow": PIL.__version__,
+            "safetensors": safetensors.__version__,
+        },
         "checkpoint": "ImageReward.safetensors",
         "med_config": "med_config.json",
         "vision_config": VISION_CONFIG,
         "tokenizer": "tokenizer",
-        "special_tokens": {"[DEC]": reloaded.blip.tokenizer.bos_token_id,
-                           "[ENC]": reloaded.blip.tokenizer.enc_token_id},
-        "mean": reloaded.mean, "std": reloaded.std,
+        "special_tokens": {
+            "[DEC]": reloaded.blip.tokenizer.bos_token_id,
+            "[ENC]": reloaded.blip.tokenizer.enc_token_id,
+        },
+        "mean": reloaded.mean,
+        "std": reloaded.std,
         "prompts": PROMPTS,
         "tokens": prompt_tokens,
         "images": image_files,
@@ -318,18 +395,34 @@ def main() -> None:
         json.dump(expected, f, indent=1)
     # the full-size original's keys and shapes, for the test that the released layout maps onto guardrl's modules
     with tempfile.TemporaryDirectory() as tmp:
-        released_med = dict(MED_CONFIG, hidden_size=768, intermediate_size=3072, max_position_embeddings=512,
-                            num_attention_heads=12, num_hidden_layers=12, vocab_size=30524, encoder_width=768)
+        released_med = dict(
+            MED_CONFIG,
+            hidden_size=768,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=30524,
+            encoder_width=768,
+        )
         with open(os.path.join(tmp, "med_config.json"), "w") as f:
             json.dump(released_med, f)
         keys = full_size_keys(modules, os.path.join(tmp, "med_config.json"), os.path.join(out, "tokenizer"))
     with open(os.path.join(out, "full_size_keys.json"), "w") as f:
-        json.dump({"about": "state dict keys and shapes of the original ImageReward class at full size (ViT-L, "
-                            "the released med_config, MLP(768)), as the released ImageReward.pt holds them",
-                   "med_config": released_med, "keys": keys}, f, indent=0)
+        json.dump(
+            {
+                "about": "state dict keys and shapes of the original ImageReward class at full size (ViT-L, "
+                "the released med_config, MLP(768)), as the released ImageReward.pt holds them",
+                "med_config": released_med,
+                "keys": keys,
+            },
+            f,
+            indent=0,
+        )
     print(f"full-size original: {len(keys)} keys, {sum(np.prod(v) for v in keys.values()) / 1e6:.1f}M values")
-    total = sum(os.path.getsize(os.path.join(dirpath, name)) for dirpath, _, names in os.walk(out)
-                for name in names)
+    total = sum(
+        os.path.getsize(os.path.join(dirpath, name)) for dirpath, _, names in os.walk(out) for name in names
+    )
     print(f"wrote {out} ({total / 1024:.0f} KiB)")
 
 

@@ -35,11 +35,15 @@ def grid_layout(spec, rng, image_size=32):
             fits = np.ones(CANDIDATES, dtype=bool)
             for other in placed:
                 fits &= (
-                    (xs + sizes + GAP <= other.x) | (other.x + other.size + GAP <= xs)
-                    | (ys + sizes + GAP <= other.y) | (other.y + other.size + GAP <= ys)
+                    (xs + sizes + GAP <= other.x)
+                    | (other.x + other.size + GAP <= xs)
+                    | (ys + sizes + GAP <= other.y)
+                    | (other.y + other.size + GAP <= ys)
                 )
             if spec.relation is not None and placed:
-                along, across = relation_offsets(spec.relation, placed[0].center2, (2 * xs + sizes, 2 * ys + sizes))
+                along, across = relation_offsets(
+                    spec.relation, placed[0].center2, (2 * xs + sizes, 2 * ys + sizes)
+                )
                 fits &= (along > 0) & (along >= render.RELATION_DOMINANCE * across)
             if not fits.any():
                 break
@@ -60,7 +64,10 @@ def main() -> None:
     backbone = ToyBackbone(weights_path=out)
     for split in ("heldout", "train"):
         rows = {
-            cfg: {k: round(v, 4) for k, v in evaluate.evaluate_set(backbone, split, 32, cfg, sde=False, gold=False).items()}
+            cfg: {
+                k: round(v, 4)
+                for k, v in evaluate.evaluate_set(backbone, split, 32, cfg, sde=False, gold=False).items()
+            }
             for cfg in (2.0, 4.0)
         }
         print(split, json.dumps(rows), flush=True)

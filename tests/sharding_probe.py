@@ -58,8 +58,10 @@ class ShardingProbe(Callback):
         )
         if trainer.is_global_zero:
             compiled = getattr(pl_module.policy.transformer, "_compiled_call_impl", None) is not None
-            torch.save({"velocity": velocity.cpu(), "old_minus_policy": old_minus_policy, "compiled": compiled},
-                       os.path.join(self.out, "velocity.pt"))
+            torch.save(
+                {"velocity": velocity.cpu(), "old_minus_policy": old_minus_policy, "compiled": compiled},
+                os.path.join(self.out, "velocity.pt"),
+            )
 
 
 class SmoothReward(Reward):

@@ -64,8 +64,12 @@ def test_raw_log_ratio_expectation_monte_carlo():
     eps = torch.randn(N, D, generator=g, dtype=F64)
     next_latents = mean_old + s * eps
     terms = compute_ratio_terms(
-        next_latents, mean_old.expand(N, D), mean_theta.expand(N, D),
-        torch.full((N,), s, dtype=F64), torch.full((N,), -0.1, dtype=F64), "sum",
+        next_latents,
+        mean_old.expand(N, D),
+        mean_theta.expand(N, D),
+        torch.full((N,), s, dtype=F64),
+        torch.full((N,), -0.1, dtype=F64),
+        "sum",
     )
     log_r = terms.raw_log_ratio
     expected = -(dmu**2).sum().item() / (2 * s**2)
@@ -87,7 +91,9 @@ def test_raw_log_ratio_is_difference_of_log_densities_per_sample():
     std = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.8], dtype=F64)
     next_latents = mean_old + std[:, None] * torch.randn(B, D, generator=g, dtype=F64)
     for reduction in ("sum", "mean"):
-        terms = compute_ratio_terms(next_latents, mean_old, mean_theta, std, -0.1 * torch.ones(B, dtype=F64), reduction)
+        terms = compute_ratio_terms(
+            next_latents, mean_old, mean_theta, std, -0.1 * torch.ones(B, dtype=F64), reduction
+        )
         # log r = log N(x_next; mu_theta, s) - log N(x_next; mu_old, s), sample by sample
         expected = gaussian_log_prob(next_latents, mean_theta, std, reduction) - gaussian_log_prob(
             next_latents, mean_old, std, reduction
@@ -114,8 +120,12 @@ def test_ratio_norm_hand_example_sum_and_mean():
     # -(dmu . eps) = [1.5, 0.5]
     torch.testing.assert_close(terms.normalized_log_ratio, _t(1.5, 0.5), rtol=0, atol=1e-14)
     # s (log r + mean_shift) = [0.5 (-7 + 10), 0.25 (-2 + 4)] = [1.5, 0.5]
-    torch.testing.assert_close(std * (terms.raw_log_ratio + terms.mean_shift), _t(1.5, 0.5), rtol=0, atol=1e-14)
-    torch.testing.assert_close(RATIO_VARIANTS["ratio_norm"](terms).log_ratio, _t(1.5, 0.5), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        std * (terms.raw_log_ratio + terms.mean_shift), _t(1.5, 0.5), rtol=0, atol=1e-14
+    )
+    torch.testing.assert_close(
+        RATIO_VARIANTS["ratio_norm"](terms).log_ratio, _t(1.5, 0.5), rtol=0, atol=1e-14
+    )
     # a batch-wide scalar shift mean([10, 4]) = 7 would give [0.5 (-7 + 7), 0.25 (-2 + 7)] = [0, 1.25] instead
     batch_scalar = std * (terms.raw_log_ratio + terms.mean_shift.mean())
     assert not torch.allclose(batch_scalar, _t(1.5, 0.5))
@@ -123,7 +133,9 @@ def test_ratio_norm_hand_example_sum_and_mean():
     terms = compute_ratio_terms(next_latents, mean_old, mean_theta, std, dt, "mean")
     # mean reduction, D = 2: -(dmu . eps)/2 = [0.75, 0.25]
     torch.testing.assert_close(terms.normalized_log_ratio, _t(0.75, 0.25), rtol=0, atol=1e-14)
-    torch.testing.assert_close(std * (terms.raw_log_ratio + terms.mean_shift), _t(0.75, 0.25), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        std * (terms.raw_log_ratio + terms.mean_shift), _t(0.75, 0.25), rtol=0, atol=1e-14
+    )
 
 
 def test_ratio_norm_per_sample_with_different_dmu_eps_and_std():
@@ -158,7 +170,9 @@ def test_ratio_norm_per_sample_with_different_dmu_eps_and_std():
     # mean: normalized = -(dmu . eps) / D with D = 32
     torch.testing.assert_close(terms.normalized_log_ratio, -dot / D, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(RATIO_VARIANTS["grpo_guard"](terms).log_ratio, -dot / D, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(std * (terms.raw_log_ratio + terms.mean_shift), -dot / D, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        std * (terms.raw_log_ratio + terms.mean_shift), -dot / D, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_ratio_terms_gradients_flow_through_mean_theta():
@@ -286,7 +300,9 @@ def test_group_advantages_constant_group_of_inexact_values_is_exactly_zero():
     assert torch.equal(adv[:3], torch.zeros(3, dtype=F64))
     # group 1: mean 0.5, std sqrt((0.04 + 0 + 0.04)/3) = 0.16329931618554522
     #   A = [-0.2, 0, 0.2]/(0.16329931618554522 + 1e-4) = [-1.223995330389838, 0, 1.223995330389838]
-    torch.testing.assert_close(adv[3:], _t(-1.223995330389838, 0.0, 1.223995330389838), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        adv[3:], _t(-1.223995330389838, 0.0, 1.223995330389838), rtol=1e-12, atol=1e-15
+    )
     # float32 rewards: the same, exactly
     adv32 = group_advantages(rewards.float(), group_size=3, clip=None)
     assert torch.equal(adv32[:3], torch.zeros(3))
@@ -337,7 +353,12 @@ def test_null_control_permutes_within_each_group_only():
     advantages = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], dtype=F64)
     shuffled = shuffle_within_groups(advantages, 4, torch.Generator().manual_seed(0))
     groups = shuffled.reshape(2, 4)
-    assert sorted(groups[0].tolist()) == [1.0, 2.0, 3.0, 4.0] and sorted(groups[1].tolist()) == [10.0, 20.0, 30.0, 40.0]
+    assert sorted(groups[0].tolist()) == [1.0, 2.0, 3.0, 4.0] and sorted(groups[1].tolist()) == [
+        10.0,
+        20.0,
+        30.0,
+        40.0,
+    ]
     # Over seeds, every position sees every value of its group: the values no longer follow the samples.
     seen = {i: set() for i in range(8)}
     for seed in range(64):
@@ -414,8 +435,15 @@ def test_clipped_policy_loss_batch_weights_mean_and_stats():
     #          = [0.7182818284590451, 0.1931471805599453, 0.0945348918918356, 0.1931471805599453, 0.0046898201956751]
     torch.testing.assert_close(
         stats.approx_kl,
-        _t(0.7182818284590451, 0.1931471805599453, 0.09453489189183562, 0.1931471805599453, 0.004689820195675071),
-        rtol=0, atol=1e-13,
+        _t(
+            0.7182818284590451,
+            0.1931471805599453,
+            0.09453489189183562,
+            0.1931471805599453,
+            0.004689820195675071,
+        ),
+        rtol=0,
+        atol=1e-13,
     )
     assert not stats.ratio.requires_grad and not stats.approx_kl.requires_grad
 
@@ -423,12 +451,16 @@ def test_clipped_policy_loss_batch_weights_mean_and_stats():
 @pytest.mark.parametrize("clip_range", [0.0, -0.1, float("nan")])
 def test_clipped_policy_loss_rejects_non_positive_clip(clip_range):
     with pytest.raises(ValueError, match="clip_range"):
-        clipped_policy_loss(torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64), clip_range)
+        clipped_policy_loss(
+            torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64), clip_range
+        )
 
 
 def test_clipped_policy_loss_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
-        clipped_policy_loss(torch.zeros(3, dtype=F64), torch.zeros(2, dtype=F64), torch.ones(3, dtype=F64), 0.2)
+        clipped_policy_loss(
+            torch.zeros(3, dtype=F64), torch.zeros(2, dtype=F64), torch.ones(3, dtype=F64), 0.2
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -441,9 +473,13 @@ def test_kl_to_reference_hand_example():
     mean_ref = torch.tensor([[0.0, 0.0], [0.5, 0.5]], dtype=F64)
     std = _t(0.5, 0.25)
     # sample 0: ||[1, 2]||^2 / (2 * 0.25) = 5 / 0.5 = 10;  sample 1: 0.5 / (2 * 0.0625) = 4
-    torch.testing.assert_close(kl_to_reference(mean_theta, mean_ref, std, "sum"), _t(10.0, 4.0), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        kl_to_reference(mean_theta, mean_ref, std, "sum"), _t(10.0, 4.0), rtol=0, atol=1e-14
+    )
     # mean over D = 2 elements: [5, 2]
-    torch.testing.assert_close(kl_to_reference(mean_theta, mean_ref, std, "mean"), _t(5.0, 2.0), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        kl_to_reference(mean_theta, mean_ref, std, "mean"), _t(5.0, 2.0), rtol=0, atol=1e-14
+    )
 
 
 def test_kl_to_reference_matches_torch_kl_divergence():
@@ -459,7 +495,10 @@ def test_kl_to_reference_matches_torch_kl_divergence():
         kl_to_reference(mean_theta, mean_ref, std, "sum"), expected.sum(dim=(1, 2, 3)), rtol=1e-12, atol=1e-14
     )
     torch.testing.assert_close(
-        kl_to_reference(mean_theta, mean_ref, std, "mean"), expected.mean(dim=(1, 2, 3)), rtol=1e-12, atol=1e-14
+        kl_to_reference(mean_theta, mean_ref, std, "mean"),
+        expected.mean(dim=(1, 2, 3)),
+        rtol=1e-12,
+        atol=1e-14,
     )
 
 

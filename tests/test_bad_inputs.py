@@ -19,7 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 
 from guardrl.algorithm import clipped_policy_loss, compute_ratio_terms, effective_clip_range, group_advantages
 from guardrl.callbacks import RatioStatsCallback
@@ -196,15 +201,24 @@ def geneval(tmp_path, record=None, **kwargs):
     """A GenEval reward over a one-record metadata file, with a scripted detector (no model needed)."""
     from guardrl.rewards import GenEval
 
-    record = record or {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
-    return GenEval(write(tmp_path, "m.jsonl", json.dumps(record) + "\n"), detector=lambda images: [{}] * len(images),
-                   color_classifier=lambda image, classname, objects: [], **kwargs)
+    record = record or {
+        "prompt": "a photo of a cat",
+        "tag": "single_object",
+        "include": [{"class": "cat", "count": 1}],
+    }
+    return GenEval(
+        write(tmp_path, "m.jsonl", json.dumps(record) + "\n"),
+        detector=lambda images: [{}] * len(images),
+        color_classifier=lambda image, classname, objects: [],
+        **kwargs,
+    )
 
 
 def ratio_terms(std):
     x = torch.zeros(2, 4, dtype=torch.float64)
-    return lambda tmp_path: compute_ratio_terms(x, x, x, torch.tensor(std, dtype=torch.float64),
-                                                torch.full((2,), -0.1, dtype=torch.float64), "sum")
+    return lambda tmp_path: compute_ratio_terms(
+        x, x, x, torch.tensor(std, dtype=torch.float64), torch.full((2,), -0.1, dtype=torch.float64), "sum"
+    )
 
 
 def dynamic_sigmas_without_seq_len(tmp_path):
@@ -655,19 +669,34 @@ def test_bad_input_is_refused_naming_the_option_the_value_and_what_is_allowed(ca
     assert isinstance(raised, case.error), f"{case.id}: {type(raised).__name__}: {message}"
     if isinstance(raised, SystemExit):
         assert raised.code == 2
-    assert re.search(case.option, message), f"{case.id}: the option {case.option!r} is not named in: {message}"
+    assert re.search(case.option, message), (
+        f"{case.id}: the option {case.option!r} is not named in: {message}"
+    )
     if case.value is None:
         assert "missing" in case.id, "only a missing input may have no value to show"
     else:
-        assert re.search(case.value, message), f"{case.id}: the value {case.value!r} is not shown in: {message}"
-    assert re.search(case.allowed, message), f"{case.id}: what is allowed ({case.allowed!r}) is missing: {message}"
+        assert re.search(case.value, message), (
+            f"{case.id}: the value {case.value!r} is not shown in: {message}"
+        )
+    assert re.search(case.allowed, message), (
+        f"{case.id}: what is allowed ({case.allowed!r}) is missing: {message}"
+    )
 
 
 def test_catalogue_ids_are_unique_and_cover_every_area():
     ids = [c.id for c in CATALOGUE]
     assert len(ids) == len(set(ids))
     assert {c.area for c in CATALOGUE} == {
-        "cli", "sampling", "grpo", "combinations", "module", "data", "lora", "backbone", "rewards", "callbacks",
+        "cli",
+        "sampling",
+        "grpo",
+        "combinations",
+        "module",
+        "data",
+        "lora",
+        "backbone",
+        "rewards",
+        "callbacks",
         "functions",
     }
 
@@ -676,7 +705,9 @@ def test_docs_list_every_case_with_the_count():
     with open(DOCS, encoding="utf-8") as f:
         docs = f.read()
     counts = re.findall(r"\*\*(\d+) bad inputs\*\*", docs)
-    assert counts == [str(len(CATALOGUE))], f"docs/errors.md says {counts}; the catalogue has {len(CATALOGUE)}"
+    assert counts == [str(len(CATALOGUE))], (
+        f"docs/errors.md says {counts}; the catalogue has {len(CATALOGUE)}"
+    )
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", docs, flags=re.MULTILINE)
     assert sorted(rows) == sorted(c.id for c in CATALOGUE)
 

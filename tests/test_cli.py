@@ -23,8 +23,13 @@ def test_there_is_a_tiny_config_per_ratio_variant():
 
 
 # Configs that build offline here; the published recipes (sd35m/, flux/) name real hub models and GPUs.
-OFFLINE_CONFIGS = [c for c in CONFIGS if os.sep + "tiny" + os.sep in c or os.sep + "toy" + os.sep in c
-                   or os.path.basename(c) == "quickstart.yaml"]
+OFFLINE_CONFIGS = [
+    c
+    for c in CONFIGS
+    if os.sep + "tiny" + os.sep in c
+    or os.sep + "toy" + os.sep in c
+    or os.path.basename(c) == "quickstart.yaml"
+]
 TOY_CONFIGS = [c for c in CONFIGS if os.sep + "toy" + os.sep in c]
 
 
@@ -53,6 +58,8 @@ def test_toy_configs_differ_only_in_variant_clip_range_and_null_control():
         published = 2e-6 if config["model"]["grpo"]["ratio_variant"] in ("ratio_norm", "grpo_guard") else 1e-4
         assert config["model"]["grpo"]["clip_range"] == pytest.approx(published * 256, rel=1e-3), name
         assert config["model"]["grpo"]["clip_range_unit"] == "per_sqrt_element"
+
+
 # Overlays that go on top of a run config (`--config run.yaml --config configs/strategy/fsdp.yaml`).
 OVERLAYS = [c for c in CONFIGS if os.sep + "strategy" + os.sep in c]
 RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS and c not in OVERLAYS]
@@ -61,14 +68,27 @@ RECIPES = [c for c in CONFIGS if c not in OFFLINE_CONFIGS and c not in OVERLAYS]
 def test_the_fsdp_overlay_builds_on_a_run_config(monkeypatch):
     from guardrl.sharding import FSDP2Strategy
 
-    assert [os.path.relpath(c, REPO_ROOT) for c in OVERLAYS] == [os.path.join("configs", "strategy", "fsdp.yaml")]
+    assert [os.path.relpath(c, REPO_ROOT) for c in OVERLAYS] == [
+        os.path.join("configs", "strategy", "fsdp.yaml")
+    ]
     monkeypatch.chdir(REPO_ROOT)
-    cli = main(["--config", "configs/tiny/grpo_guard.yaml", "--config", "configs/strategy/fsdp.yaml",
-                "--trainer.logger", "false"], run=False)
+    cli = main(
+        [
+            "--config",
+            "configs/tiny/grpo_guard.yaml",
+            "--config",
+            "configs/strategy/fsdp.yaml",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert isinstance(cli.trainer.strategy, FSDP2Strategy)
 
 
-@pytest.mark.parametrize("config", OFFLINE_CONFIGS, ids=[os.path.relpath(c, REPO_ROOT) for c in OFFLINE_CONFIGS])
+@pytest.mark.parametrize(
+    "config", OFFLINE_CONFIGS, ids=[os.path.relpath(c, REPO_ROOT) for c in OFFLINE_CONFIGS]
+)
 def test_every_shipped_config_builds(config, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # configs name their prompt files relative to the repository root
     cli = main(["--config", config, "--trainer.logger", "false"], run=False)
@@ -76,7 +96,9 @@ def test_every_shipped_config_builds(config, monkeypatch):
     if os.sep + "toy" + os.sep in config:
         from guardrl.toy import ToyBackbone, ToyProxyReward
 
-        assert isinstance(cli.model.backbone, ToyBackbone) and isinstance(cli.model.rewards[0], ToyProxyReward)
+        assert isinstance(cli.model.backbone, ToyBackbone) and isinstance(
+            cli.model.rewards[0], ToyProxyReward
+        )
     if os.sep + "tiny" + os.sep in config or os.sep + "toy" + os.sep in config:
         assert cli.model.grpo.ratio_variant == ("flow_grpo" if name == "null_control" else name)
         assert cli.model.group_size == cli.datamodule.group_size
@@ -86,7 +108,9 @@ def test_every_shipped_config_builds(config, monkeypatch):
 
 
 def _run_guardrl(args, cwd, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "guardrl.cli", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -94,8 +118,15 @@ def _run_guardrl(args, cwd, timeout=300):
 
 def test_readme_command_runs_and_writes_the_documented_events(tmp_path):
     result = _run_guardrl(
-        ["fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.max_iterations", "2",
-         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        [
+            "fit",
+            "--config",
+            "configs/tiny/grpo_guard.yaml",
+            "--model.max_iterations",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ],
         cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,8 +141,13 @@ def test_readme_command_runs_and_writes_the_documented_events(tmp_path):
     expected_scalars = {"reward/mean", "train/loss", "train/kl", "grad/norm"}
     expected_histograms = set()
     for k in range(9):
-        expected_scalars |= {f"ratio/mean_t{k}", f"ratio/std_t{k}", f"clip/frac_pos_upper_t{k}",
-                             f"clip/frac_neg_lower_t{k}", f"grad/norm_t{k}"}
+        expected_scalars |= {
+            f"ratio/mean_t{k}",
+            f"ratio/std_t{k}",
+            f"clip/frac_pos_upper_t{k}",
+            f"clip/frac_neg_lower_t{k}",
+            f"grad/norm_t{k}",
+        }
         expected_histograms |= {f"ratio/log_ratio_t{k}", f"ratio/raw_log_ratio_t{k}"}
     assert expected_scalars <= scalars, sorted(expected_scalars - scalars)
     assert expected_histograms <= histograms, sorted(expected_histograms - histograms)
@@ -130,9 +166,17 @@ def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         assert "guardrl fit --config configs/quickstart.yaml\n" in f.read()
     result = _run_guardrl(
-        ["fit", "--config", "configs/quickstart.yaml", "--model.max_iterations", "2",
-         "--trainer.logger.init_args.save_dir", str(tmp_path)],
-        cwd=REPO_ROOT, timeout=600,
+        [
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--model.max_iterations",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -145,11 +189,16 @@ def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp
 
 
 def test_print_config_and_misspelt_keys(tmp_path):
-    printed = _run_guardrl(["fit", "--config", "configs/tiny/flow_grpo.yaml", "--print_config"], cwd=REPO_ROOT)
+    printed = _run_guardrl(
+        ["fit", "--config", "configs/tiny/flow_grpo.yaml", "--print_config"], cwd=REPO_ROOT
+    )
     assert printed.returncode == 0, printed.stderr[-2000:]
-    assert "ratio_variant: flow_grpo" in printed.stdout and "clip_range_unit: per_sqrt_element" in printed.stdout
-    misspelt = _run_guardrl(["fit", "--config", "configs/tiny/flow_grpo.yaml", "--model.grpo.clip_rnage", "1"],
-                            cwd=REPO_ROOT)
+    assert (
+        "ratio_variant: flow_grpo" in printed.stdout and "clip_range_unit: per_sqrt_element" in printed.stdout
+    )
+    misspelt = _run_guardrl(
+        ["fit", "--config", "configs/tiny/flow_grpo.yaml", "--model.grpo.clip_rnage", "1"], cwd=REPO_ROOT
+    )
     assert misspelt.returncode != 0
     assert "clip_rnage" in misspelt.stderr
 
@@ -158,12 +207,26 @@ def test_installed_console_script_exits_zero_after_a_run(tmp_path):
     # setuptools' wrapper does sys.exit(entry_point()): a returned object would be exit status 1.
     script = shutil.which("guardrl")
     assert script is not None, "the `guardrl` console script is not installed (pip install -e .)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [script, "fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.max_iterations", "1",
-         "--trainer.logger.init_args.save_dir", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            script,
+            "fit",
+            "--config",
+            "configs/tiny/grpo_guard.yaml",
+            "--model.max_iterations",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert glob.glob(str(tmp_path / "tiny_grpo_guard" / "version_0" / "checkpoints" / "last.ckpt"))
@@ -183,7 +246,9 @@ RECIPE_VALUES = {
 
 
 def test_every_recipe_has_its_expected_values():
-    assert sorted(os.path.relpath(c, os.path.join(REPO_ROOT, "configs")) for c in RECIPES) == sorted(RECIPE_VALUES)
+    assert sorted(os.path.relpath(c, os.path.join(REPO_ROOT, "configs")) for c in RECIPES) == sorted(
+        RECIPE_VALUES
+    )
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_VALUES))

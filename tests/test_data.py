@@ -43,7 +43,9 @@ def test_ranks_get_disjoint_prompts_and_whole_groups(prompt_file):
 
 def test_shuffle_is_seeded_and_keeps_every_prompt(prompt_file):
     def order(seed):
-        return [b.prompts[0] for b in _take(PromptStream(prompt_file, 2, 1, shuffle_buffer_size=4, seed=seed), 6)]
+        return [
+            b.prompts[0] for b in _take(PromptStream(prompt_file, 2, 1, shuffle_buffer_size=4, seed=seed), 6)
+        ]
 
     assert order(1) == order(1)
     assert sorted(order(1)) == sorted(list(iter_prompt_file(prompt_file)))

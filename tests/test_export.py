@@ -24,12 +24,19 @@ def trained(tmp_path_factory):
     prompt_file = root / "prompts.txt"
     prompt_file.write_text("a red circle\na blue square\na green triangle\n")
     # alpha != rank: a reload that lost the adapter metadata would scale the LoRA by alpha/rank = 1, not 4.
-    args = tiny_fit_args(str(prompt_file), str(root / "runs"), **{
-        "--model.lora": '{"rank": 2, "alpha": 8}', "--model.max_iterations": "2",
-        "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
-        "--checkpoint.every_n_iterations": "1", "--model.grpo.ema_decay": "0.5",
-        "--trainer.callbacks": '[{"class_path": "guardrl.callbacks.LoraExport", '
-                               '"init_args": {"every_n_iterations": 1}}]'})
+    args = tiny_fit_args(
+        str(prompt_file),
+        str(root / "runs"),
+        **{
+            "--model.lora": '{"rank": 2, "alpha": 8}',
+            "--model.max_iterations": "2",
+            "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
+            "--checkpoint.every_n_iterations": "1",
+            "--model.grpo.ema_decay": "0.5",
+            "--trainer.callbacks": '[{"class_path": "guardrl.callbacks.LoraExport", '
+            '"init_args": {"every_n_iterations": 1}}]',
+        },
+    )
     cli = main(["fit", *args])
     return cli, root
 
@@ -39,6 +46,7 @@ def _guardrl_images(policy, noise, weights="policy"):
     cond = backbone.encode_prompts(PROMPTS, with_negative=False)
     sigmas = backbone.sigmas(STEPS)
     with torch.no_grad(), policy.use_weights(weights) as transformer:
+
         def velocity_fn(latents, t, k):
             return backbone.velocity(latents, t, cond, 1.0, transformer)
 
@@ -50,8 +58,14 @@ def _stock_images(lora_dir, noise, seed=0):
     pipe = make_tiny_sd3_pipeline(seed=seed)  # the same base weights TinySD3Backbone(seed=0) builds
     pipe.load_lora_weights(lora_dir)
     with torch.no_grad():
-        images = pipe(prompt=PROMPTS, latents=noise, num_inference_steps=STEPS, guidance_scale=1.0,
-                      output_type="pt", max_sequence_length=pipe_max_len()).images
+        images = pipe(
+            prompt=PROMPTS,
+            latents=noise,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            output_type="pt",
+            max_sequence_length=pipe_max_len(),
+        ).images
     return images.float()
 
 
@@ -84,15 +98,26 @@ def test_stock_pipeline_with_exported_lora_reproduces_the_policy(trained, tmp_pa
 def _stock_images_without_lora(noise):
     pipe = make_tiny_sd3_pipeline(seed=0)
     with torch.no_grad():
-        return pipe(prompt=PROMPTS, latents=noise, num_inference_steps=STEPS, guidance_scale=1.0,
-                    output_type="pt", max_sequence_length=pipe_max_len()).images.float()
+        return pipe(
+            prompt=PROMPTS,
+            latents=noise,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            output_type="pt",
+            max_sequence_length=pipe_max_len(),
+        ).images.float()
 
 
 def test_export_from_a_checkpoint_with_the_runs_config_matches_the_live_policy(trained, tmp_path):
     cli, root = trained
-    (version_dir,) = [os.path.join(root / "runs" / "guardrl", d) for d in os.listdir(root / "runs" / "guardrl")]
-    path = export_from_checkpoint(os.path.join(version_dir, "config.yaml"),
-                                  os.path.join(version_dir, "checkpoints", "last.ckpt"), str(tmp_path / "lora"))
+    (version_dir,) = [
+        os.path.join(root / "runs" / "guardrl", d) for d in os.listdir(root / "runs" / "guardrl")
+    ]
+    path = export_from_checkpoint(
+        os.path.join(version_dir, "config.yaml"),
+        os.path.join(version_dir, "checkpoints", "last.ckpt"),
+        str(tmp_path / "lora"),
+    )
     direct = export_lora(cli.model.policy, str(tmp_path / "direct"))
     from safetensors.torch import load_file
 
@@ -123,7 +148,9 @@ def test_export_refuses_what_cannot_be_exported(trained, tmp_path):
 
 def test_lora_export_callback_writes_each_iteration_and_the_final_adapter(trained, tmp_path):
     cli, root = trained
-    (version_dir,) = [os.path.join(root / "runs" / "guardrl", d) for d in os.listdir(root / "runs" / "guardrl")]
+    (version_dir,) = [
+        os.path.join(root / "runs" / "guardrl", d) for d in os.listdir(root / "runs" / "guardrl")
+    ]
     lora_root = os.path.join(version_dir, "lora")
     assert sorted(os.listdir(lora_root)) == ["final", "iteration=1", "iteration=2"]
     from safetensors.torch import load_file
@@ -141,7 +168,8 @@ def test_exported_lora_in_a_stock_pipeline_gives_the_policys_velocity(kind, tmp_
     from guardrl.policy.tiny import make_tiny_flux_pipeline
 
     backbone_cls, make_pipeline = {
-        "sd3": (TinySD3Backbone, make_tiny_sd3_pipeline), "flux": (TinyFluxBackbone, make_tiny_flux_pipeline),
+        "sd3": (TinySD3Backbone, make_tiny_sd3_pipeline),
+        "flux": (TinyFluxBackbone, make_tiny_flux_pipeline),
     }[kind]
     policy = FlowPolicy(backbone_cls(seed=0), LoraSpec(rank=2, alpha=8))
     policy.build()
@@ -186,7 +214,9 @@ def test_toy_lora_exports_in_sd3_format_and_loads_into_a_fresh_toy_transformer(t
     cond = backbone.encode_prompts(["a red circle", "two blue squares"], with_negative=False)
     with torch.no_grad():
         base = backbone.velocity(latents, 0.6, cond, 1.0, fresh.transformer)
-        fresh.transformer.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", use_safetensors=True)
+        fresh.transformer.load_lora_adapter(
+            str(tmp_path / "lora"), prefix="transformer", use_safetensors=True
+        )
         expected = backbone.velocity(latents, 0.6, cond, 1.0, policy.transformer)
         got = backbone.velocity(latents, 0.6, cond, 1.0, fresh.transformer)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

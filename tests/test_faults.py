@@ -32,8 +32,12 @@ def _fault_reward(**init_args) -> str:
 
 
 def _fit_args(prompt_file, tmp_path, **overrides):
-    settings = {"--checkpoint.every_n_iterations": "1", "--checkpoint.save_top_k": "-1",
-                "--model.faults.reward_retry_delay_s": "0", **overrides}
+    settings = {
+        "--checkpoint.every_n_iterations": "1",
+        "--checkpoint.save_top_k": "-1",
+        "--model.faults.reward_retry_delay_s": "0",
+        **overrides,
+    }
     return ["fit", *tiny_fit_args(prompt_file, str(tmp_path / "runs"), **settings)]
 
 
@@ -56,10 +60,19 @@ def _checkpoints(tmp_path) -> str:
 
 # ---------------------------------------------------------------- non-finite values
 def test_nan_reward_skips_the_update_counts_it_and_the_run_continues(prompt_file, tmp_path):
-    cli = main(_fit_args(prompt_file, tmp_path, **{
-        "--model.rewards": _fault_reward(nan_at_calls=[1]), "--model.max_iterations": "3"}))
+    cli = main(
+        _fit_args(
+            prompt_file,
+            tmp_path,
+            **{"--model.rewards": _fault_reward(nan_at_calls=[1]), "--model.max_iterations": "3"},
+        )
+    )
     model = cli.model
-    assert model.num_iterations == 3 and model.num_skipped_updates == 1 and model.consecutive_skipped_updates == 0
+    assert (
+        model.num_iterations == 3
+        and model.num_skipped_updates == 1
+        and model.consecutive_skipped_updates == 0
+    )
     assert _scalars(tmp_path, "train/skipped_update") == [(0, 0.0), (1, 1.0), (2, 0.0)]
     assert _scalars(tmp_path, "train/num_skipped_updates") == [(0, 0.0), (1, 1.0), (2, 1.0)]
     assert [step for step, _ in _scalars(tmp_path, "train/num_optimizer_steps")] == [0, 1, 2]
@@ -73,15 +86,27 @@ def test_nan_reward_skips_the_update_counts_it_and_the_run_continues(prompt_file
     after = [_adapter(os.path.join(directory, f"iteration={i}.ckpt")) for i in (1, 2, 3)]
     assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
     assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])
-    assert torch.load(os.path.join(directory, "last.ckpt"), weights_only=True)["guardrl"]["num_skipped_updates"] == 1
+    assert (
+        torch.load(os.path.join(directory, "last.ckpt"), weights_only=True)["guardrl"]["num_skipped_updates"]
+        == 1
+    )
 
 
 def test_run_stops_with_a_clear_error_after_the_configured_number_in_a_row(prompt_file, tmp_path):
-    args = _fit_args(prompt_file, tmp_path, **{
-        "--model.rewards": _fault_reward(nan_at_calls=[1, 2]), "--model.max_iterations": "5",
-        "--model.faults.max_consecutive_nonfinite": "2"})
-    with pytest.raises(RuntimeError, match=r"2 GRPO iterations in a row \(the last: iteration 2\) skipped their "
-                                           r"update because of a non-finite reward.*max_consecutive_nonfinite=2"):
+    args = _fit_args(
+        prompt_file,
+        tmp_path,
+        **{
+            "--model.rewards": _fault_reward(nan_at_calls=[1, 2]),
+            "--model.max_iterations": "5",
+            "--model.faults.max_consecutive_nonfinite": "2",
+        },
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"2 GRPO iterations in a row \(the last: iteration 2\) skipped their "
+        r"update because of a non-finite reward.*max_consecutive_nonfinite=2",
+    ):
         main(args)
     # The last good state is on disk; the failed iterations are not checkpointed as if they were fine.
     last = torch.load(os.path.join(_checkpoints(tmp_path), "last.ckpt"), weights_only=True)["guardrl"]
@@ -89,9 +114,17 @@ def test_run_stops_with_a_clear_error_after_the_configured_number_in_a_row(promp
 
 
 def test_skips_that_are_not_in_a_row_do_not_stop_the_run(prompt_file, tmp_path):
-    cli = main(_fit_args(prompt_file, tmp_path, **{
-        "--model.rewards": _fault_reward(nan_at_calls=[0, 2]), "--model.max_iterations": "4",
-        "--model.faults.max_consecutive_nonfinite": "2"}))
+    cli = main(
+        _fit_args(
+            prompt_file,
+            tmp_path,
+            **{
+                "--model.rewards": _fault_reward(nan_at_calls=[0, 2]),
+                "--model.max_iterations": "4",
+                "--model.faults.max_consecutive_nonfinite": "2",
+            },
+        )
+    )
     assert cli.model.num_iterations == 4 and cli.model.num_skipped_updates == 2
 
 
@@ -130,9 +163,12 @@ def test_reward_retries_then_succeeds():
 
 def test_reward_that_keeps_failing_raises_reward_error_naming_it():
     reward = FaultInjectionReward(raise_at_calls=[0, 1, 2], name="pickscore")
-    with pytest.raises(RewardError, match=r"reward 'pickscore' failed 2 time\(s\) \(faults.reward_max_attempts=2.*"
-                                          r"attempt 1: ConnectionError: injected failure at call 0; "
-                                          r"attempt 2: ConnectionError: injected failure at call 1"):
+    with pytest.raises(
+        RewardError,
+        match=r"reward 'pickscore' failed 2 time\(s\) \(faults.reward_max_attempts=2.*"
+        r"attempt 1: ConnectionError: injected failure at call 0; "
+        r"attempt 2: ConnectionError: injected failure at call 1",
+    ):
         score_with_retries(reward, torch.rand(2, 3, 8, 8), ["a", "b"], max_attempts=2, retry_delay_s=0.0)
     assert reward.calls == 2
 
@@ -140,8 +176,9 @@ def test_reward_that_keeps_failing_raises_reward_error_naming_it():
 def test_reward_timeout_is_retried_and_bounded():
     reward = FaultInjectionReward(sleep_at_calls=[0], sleep_s=3.0)
     start = time.monotonic()
-    scores = score_with_retries(reward, torch.rand(2, 3, 8, 8), ["a", "b"], max_attempts=2, retry_delay_s=0.0,
-                                timeout_s=0.3)
+    scores = score_with_retries(
+        reward, torch.rand(2, 3, 8, 8), ["a", "b"], max_attempts=2, retry_delay_s=0.0, timeout_s=0.3
+    )
     assert time.monotonic() - start < 2.0 and torch.isfinite(scores).all()
     reward = FaultInjectionReward(sleep_at_calls=[0], sleep_s=3.0)
     with pytest.raises(RewardError, match=r"TimeoutError: no result within 0.3 s"):
@@ -149,9 +186,15 @@ def test_reward_timeout_is_retried_and_bounded():
 
 
 def test_a_failing_reward_fails_the_run_instead_of_scoring_zero(prompt_file, tmp_path):
-    args = _fit_args(prompt_file, tmp_path, **{
-        "--model.rewards": _fault_reward(raise_at_calls=[1, 2]), "--model.max_iterations": "3",
-        "--model.faults.reward_max_attempts": "2"})
+    args = _fit_args(
+        prompt_file,
+        tmp_path,
+        **{
+            "--model.rewards": _fault_reward(raise_at_calls=[1, 2]),
+            "--model.max_iterations": "3",
+            "--model.faults.reward_max_attempts": "2",
+        },
+    )
     with pytest.raises(RewardError, match="failed 2 time"):
         main(args)
     assert _scalars(tmp_path, "reward/mean")[-1][0] == 0  # nothing was logged for the failed iteration
@@ -190,7 +233,9 @@ def test_sigkill_while_writing_never_leaves_a_truncated_checkpoint(tmp_path):
     path = str(tmp_path / "last.ckpt")
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     for delay in (0.05, 0.3, 0.7):
-        process = subprocess.Popen([sys.executable, "-c", _WRITER, path], stdout=subprocess.PIPE, text=True, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, path], stdout=subprocess.PIPE, text=True, env=env
+        )
         assert process.stdout.readline().strip() == "ready"
         time.sleep(delay)
         process.kill()
@@ -202,11 +247,17 @@ def test_sigkill_while_writing_never_leaves_a_truncated_checkpoint(tmp_path):
 def test_resuming_with_another_lora_layout_is_refused(prompt_file, tmp_path):
     main(_fit_args(prompt_file, tmp_path, **{"--model.max_iterations": "1"}))
     last = os.path.join(_checkpoints(tmp_path), "last.ckpt")
-    args = _fit_args(prompt_file, tmp_path / "other", **{"--model.max_iterations": "2",
-                                                          "--model.lora": '{"rank": 8, "alpha": 8}'})
-    with pytest.raises(ValueError, match=r"ckpt_path: the checkpoint's trainable weights do not fit this model: "
-                                         r"missing 0, unexpected 0, shape-mismatched 32 .*checkpoint \(4, \d+\) vs "
-                                         r"model \(8, \d+\).*model.lora \(rank, target_modules\)"):
+    args = _fit_args(
+        prompt_file,
+        tmp_path / "other",
+        **{"--model.max_iterations": "2", "--model.lora": '{"rank": 8, "alpha": 8}'},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt_path: the checkpoint's trainable weights do not fit this model: "
+        r"missing 0, unexpected 0, shape-mismatched 32 .*checkpoint \(4, \d+\) vs "
+        r"model \(8, \d+\).*model.lora \(rank, target_modules\)",
+    ):
         main([*args, "--ckpt_path", last])
 
 
@@ -221,14 +272,29 @@ def test_sigusr1_under_slurm_checkpoints_exits_cleanly_and_requeues(prompt_file,
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     scontrol = fake_bin / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol_args'}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol_args"}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    args = _fit_args(prompt_file, tmp_path, **{
-        "--model.max_iterations": "20", "--model.rewards": _fault_reward(sleep_at_calls=[1], sleep_s=5.0)})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT,
-           "SLURM_JOB_ID": "4242", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    process = subprocess.Popen([sys.executable, "-m", "guardrl.cli", *args], cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = _fit_args(
+        prompt_file,
+        tmp_path,
+        **{"--model.max_iterations": "20", "--model.rewards": _fault_reward(sleep_at_calls=[1], sleep_s=5.0)},
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": REPO_ROOT,
+        "SLURM_JOB_ID": "4242",
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrl.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pattern = str(tmp_path / "runs" / "guardrl" / "version_*" / "checkpoints" / "iteration=1.ckpt")
     deadline = time.monotonic() + 120
     while not glob.glob(pattern):
@@ -245,5 +311,7 @@ def test_sigusr1_under_slurm_checkpoints_exits_cleanly_and_requeues(prompt_file,
 
 @pytest.mark.parametrize("name", ["SIGKILL", "SIGTERMX", "term"])
 def test_uncatchable_or_unknown_signal_names_are_refused(name):
-    with pytest.raises(ValueError, match=rf"graceful_shutdown.signals: '{name}' is not a signal that can be caught"):
+    with pytest.raises(
+        ValueError, match=rf"graceful_shutdown.signals: '{name}' is not a signal that can be caught"
+    ):
         GracefulShutdown(signals=[name])

@@ -45,19 +45,37 @@ def fixed_colors(*names):
 
     def classify(classname, objects):
         asked.append((classname, len(objects)))
-        return list(names[:len(objects)])
+        return list(names[: len(objects)])
 
     classify.asked = asked
     return classify
 
 
-COUNT3 = check_metadata({"prompt": "a photo of three cups", "tag": "counting",
-                         "include": [{"class": "cup", "count": 3}], "exclude": [{"class": "cup", "count": 4}]}, "t")
-RED_CAR = check_metadata({"prompt": "a photo of a red car", "tag": "colors",
-                          "include": [{"class": "car", "count": 1, "color": "red"}]}, "t")
-DOG_LEFT_OF_CAT = check_metadata({"prompt": "a photo of a dog left of a cat", "tag": "position",
-                                  "include": [{"class": "cat", "count": 1},
-                                              {"class": "dog", "count": 1, "position": ["left of", 0]}]}, "t")
+COUNT3 = check_metadata(
+    {
+        "prompt": "a photo of three cups",
+        "tag": "counting",
+        "include": [{"class": "cup", "count": 3}],
+        "exclude": [{"class": "cup", "count": 4}],
+    },
+    "t",
+)
+RED_CAR = check_metadata(
+    {
+        "prompt": "a photo of a red car",
+        "tag": "colors",
+        "include": [{"class": "car", "count": 1, "color": "red"}],
+    },
+    "t",
+)
+DOG_LEFT_OF_CAT = check_metadata(
+    {
+        "prompt": "a photo of a dog left of a cat",
+        "tag": "position",
+        "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+    },
+    "t",
+)
 
 
 # ---------------------------------------------------------------- geometry
@@ -87,8 +105,15 @@ def test_box_iou_uses_genevals_plus_one_pixel_areas():
 
 
 def test_select_objects_thresholds_sorts_caps_and_optionally_suppresses():
-    found = {"cup": [det(0, 0, 9, 9, 0.5), det(0, 0, 9, 9, 0.95), det(1, 1, 10, 10, 0.92), det(50, 50, 59, 59, 0.2)],
-             "cat": [det(0, 0, 5, 5, 0.31)]}
+    found = {
+        "cup": [
+            det(0, 0, 9, 9, 0.5),
+            det(0, 0, 9, 9, 0.95),
+            det(1, 1, 10, 10, 0.92),
+            det(50, 50, 59, 59, 0.2),
+        ],
+        "cat": [det(0, 0, 5, 5, 0.31)],
+    }
     picked = select_objects(found, "two_object")
     assert [d.score for d in picked["cup"]] == [0.95, 0.92, 0.5]  # > 0.3, most confident first
     assert list(picked) == ["cup", "cat"]
@@ -104,12 +129,20 @@ def test_select_objects_thresholds_sorts_caps_and_optionally_suppresses():
 # ---------------------------------------------------------------- verdicts
 
 
-@pytest.mark.parametrize("n_cups,correct,strict,partial", [
-    (3, True, True, 1.0),
-    (2, False, False, 1 - 1 / 3),   # too few
-    (4, False, False, 1 - 1 / 3),   # enough for "include 3", but "exclude 4" fires; the server: count term only
-    (7, False, False, 1 - 4 / 3),   # the server's count term goes negative beyond twice the count
-])
+@pytest.mark.parametrize(
+    "n_cups,correct,strict,partial",
+    [
+        (3, True, True, 1.0),
+        (2, False, False, 1 - 1 / 3),  # too few
+        (
+            4,
+            False,
+            False,
+            1 - 1 / 3,
+        ),  # enough for "include 3", but "exclude 4" fires; the server: count term only
+        (7, False, False, 1 - 4 / 3),  # the server's count term goes negative beyond twice the count
+    ],
+)
 def test_counting(n_cups, correct, strict, partial):
     objects = {"cup": [det(20 * i, 0, 20 * i + 10, 10) for i in range(n_cups)]}
     verdict = judge(objects, COUNT3, fixed_colors())
@@ -150,23 +183,52 @@ def test_position_and_the_servers_extra_one():
 
 def test_metadata_checks_name_the_field_and_what_is_allowed(tmp_path):
     cases = [
-        ({"prompt": "p", "tag": "x", "include": [{"class": "unicorn", "count": 1}]}, "include\\[0\\].class='unicorn'"),
-        ({"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 0}]}, "include\\[0\\].count=0 must be an int >= 1"),
-        ({"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 1, "color": "teal"}]}, "color='teal'"),
-        ({"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 1},
-                                                 {"class": "dog", "count": 1, "position": ["near", 0]}]},
-         "position\\[0\\]='near' must be one of"),
-        ({"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 1},
-                                                 {"class": "dog", "count": 1, "position": ["above", 1]}]},
-         "position\\[1\\]=1 must index an earlier include clause \\(an int in 0..0\\)"),
+        (
+            {"prompt": "p", "tag": "x", "include": [{"class": "unicorn", "count": 1}]},
+            "include\\[0\\].class='unicorn'",
+        ),
+        (
+            {"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 0}]},
+            "include\\[0\\].count=0 must be an int >= 1",
+        ),
+        (
+            {"prompt": "p", "tag": "x", "include": [{"class": "cat", "count": 1, "color": "teal"}]},
+            "color='teal'",
+        ),
+        (
+            {
+                "prompt": "p",
+                "tag": "x",
+                "include": [
+                    {"class": "cat", "count": 1},
+                    {"class": "dog", "count": 1, "position": ["near", 0]},
+                ],
+            },
+            "position\\[0\\]='near' must be one of",
+        ),
+        (
+            {
+                "prompt": "p",
+                "tag": "x",
+                "include": [
+                    {"class": "cat", "count": 1},
+                    {"class": "dog", "count": 1, "position": ["above", 1]},
+                ],
+            },
+            "position\\[1\\]=1 must index an earlier include clause \\(an int in 0..0\\)",
+        ),
         ({"prompt": "p", "include": []}, "'tag' must be a non-empty string"),
     ]
     for record, message in cases:
         with pytest.raises(ValueError, match=message):
             check_metadata(record, "line 1")
     clash = tmp_path / "clash.jsonl"
-    clash.write_text(json.dumps(RED_CAR) + "\n" + json.dumps({**RED_CAR, "include": [{"class": "car", "count": 2}]}))
-    with pytest.raises(ValueError, match="line 2: prompt 'a photo of a red car' appears earlier with different"):
+    clash.write_text(
+        json.dumps(RED_CAR) + "\n" + json.dumps({**RED_CAR, "include": [{"class": "car", "count": 2}]})
+    )
+    with pytest.raises(
+        ValueError, match="line 2: prompt 'a photo of a red car' appears earlier with different"
+    ):
         load_metadata(str(clash))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
@@ -192,13 +254,14 @@ def test_instance_detections_on_synthetic_logits():
     # 2 queries, 2 classes + "no object"; masks already at the image size (every resize is the identity)
     class_logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
     masks = torch.full((2, 6, 8), -3.0)
-    masks[0, 1:3, 2:5] = 3.0          # query 0: rows 1-2, cols 2-4
-    masks[1, 4:6, 0:2] = 1.0          # query 1: rows 4-5, cols 0-1
+    masks[0, 1:3, 2:5] = 3.0  # query 0: rows 1-2, cols 2-4
+    masks[1, 4:6, 0:2] = 1.0  # query 1: rows 4-5, cols 0-1
     out = instance_detections(class_logits, masks, (6, 8), (6, 8), (6, 8), max_per_image=3)
     p0 = torch.tensor([2.0, 0.0, 0.0]).softmax(0)
     p1 = torch.tensor([0.0, 1.0, 3.0]).softmax(0)
-    expected = sorted([(0, float(p0[0])), (1, float(p0[1])), (0, float(p1[0])), (1, float(p1[1]))],
-                      key=lambda t: -t[1])[:3]
+    expected = sorted(
+        [(0, float(p0[0])), (1, float(p0[1])), (0, float(p1[0])), (1, float(p1[1]))], key=lambda t: -t[1]
+    )[:3]
     assert [label for label, _, _ in out] == [label for label, _ in expected]
     sig3, sig1 = 1 / (1 + math.exp(-3)), 1 / (1 + math.exp(-1))
     # (query 0, class 0), then (query 1, class 1), then (query 0, class 1): score = class prob x mask mean
@@ -247,29 +310,66 @@ def tiny_geneval(tmp_path_factory):
     )
 
     root = tmp_path_factory.mktemp("tiny_geneval")
-    coco = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(n, n)
-            for n in GENEVAL_CLASSES]
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, id2label=dict(enumerate(coco)),
-                               label2id={n: i for i, n in enumerate(coco)}, hidden_dim=32, feature_size=32,
-                               mask_feature_size=32, num_queries=6, encoder_layers=1, decoder_layers=2,
-                               encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2)
+    coco = [
+        {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(n, n)
+        for n in GENEVAL_CLASSES
+    ]
+    backbone = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        num_labels=80,
+        id2label=dict(enumerate(coco)),
+        label2id={n: i for i, n in enumerate(coco)},
+        hidden_dim=32,
+        feature_size=32,
+        mask_feature_size=32,
+        num_queries=6,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        num_attention_heads=2,
+    )
     torch.manual_seed(0)
     Mask2FormerForUniversalSegmentation(config).save_pretrained(root / "m2f")
     Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(root / "m2f")
     tok = tiny_clip_tokenizer()
     clip = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     torch.manual_seed(1)
     CLIPModel(clip).save_pretrained(root / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(root / "clip")
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    ).save_pretrained(root / "clip")
     metadata = root / "metadata.jsonl"
     metadata.write_text("\n".join(json.dumps(r) for r in (COUNT3, RED_CAR, DOG_LEFT_OF_CAT)) + "\n")
     return {"m2f": str(root / "m2f"), "clip": str(root / "clip"), "metadata": str(metadata)}
@@ -279,7 +379,9 @@ def test_mask2former_detector_loads_a_saved_model_and_returns_detections_at_imag
     detector = Mask2FormerDetector(tiny_geneval["m2f"], max_per_image=7)
     assert not any(p.requires_grad for p in detector.parameters()) and not detector.model.training
     assert detector.label_names[64:67] == ["computer mouse", "tv remote", "computer keyboard"]
-    images = torch.randint(0, 256, (2, 40, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (2, 40, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     found = detector(images)
     assert len(found) == 2
     for per_image in found:
@@ -306,11 +408,18 @@ def test_color_classifier_uses_genevals_three_templates_averaged(tiny_geneval):
     from transformers import CLIPModel, CLIPProcessor
 
     classifier = ClipColorClassifier(tiny_geneval["clip"])
-    model, processor = CLIPModel.from_pretrained(tiny_geneval["clip"]).eval(), CLIPProcessor.from_pretrained(tiny_geneval["clip"])
+    model, processor = (
+        CLIPModel.from_pretrained(tiny_geneval["clip"]).eval(),
+        CLIPProcessor.from_pretrained(tiny_geneval["clip"]),
+    )
     with torch.no_grad():
         columns = []
         for color in COLORS:
-            texts = [f"a photo of a {color} cup", f"a photo of a {color}-colored cup", f"a photo of a {color} object"]
+            texts = [
+                f"a photo of a {color} cup",
+                f"a photo of a {color}-colored cup",
+                f"a photo of a {color} object",
+            ]
             assert texts == [t.format(color=color, object="cup") for t in COLOR_TEMPLATES]
             tokens = processor(text=texts, padding=True, return_tensors="pt")
             out = model.get_text_features(**tokens)
@@ -329,8 +438,13 @@ def test_color_classifier_uses_genevals_three_templates_averaged(tiny_geneval):
 
 
 def test_geneval_reward_end_to_end_on_tiny_models(tiny_geneval):
-    reward = GenEval(tiny_geneval["metadata"], detector=tiny_geneval["m2f"], color_classifier=tiny_geneval["clip"],
-                     threshold=0.0, counting_threshold=0.0)
+    reward = GenEval(
+        tiny_geneval["metadata"],
+        detector=tiny_geneval["m2f"],
+        color_classifier=tiny_geneval["clip"],
+        threshold=0.0,
+        counting_threshold=0.0,
+    )
     images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     prompts = [COUNT3["prompt"], RED_CAR["prompt"], DOG_LEFT_OF_CAT["prompt"]]
     scores = reward(images, prompts)
@@ -348,34 +462,59 @@ def test_geneval_reward_end_to_end_on_tiny_models(tiny_geneval):
 
 def test_geneval_reward_with_a_scripted_detector_gives_the_hand_scores(tiny_geneval):
     scripted = [
-        {"cup": [det(0, 0, 10, 10), det(20, 0, 30, 10)]},                     # two of three cups
-        {"car": [det(0, 0, 10, 10)]},                                        # a car, coloured by the classifier
-        {"cat": [det(30, 0, 40, 10)], "dog": [det(60, 0, 70, 10)]},          # dog right of the cat
+        {"cup": [det(0, 0, 10, 10), det(20, 0, 30, 10)]},  # two of three cups
+        {"car": [det(0, 0, 10, 10)]},  # a car, coloured by the classifier
+        {"cat": [det(30, 0, 40, 10)], "dog": [det(60, 0, 70, 10)]},  # dog right of the cat
     ]
     prompts = [COUNT3["prompt"], RED_CAR["prompt"], DOG_LEFT_OF_CAT["prompt"]]
     images = torch.zeros(3, 3, 8, 8)
     expected = {"partial": [2 / 3, 0.5, 0.75], "correct": [0.0, 0.0, 0.0], "strict": [0.0, 0.0, 0.0]}
     for kind, values in expected.items():
-        reward = GenEval(tiny_geneval["metadata"], detector=lambda images: scripted,
-                         color_classifier=lambda image, classname, objects: ["blue"] * len(objects), score=kind)
+        reward = GenEval(
+            tiny_geneval["metadata"],
+            detector=lambda images: scripted,
+            color_classifier=lambda image, classname, objects: ["blue"] * len(objects),
+            score=kind,
+        )
         torch.testing.assert_close(reward(images, prompts), torch.tensor(values), rtol=0, atol=1e-6)
-    green = GenEval(tiny_geneval["metadata"], detector=lambda images: scripted[1:2],
-                    color_classifier=lambda image, classname, objects: ["red"] * len(objects), score="correct")
+    green = GenEval(
+        tiny_geneval["metadata"],
+        detector=lambda images: scripted[1:2],
+        color_classifier=lambda image, classname, objects: ["red"] * len(objects),
+        score="correct",
+    )
     assert green(images[:1], prompts[1:2]).tolist() == [1.0]
     with pytest.raises(ValueError, match="score='best' must be one of \\['partial', 'correct', 'strict'\\]"):
-        GenEval(tiny_geneval["metadata"], detector=lambda images: scripted, color_classifier=lambda *a: [], score="best")
+        GenEval(
+            tiny_geneval["metadata"],
+            detector=lambda images: scripted,
+            color_classifier=lambda *a: [],
+            score="best",
+        )
     with pytest.raises(ValueError, match="threshold=1.5 must be a number in \\[0, 1\\]"):
-        GenEval(tiny_geneval["metadata"], detector=lambda images: scripted, color_classifier=lambda *a: [], threshold=1.5)
+        GenEval(
+            tiny_geneval["metadata"],
+            detector=lambda images: scripted,
+            color_classifier=lambda *a: [],
+            threshold=1.5,
+        )
 
 
 def test_geneval_loads_through_the_reward_server_loader(tiny_geneval):
     from guardrl.rewards.server import load_reward
 
-    reward = load_reward("guardrl.rewards.GenEval", {
-        "metadata": tiny_geneval["metadata"], "score": "strict",
-        "detector": {"class_path": "guardrl.rewards.geneval.Mask2FormerDetector",
-                     "init_args": {"pretrained": tiny_geneval["m2f"], "max_per_image": 3}},
-        "color_classifier": tiny_geneval["clip"]})
+    reward = load_reward(
+        "guardrl.rewards.GenEval",
+        {
+            "metadata": tiny_geneval["metadata"],
+            "score": "strict",
+            "detector": {
+                "class_path": "guardrl.rewards.geneval.Mask2FormerDetector",
+                "init_args": {"pretrained": tiny_geneval["m2f"], "max_per_image": 3},
+            },
+            "color_classifier": tiny_geneval["clip"],
+        },
+    )
     assert isinstance(reward.detector, Mask2FormerDetector) and reward.detector.max_per_image == 3
     assert isinstance(reward.color_classifier, ClipColorClassifier)
     assert set(reward(torch.rand(1, 3, 32, 32), [RED_CAR["prompt"]]).tolist()) <= {0.0, 1.0}
@@ -386,8 +525,13 @@ def test_geneval_served_by_the_reward_server_scores_as_it_does_in_process(tiny_g
     from guardrl.rewards.remote import RemoteReward, images_to_uint8
     from tests.test_reward_server import _free_port, _kill, _start_server
 
-    init_args = {"metadata": tiny_geneval["metadata"], "detector": tiny_geneval["m2f"],
-                 "color_classifier": tiny_geneval["clip"], "threshold": 0.0, "counting_threshold": 0.0}
+    init_args = {
+        "metadata": tiny_geneval["metadata"],
+        "detector": tiny_geneval["m2f"],
+        "color_classifier": tiny_geneval["clip"],
+        "threshold": 0.0,
+        "counting_threshold": 0.0,
+    }
     port = _free_port()
     process = _start_server("guardrl.rewards.GenEval", init_args, port)
     try:
@@ -399,6 +543,8 @@ def test_geneval_served_by_the_reward_server_scores_as_it_does_in_process(tiny_g
         torch.testing.assert_close(served, local, rtol=0, atol=1e-6)
         # the server's error reaches the trainer, at once (a wrong request is not retried)
         with pytest.raises(RewardError, match=r"refused the request \(422\).*'a unicorn' is not in metadata"):
-            RemoteReward(f"http://127.0.0.1:{port}", name="geneval", max_attempts=3)(images[:1], ["a unicorn"])
+            RemoteReward(f"http://127.0.0.1:{port}", name="geneval", max_attempts=3)(
+                images[:1], ["a unicorn"]
+            )
     finally:
         _kill(process)

@@ -39,6 +39,7 @@ TOKENIZER = os.path.join(FIXTURE, "tokenizer")
 # 2.7e-7 batched (scores span -0.12..0.68); the original and open_clip 3.3.0 differ by 1.9e-6 on the features.
 SCORE_ATOL = 1e-5
 
+
 @pytest.fixture(scope="module")
 def expected():
     with open(os.path.join(FIXTURE, "expected.json")) as f:
@@ -65,8 +66,10 @@ def images(expected):
 
 @pytest.fixture(scope="module")
 def rewards(expected):
-    return {pre: HPSv21(CHECKPOINT, base=TOKENIZER, model_config=expected["model_config"], preprocess=pre)
-            for pre in ("pil", "tensor")}
+    return {
+        pre: HPSv21(CHECKPOINT, base=TOKENIZER, model_config=expected["model_config"], preprocess=pre)
+        for pre in ("pil", "tensor")
+    }
 
 
 def _score_pairs(reward, images, expected, pairs=None):
@@ -186,11 +189,20 @@ def test_vit_h_14_config_is_open_clips(expected):
     v, t = config.vision_config, config.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads) == (1280, 32, 16)
     assert (v.intermediate_size, v.patch_size, v.image_size, v.hidden_act, v.layer_norm_eps) == (
-        5120, 14, 224, "gelu", 1e-5)
+        5120,
+        14,
+        224,
+        "gelu",
+        1e-5,
+    )
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads) == (1024, 24, 16)
     assert t.intermediate_size == 4096
     assert (t.max_position_embeddings, t.vocab_size, t.hidden_act, t.layer_norm_eps) == (
-        77, 49408, "gelu", 1e-5)
+        77,
+        49408,
+        "gelu",
+        1e-5,
+    )
     assert config.projection_dim == 1024
 
 
@@ -219,10 +231,11 @@ def test_key_mapping_splits_transposes_and_strips_module(expected):
     w = expected["model_config"]["vision_cfg"]["width"]
     for n, name in enumerate(("q_proj", "k_proj", "v_proj")):
         ours = converted[f"vision_model.encoder.layers.1.self_attn.{name}.weight"]
-        assert torch.equal(ours, qkv[n * w:(n + 1) * w])
+        assert torch.equal(ours, qkv[n * w : (n + 1) * w])
     bias = state["transformer.resblocks.0.attn.in_proj_bias"]
-    assert torch.equal(converted["text_model.encoder.layers.0.self_attn.v_proj.bias"],
-                       bias[-bias.numel() // 3:])
+    assert torch.equal(
+        converted["text_model.encoder.layers.0.self_attn.v_proj.bias"], bias[-bias.numel() // 3 :]
+    )
     assert torch.equal(converted["visual_projection.weight"], state["visual.proj"].t())
     assert torch.equal(converted["text_projection.weight"], state["text_projection"].t())
     fc2 = converted["text_model.encoder.layers.1.mlp.fc2.bias"]
@@ -262,18 +275,24 @@ def test_loads_from_a_directory_with_its_open_clip_config(tmp_path, images, expe
     shutil.copy(CHECKPOINT, tmp_path / "HPS_v2.1_compressed.pt")
     base = tmp_path / "clip"
     shutil.copytree(TOKENIZER, base)
-    (base / "open_clip_config.json").write_text(json.dumps({"model_cfg": expected["model_config"],
-                                                            "preprocess_cfg": {}}))
+    (base / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": expected["model_config"], "preprocess_cfg": {}})
+    )
     reward = HPSv21(str(tmp_path), base=str(base))
     assert reward.checkpoint == str(tmp_path / "HPS_v2.1_compressed.pt")
     assert reward.model_config["vision_cfg"]["width"] == 32
     rows = [row for row in expected["pairs"] if row["prompt"] == 1]
-    torch.testing.assert_close(_score_pairs(reward, images, expected, rows), _original_scores(expected, rows),
-                               atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(
+        _score_pairs(reward, images, expected, rows),
+        _original_scores(expected, rows),
+        atol=SCORE_ATOL,
+        rtol=0,
+    )
     # a model config file path works as well as a dict
     (tmp_path / "tiny.json").write_text(json.dumps(expected["model_config"]))
-    from_file = HPSv21(str(tmp_path / "HPS_v2.1_compressed.pt"), base=TOKENIZER,
-                       model_config=str(tmp_path / "tiny.json"))
+    from_file = HPSv21(
+        str(tmp_path / "HPS_v2.1_compressed.pt"), base=TOKENIZER, model_config=str(tmp_path / "tiny.json")
+    )
     assert from_file.model_config == reward.model_config
 
 
@@ -296,24 +315,38 @@ def test_bad_options_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint='/nonexistent/HPS_v2.1_compressed.pt': no such file"):
         _make("/nonexistent/HPS_v2.1_compressed.pt")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"is a directory without HPS_v2.1_compressed.pt "
-                                         r"\(it holds: notes.txt\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a directory without HPS_v2.1_compressed.pt "
+        r"\(it holds: notes.txt\)",
+    ):
         _make(tmp_path)
-    with pytest.raises(ValueError, match="checkpoint='nobody/no-such-model' is not a local file or "
-                                         "directory, and HPS_v2.1_compressed.pt could not be fetched"):
+    with pytest.raises(
+        ValueError,
+        match="checkpoint='nobody/no-such-model' is not a local file or "
+        "directory, and HPS_v2.1_compressed.pt could not be fetched",
+    ):
         _make("nobody/no-such-model")  # HF_HUB_OFFLINE=1 in the test environment: fails without a request
     with pytest.raises(ValueError, match="base='/nonexistent/tok': could not load a CLIP tokenizer"):
         _make(CHECKPOINT, base="/nonexistent/tok")
     with pytest.raises(ValueError, match="model_config='/nonexistent.json': no such file"):
         _make(CHECKPOINT, model_config="/nonexistent.json")
     with pytest.raises(ValueError, match=r"vision_cfg.ls_init_value=0.1, quick_gelu=3"):
-        _make(CHECKPOINT, model_config={**VIT_H_14, "quick_gelu": 3,
-                                        "vision_cfg": {**VIT_H_14["vision_cfg"], "ls_init_value": 0.1}})
+        _make(
+            CHECKPOINT,
+            model_config={
+                **VIT_H_14,
+                "quick_gelu": 3,
+                "vision_cfg": {**VIT_H_14["vision_cfg"], "ls_init_value": 0.1},
+            },
+        )
     with pytest.raises(ValueError, match=r"text_cfg.hf_model_name='xlm-roberta-large'"):
-        check_model_config({**VIT_H_14,
-                            "text_cfg": {**VIT_H_14["text_cfg"], "hf_model_name": "xlm-roberta-large"}})
-    with pytest.raises(ValueError, match="the tokenizer has ids up to 49407, beyond the text tower's "
-                                         "vocab_size=1000"):
+        check_model_config(
+            {**VIT_H_14, "text_cfg": {**VIT_H_14["text_cfg"], "hf_model_name": "xlm-roberta-large"}}
+        )
+    with pytest.raises(
+        ValueError, match="the tokenizer has ids up to 49407, beyond the text tower's vocab_size=1000"
+    ):
         _make(CHECKPOINT, model_config={**VIT_H_14, "text_cfg": {**VIT_H_14["text_cfg"], "vocab_size": 1000}})
 
 
@@ -331,8 +364,11 @@ def test_checkpoint_that_does_not_match_lists_the_keys(tmp_path):
     assert "1 unexpected keys: visual.some_adapter.weight" in message
     assert "1 tensors of other shapes: text_projection: checkpoint (8, 7), model (8, 16)" in message
     # the tiny weights under the default (full ViT-H-14) architecture: every shape differs, named
-    with pytest.raises(ValueError, match=r"tensors of other shapes: ln_final.bias: checkpoint \(8,\), "
-                                         r"model \(1024,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensors of other shapes: ln_final.bias: checkpoint \(8,\), "
+        r"model \(1024,\)",
+    ):
         HPSv21(CHECKPOINT, base=TOKENIZER)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"checkpoint='.*junk.pt' could not be read as a state dict"):

@@ -67,8 +67,10 @@ def images(expected):
 def rewards():
     """One reward per preprocessing, loaded from the fixture file with the original key names."""
     path = os.path.join(FIXTURE, "ImageReward.safetensors")
-    return {pre: ImageReward(path, tokenizer=TOKENIZER, vision_config=VISION, preprocess=pre)
-            for pre in ("pil", "tensor")}
+    return {
+        pre: ImageReward(path, tokenizer=TOKENIZER, vision_config=VISION, preprocess=pre)
+        for pre in ("pil", "tensor")
+    }
 
 
 def _score_pairs(reward, images, expected, pairs=None):
@@ -98,10 +100,13 @@ def test_scores_equal_the_original_code(rewards, images, expected):
 def test_scores_of_one_batch_mixing_prompts_equal_the_original(rewards, images, expected):
     # all four prompts against one image in a single batch: padding to 35 tokens keeps rows independent
     rows = [row for row in expected["pairs"] if row["image"] == 2]
-    ours = rewards["pil"](images[2].unsqueeze(0).expand(len(rows), -1, -1, -1),
-                          [expected["prompts"][row["prompt"]] for row in rows])
-    torch.testing.assert_close(ours, torch.tensor([row["inference_rank_score"] for row in rows]),
-                               atol=SCORE_ATOL, rtol=0)
+    ours = rewards["pil"](
+        images[2].unsqueeze(0).expand(len(rows), -1, -1, -1),
+        [expected["prompts"][row["prompt"]] for row in rows],
+    )
+    torch.testing.assert_close(
+        ours, torch.tensor([row["inference_rank_score"] for row in rows]), atol=SCORE_ATOL, rtol=0
+    )
 
 
 def test_tokenization_equals_the_original(rewards, expected):
@@ -139,8 +144,9 @@ def _original_pixels(crop_name):
 
 def test_pil_preprocessing_equals_the_original(images, expected):
     for image, crop in zip(images, expected["crops"]):
-        torch.testing.assert_close(image_reward_preprocess_pil(image[None])[0], _original_pixels(crop),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            image_reward_preprocess_pil(image[None])[0], _original_pixels(crop), atol=1e-6, rtol=0
+        )
 
 
 def test_tensor_preprocessing_is_within_two_8bit_levels_of_the_original(images, expected):
@@ -199,8 +205,12 @@ def test_is_a_frozen_eval_mode_reward_with_one_float_score_per_image(rewards, im
 
 
 def test_bfloat16_weights(images):
-    reward = ImageReward(os.path.join(FIXTURE, "ImageReward.safetensors"), tokenizer=TOKENIZER,
-                         vision_config=VISION, torch_dtype="bfloat16")
+    reward = ImageReward(
+        os.path.join(FIXTURE, "ImageReward.safetensors"),
+        tokenizer=TOKENIZER,
+        vision_config=VISION,
+        torch_dtype="bfloat16",
+    )
     assert {p.dtype for p in reward.vision_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in reward.mlp.parameters()} == {torch.float32}  # the head stays float32
     assert reward(images[2][None], ["a photo of a cat"]).dtype == torch.float32
@@ -211,8 +221,10 @@ def test_loads_from_a_directory_and_from_a_pt_file(tmp_path, rewards, images, ex
     # the .pt is the original state dict saved with torch.save, as the released file is
     from safetensors.torch import load_file
 
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in load_file(os.path.join(FIXTURE, "ImageReward.safetensors")).items()}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in load_file(os.path.join(FIXTURE, "ImageReward.safetensors")).items()
+    }
     torch.save(state, tmp_path / "ImageReward.pt")
     with open(os.path.join(FIXTURE, "med_config.json")) as f:
         (tmp_path / "med_config.json").write_text(f.read())
@@ -222,9 +234,15 @@ def test_loads_from_a_directory_and_from_a_pt_file(tmp_path, rewards, images, ex
     ours = _score_pairs(from_dir, images, expected, pairs)
     torch.testing.assert_close(ours, torch.tensor([row["score"] for row in pairs]), atol=SCORE_ATOL, rtol=0)
     # a file path finds med_config.json beside it too; dict configs work as well as paths
-    from_file = ImageReward(str(tmp_path / "ImageReward.pt"), tokenizer=TOKENIZER,
-                            vision_config=expected["vision_config"], preprocess="pil")
-    torch.testing.assert_close(from_file(images[1][None], [expected["prompts"][0]]), ours[1:2], atol=0, rtol=0)
+    from_file = ImageReward(
+        str(tmp_path / "ImageReward.pt"),
+        tokenizer=TOKENIZER,
+        vision_config=expected["vision_config"],
+        preprocess="pil",
+    )
+    torch.testing.assert_close(
+        from_file(images[1][None], [expected["prompts"][0]]), ours[1:2], atol=0, rtol=0
+    )
 
 
 def test_key_mapping_covers_the_original_names():
@@ -234,16 +252,26 @@ def test_key_mapping_covers_the_original_names():
     vision, text, mlp, unknown = convert_state_dict(state)
     assert unknown == []
     assert vision["embeddings.class_embedding"] is state["blip.visual_encoder.cls_token"]
-    assert vision["encoder.layers.1.self_attn.projection.weight"] is state["blip.visual_encoder.blocks.1.attn.proj.weight"]
+    assert (
+        vision["encoder.layers.1.self_attn.projection.weight"]
+        is state["blip.visual_encoder.blocks.1.attn.proj.weight"]
+    )
     assert vision["post_layernorm.bias"] is state["blip.visual_encoder.norm.bias"]
-    assert text["encoder.layer.0.crossattention.self.key.weight"] is state[
-        "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"]
+    assert (
+        text["encoder.layer.0.crossattention.self.key.weight"]
+        is state["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"]
+    )
     assert mlp["layers.7.bias"] is state["mlp.layers.7.bias"]
     # dropped: unused by the score (the original also loads them into modules its score never calls)
     used = {k for k in state if k.startswith(("blip.visual_encoder.", "mlp."))}
     used |= {f"blip.text_encoder.{k}" for k in text}
-    assert set(state) - used == {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
-                       "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
+    assert set(state) - used == {
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+        "blip.text_encoder.embeddings.position_ids",
+    }
     assert len(vision) == sum(k.startswith("blip.visual_encoder.") for k in state)
 
 
@@ -255,10 +283,18 @@ def test_messages_name_every_converted_key_by_its_original_name():
     state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
     vision, text, mlp, unknown = convert_state_dict(state)
     assert unknown == []
-    originals = {image_reward_module._original_name(part, name)
-                 for part, converted in (("vision", vision), ("text", text), ("mlp", mlp)) for name in converted}
-    assert originals == set(state) - {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
-                                      "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
+    originals = {
+        image_reward_module._original_name(part, name)
+        for part, converted in (("vision", vision), ("text", text), ("mlp", mlp))
+        for name in converted
+    }
+    assert originals == set(state) - {
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+        "blip.text_encoder.embeddings.position_ids",
+    }
 
 
 def test_the_full_size_original_layout_maps_onto_the_default_architecture():
@@ -286,8 +322,12 @@ def _fixture_state():
 
 
 def _make(path, **kwargs):
-    kwargs = {"tokenizer": TOKENIZER, "vision_config": VISION,
-              "med_config": os.path.join(FIXTURE, "med_config.json"), **kwargs}
+    kwargs = {
+        "tokenizer": TOKENIZER,
+        "vision_config": VISION,
+        "med_config": os.path.join(FIXTURE, "med_config.json"),
+        **kwargs,
+    }
     return ImageReward(str(path), **kwargs)
 
 
@@ -297,14 +337,22 @@ def test_bad_options_are_named(tmp_path):
         _make(good, preprocess="bogus")
     with pytest.raises(ValueError, match="torch_dtype='int8'"):
         _make(good, torch_dtype="int8")
-    with pytest.raises(ValueError, match=r"checkpoint='/nonexistent/ImageReward.pt': no such file or directory"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint='/nonexistent/ImageReward.pt': no such file or directory"
+    ):
         _make("/nonexistent/ImageReward.pt")
-    with pytest.raises(ValueError, match=r"is a directory without ImageReward.pt or ImageReward.safetensors "
-                                         r"\(it holds: notes.txt\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a directory without ImageReward.pt or ImageReward.safetensors "
+        r"\(it holds: notes.txt\)",
+    ):
         (tmp_path / "notes.txt").write_text("x")
         _make(tmp_path)
-    with pytest.raises(ValueError, match="checkpoint='nobody/no-such-model' is not a local file or directory, "
-                                         "and ImageReward.pt could not be fetched"):
+    with pytest.raises(
+        ValueError,
+        match="checkpoint='nobody/no-such-model' is not a local file or directory, "
+        "and ImageReward.pt could not be fetched",
+    ):
         _make("nobody/no-such-model")  # HF_HUB_OFFLINE=1 in the test environment: fails without a request
     with pytest.raises(ValueError, match="tokenizer='/nonexistent/tok': could not load a BERT tokenizer"):
         _make(good, tokenizer="/nonexistent/tok")
@@ -318,8 +366,11 @@ def test_bad_options_are_named(tmp_path):
         _make(good, med_config={**med, "add_cross_attention": False})
     with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
         _make(good, med_config={**med, "position_embedding_type": "relative_key"})
-    with pytest.raises(ValueError, match=r"has 68 tokens with \[DEC\] and \[ENC\], more than the text encoder's "
-                                         r"vocab_size=60"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 68 tokens with \[DEC\] and \[ENC\], more than the text encoder's "
+        r"vocab_size=60",
+    ):
         _make(good, med_config={**med, "vocab_size": 60})
 
 
@@ -338,8 +389,11 @@ def test_checkpoint_that_does_not_match_lists_the_keys(tmp_path):
     assert "(and 8 more)" in message  # a few listed, the count of the rest
     # the released (BERT-base) med_config on the tiny weights: shapes do not match, named with both shapes
     save_file(state, str(tmp_path / "ImageReward.safetensors"))
-    with pytest.raises(ValueError, match=r"tensors of other shapes: blip.text_encoder.embeddings.LayerNorm.bias: "
-                                         r"checkpoint \(32,\), model \(768,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensors of other shapes: blip.text_encoder.embeddings.LayerNorm.bias: "
+        r"checkpoint \(32,\), model \(768,\)",
+    ):
         _make(tmp_path / "ImageReward.safetensors", med_config=None)  # none beside it: the released values
     # a file that is not a state dict
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

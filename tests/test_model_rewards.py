@@ -23,8 +23,28 @@ from guardrl.rewards.clip_rewards import clip_preprocess, to_pil_images
 from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, hps_preprocess
 from guardrl.rewards.ocr import levenshtein, ocr_score, quoted_text
 
-WORDS = ["a", "an", "the", "cat", "dog", "photo", "of", "red", "blue", "green", "on", "in", "with", "small",
-         "large", "painting", "sky", "tree", "car", "house"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "cat",
+    "dog",
+    "photo",
+    "of",
+    "red",
+    "blue",
+    "green",
+    "on",
+    "in",
+    "with",
+    "small",
+    "large",
+    "painting",
+    "sky",
+    "tree",
+    "car",
+    "house",
+]
 PROMPTS = ["a photo of a cat", "a red car", "a small house with a tree"]
 
 
@@ -82,16 +102,31 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_rewards")
     tok = tiny_clip_tokenizer()
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-               "pad_token_id": tok.pad_token_id}
+    special = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     # CLIP: image 32 px, patch 8, projection 16; processor: shortest edge 32, center crop 32 (ViT-H/L: 224).
     clip_dir = root / "clip"
     config = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
-                     **special},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            **special,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -100,21 +135,44 @@ def tiny_dirs(tmp_path_factory):
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(clip_dir)
     # The aesthetic MLP's released layout, built independently of guardrl's class: Linear at 0, 2, 4, 6, 7.
     torch.manual_seed(1)
-    head = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head = torch.nn.Sequential(
+        torch.nn.Linear(16, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
     state = {f"layers.{k}": v for k, v in head.state_dict().items()}
     torch.save(state, root / "aesthetic.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, str(root / "aesthetic.safetensors"))
-    torch.save({f"layers.{k}": v for k, v in torch.nn.Sequential(torch.nn.Linear(8, 1)).state_dict().items()},
-               root / "wrong.pth")
+    torch.save(
+        {f"layers.{k}": v for k, v in torch.nn.Sequential(torch.nn.Linear(8, 1)).state_dict().items()},
+        root / "wrong.pth",
+    )
     # TrOCR-style: ViT encoder + TrOCR decoder, greedy generation from the CLIP tokenizer's ids.
     trocr_dir = root / "trocr"
-    encoder = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                        image_size=32, patch_size=8)
-    decoder = TrOCRConfig(vocab_size=len(tok), d_model=32, decoder_layers=1, decoder_attention_heads=2,
-                          decoder_ffn_dim=37, max_position_embeddings=64, cross_attention_hidden_size=32,
-                          decoder_start_token_id=tok.bos_token_id, **special)
+    encoder = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+    )
+    decoder = TrOCRConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        cross_attention_hidden_size=32,
+        decoder_start_token_id=tok.bos_token_id,
+        **special,
+    )
     ved_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     ved_config.decoder_start_token_id = tok.bos_token_id
     ved_config.pad_token_id, ved_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
@@ -125,10 +183,16 @@ def tiny_dirs(tmp_path_factory):
     ved.generation_config.eos_token_id = tok.eos_token_id
     ved.save_pretrained(trocr_dir)
     tok.save_pretrained(trocr_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      resample=2).save_pretrained(trocr_dir)
-    return {"clip": str(clip_dir), "trocr": str(trocr_dir), "pth": str(root / "aesthetic.pth"),
-            "safetensors": str(root / "aesthetic.safetensors"), "wrong": str(root / "wrong.pth")}
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2
+    ).save_pretrained(trocr_dir)
+    return {
+        "clip": str(clip_dir),
+        "trocr": str(trocr_dir),
+        "pth": str(root / "aesthetic.pth"),
+        "safetensors": str(root / "aesthetic.safetensors"),
+        "wrong": str(root / "wrong.pth"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +253,7 @@ def test_hps_preprocessing_is_resize_center_crop_normalise():
     left = round((51 - 32) / 2.0)  # torchvision's CenterCrop rounds the offset (10; transformers floors: 9)
     mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(ours, (resized[..., :, left:left + 32] - mean) / std, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, (resized[..., :, left : left + 32] - mean) / std, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- PickScore and CLIPScore
@@ -201,8 +265,9 @@ def _hand_embeddings(model, processor, images, prompts):
     text = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
         image_embs = model.get_image_features(pixel_values=pixels).pooler_output
-        text_embs = model.get_text_features(input_ids=text["input_ids"],
-                                            attention_mask=text["attention_mask"]).pooler_output
+        text_embs = model.get_text_features(
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"]
+        ).pooler_output
     return F.normalize(image_embs, dim=-1), F.normalize(text_embs, dim=-1)
 
 
@@ -262,8 +327,9 @@ def test_clipscore_matches_torchmetrics_per_image(tiny_dirs, reference):
     image_embs, text_embs = _hand_embeddings(model, processor, images, PROMPTS)
     torch.testing.assert_close(raw, 100 * (image_embs * text_embs).sum(-1), atol=1e-3, rtol=1e-5)
     for i, prompt in enumerate(PROMPTS):  # torchmetrics takes 0..255 images and returns max(mean, 0)
-        expected = clip_score((images[i] * 255).round(), prompt,
-                              model_name_or_path=lambda: (_TensorFeatures(model), processor))
+        expected = clip_score(
+            (images[i] * 255).round(), prompt, model_name_or_path=lambda: (_TensorFeatures(model), processor)
+        )
         assert float(clamped[i]) == pytest.approx(float(expected.detach()), abs=1e-3)
 
 
@@ -356,8 +422,9 @@ def test_trocr_recognizer_loads_a_local_vision_encoder_decoder(tiny_dirs):
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert recognizer(images) == texts  # greedy: deterministic
     processor = AutoImageProcessor.from_pretrained(tiny_dirs["trocr"])  # ViT: resize to 32x32, mean/std 0.5
-    torch.testing.assert_close(clip_preprocess(images, processor), _processor_on_pil(processor, images),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        clip_preprocess(images, processor), _processor_on_pil(processor, images), atol=1e-5, rtol=0
+    )
     assert TrOCRRecognizer(tiny_dirs["trocr"], max_new_tokens=6, preprocess="pil")(images) == texts
     scores = OcrReward(recognizer)(images, ['"cat"', 'a "red car"'])
     assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 1)).all())
@@ -404,11 +471,19 @@ def test_model_rewards_instantiate_from_a_config_list(tiny_dirs):
     parser = ArgumentParser()
     parser.add_argument("--rewards", type=list[Reward])
     rewards = [
-        {"class_path": "guardrl.rewards.PickScore",
-         "init_args": {"pretrained": tiny_dirs["clip"], "processor": tiny_dirs["clip"], "scale": 26}},
-        {"class_path": "guardrl.rewards.OcrReward", "init_args": {"recognizer": {
-            "class_path": "guardrl.rewards.TrOCRRecognizer",
-            "init_args": {"pretrained": tiny_dirs["trocr"], "max_new_tokens": 4}}}},
+        {
+            "class_path": "guardrl.rewards.PickScore",
+            "init_args": {"pretrained": tiny_dirs["clip"], "processor": tiny_dirs["clip"], "scale": 26},
+        },
+        {
+            "class_path": "guardrl.rewards.OcrReward",
+            "init_args": {
+                "recognizer": {
+                    "class_path": "guardrl.rewards.TrOCRRecognizer",
+                    "init_args": {"pretrained": tiny_dirs["trocr"], "max_new_tokens": 4},
+                }
+            },
+        },
     ]
     config = parser.parse_args(["--rewards", json.dumps(rewards)])
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes

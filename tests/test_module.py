@@ -57,11 +57,16 @@ def test_learning_happens_in_the_lora_adapter_only(prompt_file, tmp_path):
     assert cli.trainer.global_step == 4
 
 
-@pytest.mark.parametrize("variant", ["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"])
+@pytest.mark.parametrize(
+    "variant", ["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"]
+)
 def test_ratio_is_exactly_one_on_the_first_update_and_moves_after(prompt_file, tmp_path, variant):
     capture = CaptureOutputs()
-    cli = _cli(prompt_file, tmp_path, **{"--model.grpo.ratio_variant": variant, "--model.max_iterations": "1",
-                                          "--trainer.logger": "false"})
+    cli = _cli(
+        prompt_file,
+        tmp_path,
+        **{"--model.grpo.ratio_variant": variant, "--model.max_iterations": "1", "--trainer.logger": "false"},
+    )
     _fit(cli, [capture])
     (outputs,) = capture.outputs
     step_stats = outputs["step_stats"]
@@ -92,8 +97,11 @@ def test_every_documented_name_is_in_the_tensorboard_events(prompt_file, tmp_pat
 
 
 def test_checkpoint_keeps_trainable_state_and_resume_continues(prompt_file, tmp_path):
-    overrides = {"--checkpoint.dirpath": str(tmp_path / "ckpt"), "--checkpoint.every_n_iterations": "1",
-                 "--trainer.logger": "false"}
+    overrides = {
+        "--checkpoint.dirpath": str(tmp_path / "ckpt"),
+        "--checkpoint.every_n_iterations": "1",
+        "--trainer.logger": "false",
+    }
     model = _fit(_cli(prompt_file, tmp_path, **overrides))
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["iteration=2.ckpt", "last.ckpt"]
     # weights_only: only tensors and plain Python values (RNG states as tensors, options as dicts)
@@ -103,7 +111,10 @@ def test_checkpoint_keeps_trainable_state_and_resume_continues(prompt_file, tmp_
     assert len(keys) == 32 and all("lora_" in k for k in keys)
     state = checkpoint["guardrl"]
     assert {k: state[k] for k in state if k != "rng"} == {
-        "num_iterations": 2, "stream_position": 4, "num_skipped_updates": 0, "consecutive_skipped_updates": 0,
+        "num_iterations": 2,
+        "stream_position": 4,
+        "num_skipped_updates": 0,
+        "consecutive_skipped_updates": 0,
         "num_optimizer_steps": 4,
     }
     assert len(state["rng"]) == 1 and state["rng"][0]["torch"].dtype == torch.uint8
@@ -124,7 +135,9 @@ def test_null_control_trains_on_advantages_shuffled_within_groups(prompt_file, t
     runs = {}
     for name, flag in (("real", "false"), ("null", "true")):
         capture = CaptureOutputs()
-        cli = _cli(prompt_file, tmp_path / name, **{"--model.grpo.null_control": flag, "--data.group_size": "4"})
+        cli = _cli(
+            prompt_file, tmp_path / name, **{"--model.grpo.null_control": flag, "--data.group_size": "4"}
+        )
         _fit(cli, [capture])
         runs[name] = capture.outputs
     group = 4
@@ -139,9 +152,17 @@ def test_null_control_trains_on_advantages_shuffled_within_groups(prompt_file, t
 
 def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):
     capture = CaptureOutputs()
-    cli = _cli(prompt_file, tmp_path, **{"--model.lora": "null", "--model.grpo.kl_beta": "0.1",
-                                          "--model.max_iterations": "1", "--trainer.logger": "false",
-                                          "--model.optimizer": '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001}}'})
+    cli = _cli(
+        prompt_file,
+        tmp_path,
+        **{
+            "--model.lora": "null",
+            "--model.grpo.kl_beta": "0.1",
+            "--model.max_iterations": "1",
+            "--trainer.logger": "false",
+            "--model.optimizer": '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001}}',
+        },
+    )
     model = _fit(cli, [capture])
     assert model.policy.lora is None
     kl_second_update = capture.outputs[0]["step_stats"][0].kl[1]
@@ -150,8 +171,11 @@ def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):
 
 def test_ratio_norm_without_noise_is_refused(prompt_file, tmp_path):
     with pytest.raises(ValueError, match=r"ratio_variant='ratio_norm' \(RatioNorm\) needs a Gaussian step"):
-        _cli(prompt_file, tmp_path, **{"--model.grpo.ratio_variant": "ratio_norm",
-                                       "--model.sampling.noise_level": "0"})
+        _cli(
+            prompt_file,
+            tmp_path,
+            **{"--model.grpo.ratio_variant": "ratio_norm", "--model.sampling.noise_level": "0"},
+        )
 
 
 def test_minibatch_that_does_not_divide_the_batch_is_refused(prompt_file, tmp_path):

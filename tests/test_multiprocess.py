@@ -13,12 +13,27 @@ from tests.conftest import REPO_ROOT
 
 
 def test_two_process_ddp_run_finishes_with_every_rank_sensitive_callback(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "guardrl.cli", "fit", "--config", "configs/tiny/grpo_guard.yaml",
-        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.max_iterations", "2",
-        "--data.prompts_per_batch", "2", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        sys.executable,
+        "-m",
+        "guardrl.cli",
+        "fit",
+        "--config",
+        "configs/tiny/grpo_guard.yaml",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--model.max_iterations",
+        "2",
+        "--data.prompts_per_batch",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
         "--trainer.callbacks+=guardrl.callbacks.LoraExport",
     ]
     # A deadlock shows up as the timeout, not as a hung test suite.

@@ -29,7 +29,9 @@ class CaptureOutputs(Callback):
 
 
 def _fit(prompt_file, log_dir, callbacks=(), **overrides):
-    cli = main(tiny_fit_args(prompt_file, str(log_dir), **{"--trainer.logger": "false", **overrides}), run=False)
+    cli = main(
+        tiny_fit_args(prompt_file, str(log_dir), **{"--trainer.logger": "false", **overrides}), run=False
+    )
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli.model
@@ -63,8 +65,19 @@ def test_chunked_rewards_belong_to_their_images_and_chunks_draw_their_own_noise(
 def test_trajectory_cat_joins_chunks_along_the_batch():
     def part(value, batch):
         z = torch.full((batch, 2, 1, 2, 2), float(value))
-        return Trajectory([1, 2], z, z + 1, z + 2, torch.full((batch, 2), float(value)), torch.tensor([1.0, 0.5]),
-                          torch.tensor([0.5, 0.0]), torch.ones(2), torch.ones(2), z[:, 0])
+        return Trajectory(
+            [1, 2],
+            z,
+            z + 1,
+            z + 2,
+            torch.full((batch, 2), float(value)),
+            torch.tensor([1.0, 0.5]),
+            torch.tensor([0.5, 0.0]),
+            torch.ones(2),
+            torch.ones(2),
+            z[:, 0],
+        )
+
     joined = Trajectory.cat([part(0, 2), part(1, 3)])
     assert joined.latents_BTCHW.shape == (5, 2, 1, 2, 2) and joined.final_latents.shape == (5, 1, 2, 2)
     assert joined.log_prob_old_BT[:, 0].tolist() == [0, 0, 1, 1, 1]
@@ -93,8 +106,9 @@ class WaitsForTheNextRollout(Reward):
 
 
 @pytest.mark.parametrize("overlap,wait_s,expected", [("true", 30.0, True), ("false", 1.0, False)])
-def test_a_chunk_is_scored_while_the_next_chunk_samples(prompt_file, tmp_path, monkeypatch, overlap, wait_s,
-                                                        expected):
+def test_a_chunk_is_scored_while_the_next_chunk_samples(
+    prompt_file, tmp_path, monkeypatch, overlap, wait_s, expected
+):
     NEXT_ROLLOUT_STARTED.clear()
     SAW_NEXT_ROLLOUT.clear()
     rollout = guardrl.module.GRPOModule._rollout
@@ -105,20 +119,37 @@ def test_a_chunk_is_scored_while_the_next_chunk_samples(prompt_file, tmp_path, m
         return rollout(self, cond, batch_size, key)
 
     monkeypatch.setattr(guardrl.module.GRPOModule, "_rollout", recording_rollout)
-    rewards = json.dumps([{"class_path": f"{__name__}.WaitsForTheNextRollout", "init_args": {"wait_s": wait_s}}])
-    _fit(prompt_file, tmp_path, **{**CHUNKED, "--model.performance.overlap_rewards": overlap,
-                                   "--model.rewards": rewards, "--model.max_iterations": "1"})
+    rewards = json.dumps(
+        [{"class_path": f"{__name__}.WaitsForTheNextRollout", "init_args": {"wait_s": wait_s}}]
+    )
+    _fit(
+        prompt_file,
+        tmp_path,
+        **{
+            **CHUNKED,
+            "--model.performance.overlap_rewards": overlap,
+            "--model.rewards": rewards,
+            "--model.max_iterations": "1",
+        },
+    )
     assert SAW_NEXT_ROLLOUT == [expected]
 
 
 def test_a_reward_failing_in_the_worker_fails_the_run(prompt_file, tmp_path):
-    rewards = json.dumps([{"class_path": "guardrl.rewards.FaultInjectionReward", "init_args": {"raise_at_calls": [1]}}])
+    rewards = json.dumps(
+        [{"class_path": "guardrl.rewards.FaultInjectionReward", "init_args": {"raise_at_calls": [1]}}]
+    )
     with pytest.raises(RewardError, match="fault_injection_reward"):
-        _fit(prompt_file, tmp_path, **{**OVERLAPPED, "--model.rewards": rewards,
-                                       "--model.faults.reward_max_attempts": "1"})
+        _fit(
+            prompt_file,
+            tmp_path,
+            **{**OVERLAPPED, "--model.rewards": rewards, "--model.faults.reward_max_attempts": "1"},
+        )
 
 
-def test_rollouts_on_the_policy_adapter_equal_rollouts_on_the_synced_old_adapter(prompt_file, tmp_path, monkeypatch):
+def test_rollouts_on_the_policy_adapter_equal_rollouts_on_the_synced_old_adapter(
+    prompt_file, tmp_path, monkeypatch
+):
     # when the old snapshot equals the policy, the rollout runs the policy adapter (no peft switch); forcing
     # the switch to the "old" adapter must give bitwise the same rewards and weights
     runs = {}
@@ -127,8 +158,10 @@ def test_rollouts_on_the_policy_adapter_equal_rollouts_on_the_synced_old_adapter
             monkeypatch.setattr("guardrl.policy.FlowPolicy.old_equals_policy", lambda self: False)
         capture = CaptureOutputs()
         model = _fit(prompt_file, tmp_path / name, [capture])
-        runs[name] = ([o["rewards"] for o in capture.outputs],
-                      [p.detach().clone() for p in model.policy.trainable_parameters()])
+        runs[name] = (
+            [o["rewards"] for o in capture.outputs],
+            [p.detach().clone() for p in model.policy.trainable_parameters()],
+        )
     (rewards_a, weights_a), (rewards_b, weights_b) = runs["skip_switch"], runs["switch"]
     assert len(rewards_a) == 2 and all(torch.equal(a, b) for a, b in zip(rewards_a, rewards_b))
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))

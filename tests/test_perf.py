@@ -36,7 +36,9 @@ class CaptureScalars(Callback):
 
 
 def _fit(prompt_file, log_dir, callbacks=(), **overrides):
-    cli = main(tiny_fit_args(prompt_file, str(log_dir), **{"--trainer.logger": "false", **overrides}), run=False)
+    cli = main(
+        tiny_fit_args(prompt_file, str(log_dir), **{"--trainer.logger": "false", **overrides}), run=False
+    )
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli.model
@@ -89,8 +91,12 @@ def test_phase_meter_throughput_and_mfu_from_a_known_clock(monkeypatch):
 
 def test_every_phase_is_timed_and_its_flops_are_the_models_exact_count(prompt_file, tmp_path, monkeypatch):
     scalars = CaptureScalars(monkeypatch)
-    model = _fit(prompt_file, tmp_path, [scalars], **{"--model.max_iterations": "3",
-                                                         "--model.performance.throughput_window": "2"})
+    model = _fit(
+        prompt_file,
+        tmp_path,
+        [scalars],
+        **{"--model.max_iterations": "3", "--model.performance.throughput_window": "2"},
+    )
     logged = scalars.by_iteration
     for iteration in (0, 1, 2):
         for phase in ("encode", "rollout", "decode", "reward", "update"):
@@ -136,9 +142,15 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing_else(p
 
                 block.forward = counted
 
-        model = _fit(prompt_file, tmp_path / flag, [CountBlockCalls()], **{
-            "--model.max_iterations": "1", "--model.performance.gradient_checkpointing": flag,
-        })
+        model = _fit(
+            prompt_file,
+            tmp_path / flag,
+            [CountBlockCalls()],
+            **{
+                "--model.max_iterations": "1",
+                "--model.performance.gradient_checkpointing": flag,
+            },
+        )
         assert model.policy.transformer.gradient_checkpointing is (flag == "true")
         calls[flag] = counter["n"]
         trained[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
@@ -151,10 +163,15 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing_else(p
 def test_compile_after_the_counted_first_iteration_gives_the_same_training(prompt_file, tmp_path):
     results = {}
     for flag in ("false", "true"):
-        model = _fit(prompt_file, tmp_path / flag, **{"--model.performance.compile": flag,
-                                                       "--model.performance.compile_backend": "eager"})
+        model = _fit(
+            prompt_file,
+            tmp_path / flag,
+            **{"--model.performance.compile": flag, "--model.performance.compile_backend": "eager"},
+        )
         assert model._compiled is (flag == "true")
-        assert (getattr(model.policy.transformer, "_compiled_call_impl", None) is not None) is (flag == "true")
+        assert (getattr(model.policy.transformer, "_compiled_call_impl", None) is not None) is (
+            flag == "true"
+        )
         results[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
     # the "eager" backend runs the traced graph with the same kernels: bitwise the same weights
     assert all(torch.equal(a, b) for a, b in zip(results["false"], results["true"]))
@@ -162,7 +179,12 @@ def test_compile_after_the_counted_first_iteration_gives_the_same_training(promp
 
 def test_bf16_autocast_keeps_the_log_probability_math_in_float32(prompt_file, tmp_path):
     capture = CaptureOutputs()
-    _fit(prompt_file, tmp_path, [capture], **{"--trainer.precision": "bf16-mixed", "--model.max_iterations": "1"})
+    _fit(
+        prompt_file,
+        tmp_path,
+        [capture],
+        **{"--trainer.precision": "bf16-mixed", "--model.max_iterations": "1"},
+    )
     (outputs,) = capture.outputs
     for stats in outputs["step_stats"]:
         first_update = stats.log_ratio[0]
@@ -176,8 +198,12 @@ def test_bf16_autocast_keeps_the_log_probability_math_in_float32(prompt_file, tm
 
 def test_a_bfloat16_trajectory_keeps_the_first_updates_ratio_exactly_one(prompt_file, tmp_path):
     capture = CaptureOutputs()
-    _fit(prompt_file, tmp_path, [capture], **{"--model.performance.trajectory_dtype": "bfloat16",
-                                              "--model.max_iterations": "1"})
+    _fit(
+        prompt_file,
+        tmp_path,
+        [capture],
+        **{"--model.performance.trajectory_dtype": "bfloat16", "--model.max_iterations": "1"},
+    )
     (outputs,) = capture.outputs
     assert len(outputs["step_stats"]) == 3  # steps 0-2 of 4 are SDE steps here
     for stats in outputs["step_stats"]:
@@ -190,10 +216,15 @@ def test_a_bfloat16_trajectory_keeps_the_first_updates_ratio_exactly_one(prompt_
 def test_a_run_with_offloaded_text_encoders_and_vae_trains_the_same_weights(prompt_file, tmp_path):
     results = {}
     for flag in ("false", "true"):
-        model = _fit(prompt_file, tmp_path / flag, **{
-            "--model.max_iterations": "1", "--model.backbone.init_args.offload_text_encoders": flag,
-            "--model.backbone.init_args.offload_vae": flag,
-        })
+        model = _fit(
+            prompt_file,
+            tmp_path / flag,
+            **{
+                "--model.max_iterations": "1",
+                "--model.backbone.init_args.offload_text_encoders": flag,
+                "--model.backbone.init_args.offload_vae": flag,
+            },
+        )
         assert model.backbone.offloaded_modules() == (
             ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"] if flag == "true" else []
         )

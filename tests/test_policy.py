@@ -94,11 +94,15 @@ def test_full_finetune_keeps_copies_for_old_and_reference():
     assert not any(p.requires_grad for p in policy.old_transformer.parameters())
     latents, cond = _inputs(policy.backbone)
     _perturb_policy(policy, 1e-3)
-    assert not torch.equal(_velocity(policy, "policy", latents, cond), _velocity(policy, "old", latents, cond))
+    assert not torch.equal(
+        _velocity(policy, "policy", latents, cond), _velocity(policy, "old", latents, cond)
+    )
     assert torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "reference", latents, cond))
     policy.sync_old()
     assert torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "policy", latents, cond))
-    assert not torch.equal(_velocity(policy, "old", latents, cond), _velocity(policy, "reference", latents, cond))
+    assert not torch.equal(
+        _velocity(policy, "old", latents, cond), _velocity(policy, "reference", latents, cond)
+    )
 
 
 def test_missing_weight_sets_are_refused_by_name():
@@ -160,7 +164,9 @@ def test_sd3_backbone_loads_a_saved_diffusers_directory(tmp_path):
     from guardrl.policy.tiny import make_tiny_sd3_pipeline
 
     make_tiny_sd3_pipeline(seed=3).save_pretrained(tmp_path / "pipe")
-    loaded = SD3Backbone(str(tmp_path / "pipe"), torch_dtype="float32", resolution=128, max_sequence_length=32)
+    loaded = SD3Backbone(
+        str(tmp_path / "pipe"), torch_dtype="float32", resolution=128, max_sequence_length=32
+    )
     loaded.load()
     built = TinySD3Backbone(seed=3)
     built.load()
@@ -196,7 +202,9 @@ def test_lora_adapters_are_float32_on_a_bfloat16_base_and_train(tmp_path):
     from guardrl.policy.tiny import make_tiny_sd3_pipeline
 
     make_tiny_sd3_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
-    backbone = SD3Backbone(str(tmp_path / "pipe"), torch_dtype="bfloat16", resolution=128, max_sequence_length=32)
+    backbone = SD3Backbone(
+        str(tmp_path / "pipe"), torch_dtype="bfloat16", resolution=128, max_sequence_length=32
+    )
     policy = FlowPolicy(backbone, LoraSpec(rank=2, alpha=4))
     policy.build()
     lora = {n: p for n, p in policy.transformer.named_parameters() if "lora_" in n}
@@ -255,5 +263,7 @@ def test_offloaded_text_encoders_and_vae_move_to_the_device_only_while_used():
 def test_offload_options_must_be_booleans():
     from guardrl.policy import SD3Backbone
 
-    with pytest.raises(ValueError, match=r"model\.backbone\.init_args\.offload_vae must be true or false, got 'yes'"):
+    with pytest.raises(
+        ValueError, match=r"model\.backbone\.init_args\.offload_vae must be true or false, got 'yes'"
+    ):
         SD3Backbone("some/model", offload_vae="yes")

@@ -26,7 +26,9 @@ def _parser_keys() -> set[str]:
 def test_known_options_match_the_full_parser():
     """Every key preflight knows exists in the full parser, and every closed group it knows has exactly the
     full parser's options: a new field or argument is picked up from the source, no list to update."""
-    parser = _parser_keys() | {"ckpt_path"}  # ckpt_path exists on the fit subcommand only (run=False has none)
+    parser = _parser_keys() | {
+        "ckpt_path"
+    }  # ckpt_path exists on the fit subcommand only (run=False has none)
     known = set(known_keys())
     assert known - parser == set()
 
@@ -38,20 +40,41 @@ def test_known_options_match_the_full_parser():
 
     groups = dict(closed_groups(known_options()))
     # The groups that must be known all the way down (a regression to "open" would silently check nothing).
-    for group in ("model", "model.grpo", "model.sampling", "model.faults", "model.performance", "data", "trainer",
-                  "checkpoint", "ratio_stats", "image_grid", "run_summary", "graceful_shutdown"):
+    for group in (
+        "model",
+        "model.grpo",
+        "model.sampling",
+        "model.faults",
+        "model.performance",
+        "data",
+        "trainer",
+        "checkpoint",
+        "ratio_stats",
+        "image_grid",
+        "run_summary",
+        "graceful_shutdown",
+    ):
         assert group in groups, group
     for group, children in groups.items():
-        in_parser = {k[len(group) + 1:].split(".")[0] for k in parser if k.startswith(group + ".")}
+        in_parser = {k[len(group) + 1 :].split(".")[0] for k in parser if k.startswith(group + ".")}
         assert set(children) == in_parser, group
     assert set(GROUP_CLASSES) <= {k.split(".")[0] for k in parser}
 
 
 def test_choices_come_from_the_literals():
     grpo = known_options()["model"].children["grpo"].children
-    assert grpo["ratio_variant"].choices == ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+    assert grpo["ratio_variant"].choices == (
+        "flow_grpo",
+        "temp_reweight",
+        "mean_revised",
+        "ratio_norm",
+        "grpo_guard",
+    )
     assert grpo["clip_range_unit"].choices == ("log_prob", "per_sqrt_element")
-    assert known_options()["model"].children["sampling"].children["sde_type"].choices == ("flow_grpo", "dance_grpo")
+    assert known_options()["model"].children["sampling"].children["sde_type"].choices == (
+        "flow_grpo",
+        "dance_grpo",
+    )
     assert grpo["clip_range"].choices is None
 
 
@@ -67,8 +90,20 @@ def test_every_shipped_config_passes(config):
         ["fit", "--config", QUICKSTART, "--model.grpo.ratio_variant=ratio_norm", "--trainer.max_steps", "3"],
         ["fit", "--config", QUICKSTART, "--trainer.callbacks+=tests.sharding_probe.ShardingProbe"],
         ["fit", "--config", QUICKSTART, "--model.backbone.init_args.anything_below_a_class_path", "1"],
-        ["fit", "--config", QUICKSTART, "--model.rewards", '[{"class_path": "guardrl.rewards.JpegCompressibility"}]'],
-        ["fit", "--config", QUICKSTART, "--model.grpo", '{"ratio_variant": "no such one, read by the parser"}'],
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.rewards",
+            '[{"class_path": "guardrl.rewards.JpegCompressibility"}]',
+        ],
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.grpo",
+            '{"ratio_variant": "no such one, read by the parser"}',
+        ],
         ["fit", "--config", QUICKSTART, "--print_config"],
         ["fit", "--config", QUICKSTART, "--ckpt_path", "last"],
         ["fit", "--model.grpo.clip_rnge", "1", "--help"],  # --help: the full parser prints it
@@ -82,15 +117,23 @@ def test_what_the_full_parser_accepts_passes(args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["fit", "--config", QUICKSTART, "--model.grpo.clip_rnge", "1e-4"],
-         "option 'model.grpo.clip_rnge' (command line) does not exist; did you mean 'model.grpo.clip_range'"),
-        (["fit", "--config", QUICKSTART, "--trainer.max_step=3"],
-         "option 'trainer.max_step' (command line) does not exist; did you mean 'trainer.max_steps'"),
-        (["fit", "--config", QUICKSTART, "--modle.seed", "1"], "option 'modle' (command line) does not exist; did you "
-         "mean 'model'"),
-        (["fit", "--config", QUICKSTART, "--model.grpo.ratio_variant", "grpo_gaurd"],
-         "model.grpo.ratio_variant must be one of 'flow_grpo', 'temp_reweight', 'mean_revised', 'ratio_norm', "
-         "'grpo_guard'; got 'grpo_gaurd' (command line)"),
+        (
+            ["fit", "--config", QUICKSTART, "--model.grpo.clip_rnge", "1e-4"],
+            "option 'model.grpo.clip_rnge' (command line) does not exist; did you mean 'model.grpo.clip_range'",
+        ),
+        (
+            ["fit", "--config", QUICKSTART, "--trainer.max_step=3"],
+            "option 'trainer.max_step' (command line) does not exist; did you mean 'trainer.max_steps'",
+        ),
+        (
+            ["fit", "--config", QUICKSTART, "--modle.seed", "1"],
+            "option 'modle' (command line) does not exist; did you mean 'model'",
+        ),
+        (
+            ["fit", "--config", QUICKSTART, "--model.grpo.ratio_variant", "grpo_gaurd"],
+            "model.grpo.ratio_variant must be one of 'flow_grpo', 'temp_reweight', 'mean_revised', 'ratio_norm', "
+            "'grpo_guard'; got 'grpo_gaurd' (command line)",
+        ),
         (["fit", "--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
         (["fitt", "--config", QUICKSTART], "unknown subcommand 'fitt' (did you mean 'fit'?)"),
         (["validate", "--config", QUICKSTART], "unknown subcommand 'validate'; guardrl has one: fit"),
@@ -106,18 +149,29 @@ def test_command_line_mistakes_are_refused(args, message):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("model:\n  grpo:\n    clip_rang: 1.0e-4\n", "option 'model.grpo.clip_rang' (in {path}) does not exist; did you "
-         "mean 'model.grpo.clip_range'"),
-        ("data:\n  train_promts: p.txt\n", "option 'data.train_promts' (in {path}) does not exist; did you mean "
-         "'data.train_prompts'"),
-        ("model:\n  sampling:\n    sde_type: dance\n", "model.sampling.sde_type must be one of 'flow_grpo', "
-         "'dance_grpo'; got 'dance' (in {path})"),
+        (
+            "model:\n  grpo:\n    clip_rang: 1.0e-4\n",
+            "option 'model.grpo.clip_rang' (in {path}) does not exist; did you mean 'model.grpo.clip_range'",
+        ),
+        (
+            "data:\n  train_promts: p.txt\n",
+            "option 'data.train_promts' (in {path}) does not exist; did you mean 'data.train_prompts'",
+        ),
+        (
+            "model:\n  sampling:\n    sde_type: dance\n",
+            "model.sampling.sde_type must be one of 'flow_grpo', 'dance_grpo'; got 'dance' (in {path})",
+        ),
         ("checkpoint:\n  every_n_iteration: 2\n", "did you mean 'checkpoint.every_n_iterations'"),
         ("trainer: {max_epoch: 1}\n", "did you mean 'trainer.max_epochs'"),
-        ("- model\n- data\n", "--config '{path}' must hold a mapping of options (model:, data:, trainer:, ...), got a "
-         "list"),
+        (
+            "- model\n- data\n",
+            "--config '{path}' must hold a mapping of options (model:, data:, trainer:, ...), got a list",
+        ),
         ("model: [unclosed\n", "--config '{path}' is not valid YAML"),
-        ("zzz: 1\n", "option 'zzz' (in {path}) does not exist; fit accepts: checkpoint, ckpt_path, config, data,"),
+        (
+            "zzz: 1\n",
+            "option 'zzz' (in {path}) does not exist; fit accepts: checkpoint, ckpt_path, config, data,",
+        ),
     ],
 )
 def test_config_file_mistakes_are_refused(tmp_path, text, message):
@@ -131,7 +185,17 @@ def test_config_file_mistakes_are_refused(tmp_path, text, message):
 def test_an_empty_config_file_and_a_bom_pass(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "bom.yaml").write_bytes("\ufeffmodel:\n  seed: 3\n".encode())
-    check(["fit", "--config", QUICKSTART, "--config", str(tmp_path / "empty.yaml"), "--config", str(tmp_path / "bom.yaml")])
+    check(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--config",
+            str(tmp_path / "empty.yaml"),
+            "--config",
+            str(tmp_path / "bom.yaml"),
+        ]
+    )
 
 
 def test_annotation_forms():
@@ -162,8 +226,9 @@ def _console(*args: str) -> subprocess.CompletedProcess:
         "    print('heavy imports:', sorted({'torch', 'lightning'} & set(sys.modules)))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_console_script_refuses_before_importing_torch_or_lightning():

@@ -43,10 +43,13 @@ SD3_T5 = 1 - 5 / 9 * (1 - _sd3_shift(1 / 1000))
 FLUX_T5 = 0.5
 
 
-@pytest.mark.parametrize("cls, sigma_5", [
-    (RandomSD35MediumBackbone, _sd3_shift(SD3_T5)),
-    (RandomFluxDevBackbone, math.exp(0.63) / (math.exp(0.63) + 1 / FLUX_T5 - 1)),
-])
+@pytest.mark.parametrize(
+    "cls, sigma_5",
+    [
+        (RandomSD35MediumBackbone, _sd3_shift(SD3_T5)),
+        (RandomFluxDevBackbone, math.exp(0.63) / (math.exp(0.63) + 1 / FLUX_T5 - 1)),
+    ],
+)
 def test_full_shape_backbones_have_the_published_latents_and_schedules(cls, sigma_5):
     backbone = cls(torch_dtype="bfloat16", resolution=512)
     with torch.device("meta"):
@@ -77,8 +80,24 @@ def test_prompt_embeddings_are_a_fixed_function_of_prompt_and_seed(cls, tokens):
 
 
 # What --small picks on a CPU, at 64 px and with one repeat / one timed iteration, to keep the suite fast.
-SMALL_RUN = ["--resolution", "64", "--batch", "4", "--group-size", "2", "--minibatch", "2", "--steps", "4",
-             "--matmul-size", "256", "--repeats", "1", "--iterations", "1"]
+SMALL_RUN = [
+    "--resolution",
+    "64",
+    "--batch",
+    "4",
+    "--group-size",
+    "2",
+    "--minibatch",
+    "2",
+    "--steps",
+    "4",
+    "--matmul-size",
+    "256",
+    "--repeats",
+    "1",
+    "--iterations",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +115,17 @@ def gpu_bench_small():
 def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_small):
     _, bare, iteration = gpu_bench_small
     assert [(r["model"], r["phase"]) for r in bare] == [
-        ("sd35m", "rollout"), ("sd35m", "rollout + CFG"), ("sd35m", "update, one step (LoRA r32)"),
-        ("flux", "rollout"), ("flux", "update, one step (LoRA r64)"),
+        ("sd35m", "rollout"),
+        ("sd35m", "rollout + CFG"),
+        ("sd35m", "update, one step (LoRA r32)"),
+        ("flux", "rollout"),
+        ("flux", "update, one step (LoRA r64)"),
     ]
     # 4 images in groups of 2, minibatch 2, 4 sampler steps (3 SDE steps trained).
     update = "update (LoRA r{}, 2 minibatches x 3 steps + KL reference forwards)"
     assert [(r["model"], r["phase"]) for r in iteration] == [
-        (model, phase) for model, rank in (("sd35m", 32), ("flux", 64))
+        (model, phase)
+        for model, rank in (("sd35m", 32), ("flux", 64))
         for phase in ("rollout", "decode", "reward", update.format(rank), "whole iteration")
     ]
     for row in bare + iteration:
@@ -114,7 +137,8 @@ def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_sma
         # The iteration's model FLOPs are its rollout, decode and update; the reward's model is not the policy's.
         assert phases["reward"]["tflops"] == 0
         assert phases["whole iteration"]["tflops"] == pytest.approx(
-            phases["rollout"]["tflops"] + phases["decode"]["tflops"] + phases["update"]["tflops"], rel=1e-12)
+            phases["rollout"]["tflops"] + phases["decode"]["tflops"] + phases["update"]["tflops"], rel=1e-12
+        )
         assert phases["whole iteration"]["peak_gib"] > 0
 
 
@@ -131,15 +155,23 @@ def test_guardrl_rollout_does_exactly_the_bare_rollouts_model_flops(gpu_bench_sm
             assert row["vs bare"].startswith("x") and row["vs bare"].endswith(" time")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, flux"),
-    (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration, savers"),
-    (["--small", "--resolution", "64", "--batch", "6", "--group-size", "4"],
-     "--batch=6 must be a multiple of --group-size=4 and of --minibatch=4"),
-    (["--small", "--resolution", "64", "--iterations", "0"], "--iterations=0: must be >= 1"),
-    (["--savers", "fp8"], "--savers: unknown ['fp8']; allowed: recipe, checkpointing, bf16_trajectories, chunks, "
-                          "offload_vae, adamw8bit, compile"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, flux"),
+        (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration, savers"),
+        (
+            ["--small", "--resolution", "64", "--batch", "6", "--group-size", "4"],
+            "--batch=6 must be a multiple of --group-size=4 and of --minibatch=4",
+        ),
+        (["--small", "--resolution", "64", "--iterations", "0"], "--iterations=0: must be >= 1"),
+        (
+            ["--savers", "fp8"],
+            "--savers: unknown ['fp8']; allowed: recipe, checkpointing, bf16_trajectories, chunks, "
+            "offload_vae, adamw8bit, compile",
+        ),
+    ],
+)
 def test_gpu_bench_refuses_bad_options(gpu_bench_small, argv, message):
     gpu_bench = gpu_bench_small[0]
     with pytest.raises(SystemExit) as raised:
@@ -161,9 +193,18 @@ def test_the_documented_dry_run_command_trains(tmp_path, monkeypatch):
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[:2] == ["guardrl", "fit"]
     monkeypatch.chdir(root)  # the command's paths are relative to the repository
-    cli = main(argv[2:] + ["--trainer.logger.init_args.save_dir", str(tmp_path),
-                           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
-               run=False)
+    cli = main(
+        argv[2:]
+        + [
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        run=False,
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     module = cli.model
     assert type(module.backbone) is RandomSD35MediumBackbone and module.backbone.small
@@ -179,15 +220,32 @@ def test_gpu_bench_savers_table_runs_each_switch_alone(gpu_bench_small):
     chunk or compile the same computation."""
     gpu_bench = gpu_bench_small[0]
     # compile is left out here (tracing takes most of a minute on this CPU; tests/test_perf.py covers it).
-    rows = gpu_bench.main(["--small", *SMALL_RUN, "--models", "sd35m", "--sections", "savers", "--savers",
-                           "recipe,checkpointing,bf16_trajectories,chunks,offload_vae,adamw8bit"])["savers"]
+    rows = gpu_bench.main(
+        [
+            "--small",
+            *SMALL_RUN,
+            "--models",
+            "sd35m",
+            "--sections",
+            "savers",
+            "--savers",
+            "recipe,checkpointing,bf16_trajectories,chunks,offload_vae,adamw8bit",
+        ]
+    )["savers"]
     assert [r["saver"] for r in rows] == [
-        "recipe as shipped", "gradient_checkpointing", "trajectory_dtype bfloat16", "rollout_chunks 2",
-        "offload_vae", "8-bit AdamW (bitsandbytes)",
+        "recipe as shipped",
+        "gradient_checkpointing",
+        "trajectory_dtype bfloat16",
+        "rollout_chunks 2",
+        "offload_vae",
+        "8-bit AdamW (bitsandbytes)",
     ]
     by_name = {r["saver"]: r for r in rows}
     assert by_name["8-bit AdamW (bitsandbytes)"] == {
-        "model": "sd35m", "saver": "8-bit AdamW (bitsandbytes)", "skipped": "needs CUDA"}
+        "model": "sd35m",
+        "saver": "8-bit AdamW (bitsandbytes)",
+        "skipped": "needs CUDA",
+    }
     ran = {name: r["phases"] for name, r in by_name.items() if "phases" in r}
     assert len(ran) == 5  # every other switch trained
     recipe = ran["recipe as shipped"]

@@ -28,7 +28,9 @@ RECIPES = sorted(
 def pipeline_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
     make_tiny_sd3_pipeline(seed=0).save_pretrained(root / "sd3")
-    make_tiny_flux_pipeline(seed=0, guidance_embeds=True).save_pretrained(root / "flux")  # FLUX.1-dev: guidance
+    make_tiny_flux_pipeline(seed=0, guidance_embeds=True).save_pretrained(
+        root / "flux"
+    )  # FLUX.1-dev: guidance
     return {"sd35m": str(root / "sd3"), "flux": str(root / "flux")}
 
 
@@ -37,21 +39,51 @@ def test_recipe_trains_from_a_saved_pipeline_directory(recipe, pipeline_dirs, pr
     family = os.path.basename(os.path.dirname(recipe))
     with open(recipe) as f:
         published = yaml.safe_load(f)["model"]
-    cli = main([
-        "--config", recipe,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-        "--trainer.strategy", "auto",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.backbone.init_args.pretrained_model_name_or_path", pipeline_dirs[family],
-        "--model.backbone.init_args.torch_dtype", "float32",
-        "--model.backbone.init_args.resolution", "64",
-        "--model.backbone.init_args.max_sequence_length", "32",
-        "--model.rewards", '[{"class_path": "guardrl.rewards.JpegCompressibility"}]',
-        "--data.train_prompts", prompt_file, "--data.group_size", "2", "--data.prompts_per_batch", "2",
-        "--model.grpo.minibatch_size", "2", "--model.grpo.gradient_accumulation_steps", "2",
-        "--model.max_iterations", "1",
-    ], run=False)
+    cli = main(
+        [
+            "--config",
+            recipe,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.num_nodes",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.backbone.init_args.pretrained_model_name_or_path",
+            pipeline_dirs[family],
+            "--model.backbone.init_args.torch_dtype",
+            "float32",
+            "--model.backbone.init_args.resolution",
+            "64",
+            "--model.backbone.init_args.max_sequence_length",
+            "32",
+            "--model.rewards",
+            '[{"class_path": "guardrl.rewards.JpegCompressibility"}]',
+            "--data.train_prompts",
+            prompt_file,
+            "--data.group_size",
+            "2",
+            "--data.prompts_per_batch",
+            "2",
+            "--model.grpo.minibatch_size",
+            "2",
+            "--model.grpo.gradient_accumulation_steps",
+            "2",
+            "--model.max_iterations",
+            "1",
+        ],
+        run=False,
+    )
     # one process: a recipe's num_nodes left in place would make fit wait for ranks that never come
     assert cli.trainer.world_size == 1
     model = cli.model
@@ -73,4 +105,6 @@ def test_recipe_trains_from_a_saved_pipeline_directory(recipe, pipeline_dirs, pr
     # the LoRA moved (lora_B starts at zero), the frozen base did not get gradients
     assert any(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n and ".default." in n)
     assert all(p.grad is None for n, p in trained.items() if "lora_" not in n)
-    assert torch.isfinite(torch.stack([p.detach().abs().max() for p in model.policy.trainable_parameters()])).all()
+    assert torch.isfinite(
+        torch.stack([p.detach().abs().max() for p in model.policy.trainable_parameters()])
+    ).all()

@@ -26,18 +26,19 @@ TOTAL_ITERATIONS = 5
 
 def _args(prompt_file: str, log_root: str) -> list[str]:
     return tiny_fit_args(
-        prompt_file, log_root,
+        prompt_file,
+        log_root,
         **{
             "--model.max_iterations": str(TOTAL_ITERATIONS),
             "--model.lr_scheduler": '{"class_path": "torch.optim.lr_scheduler.ExponentialLR", '
-                                    '"init_args": {"gamma": 0.7}}',
+            '"init_args": {"gamma": 0.7}}',
             "--model.grpo.minibatch_size": "2",
             "--data.shuffle_buffer_size": "3",
             "--checkpoint.every_n_iterations": "1",
             "--checkpoint.save_top_k": "-1",
             # A slow reward call in iteration 3 of the first process: a window to send the signal in.
             "--model.rewards": '[{"class_path": "guardrl.rewards.FaultInjectionReward", '
-                               '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "noise_std": 0.5, "name": "jpeg"}}]',
+            '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "noise_std": 0.5, "name": "jpeg"}}]',
             "--seed_everything": "7",
         },
     )
@@ -46,8 +47,12 @@ def _args(prompt_file: str, log_root: str) -> list[str]:
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     return subprocess.Popen(
-        [sys.executable, "-m", "guardrl.cli", "fit", *args], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "guardrl.cli", "fit", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -72,7 +77,9 @@ def _wait_for(path_pattern: str, process: subprocess.Popen, timeout: float = 180
     deadline = time.monotonic() + timeout
     while not glob.glob(path_pattern):
         if process.poll() is not None:
-            raise AssertionError(f"the run ended before {path_pattern} appeared:\n{process.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"the run ended before {path_pattern} appeared:\n{process.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"{path_pattern} did not appear within {timeout} s")
@@ -130,7 +137,9 @@ def test_killed_and_resumed_run_equals_the_straight_run(straight_run, tmp_path, 
     process.send_signal(kill_signal)
     output = _finish(process)
     checkpoints = os.path.join(_version_dir(log_root), "checkpoints")
-    interrupted = torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=True)["guardrl"]["num_iterations"]
+    interrupted = torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=True)["guardrl"][
+        "num_iterations"
+    ]
     if kill_signal == signal.SIGTERM:
         # Clean exit after finishing the iteration in flight (iteration 3, slowed by the reward), checkpointed.
         assert process.returncode == 0, output[-3000:]
@@ -143,8 +152,9 @@ def test_killed_and_resumed_run_equals_the_straight_run(straight_run, tmp_path, 
     # Nothing half-written is named like a checkpoint: only complete *.ckpt files, or hidden temporaries
     # that a SIGKILL may leave behind mid-write.
     for name in os.listdir(checkpoints):
-        assert (name.endswith(".ckpt") and not name.startswith(".")) or \
-            (kill_signal == signal.SIGKILL and name.startswith(".") and ".ckpt.tmp-" in name), name
+        assert (name.endswith(".ckpt") and not name.startswith(".")) or (
+            kill_signal == signal.SIGKILL and name.startswith(".") and ".ckpt.tmp-" in name
+        ), name
 
     output = _run([*args, "--ckpt_path", "last"])
     assert "--ckpt_path last resolved to" in output

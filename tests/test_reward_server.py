@@ -33,15 +33,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(reward: str, init_args: dict, port: int, token: bool = False,
-                  extra: list[str] | None = None) -> subprocess.Popen:
+def _start_server(
+    reward: str, init_args: dict, port: int, token: bool = False, extra: list[str] | None = None
+) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "GUARDRL_TEST_TOKEN": TOKEN}
-    command = [sys.executable, "-m", "guardrl.rewards.server", "--reward", reward, "--port", str(port),
-               "--init-args", json.dumps(init_args)] + (["--token-env", "GUARDRL_TEST_TOKEN"] if token else [])
+    command = [
+        sys.executable,
+        "-m",
+        "guardrl.rewards.server",
+        "--reward",
+        reward,
+        "--port",
+        str(port),
+        "--init-args",
+        json.dumps(init_args),
+    ] + (["--token-env", "GUARDRL_TEST_TOKEN"] if token else [])
     command += extra or []
     # A session of its own: LitServe runs workers in child processes, and "killing the server" means all of them.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]
@@ -67,8 +78,9 @@ def _kill(process: subprocess.Popen) -> None:
 def server():
     # Call 1 (0-based, counted in the server) sleeps 4 s: the timeout test makes exactly that call.
     port = _free_port()
-    process = _start_server("guardrl.rewards.FaultInjectionReward", {"sleep_at_calls": [1], "sleep_s": 4.0},
-                            port, token=True)
+    process = _start_server(
+        "guardrl.rewards.FaultInjectionReward", {"sleep_at_calls": [1], "sleep_s": 4.0}, port, token=True
+    )
     yield f"http://127.0.0.1:{port}", process
     _kill(process)
 
@@ -92,8 +104,11 @@ def test_a_timeout_is_bounded_and_reported(server, monkeypatch):
     monkeypatch.setenv("TOKEN_FOR_TEST", TOKEN)
     remote = RemoteReward(url, token_env="TOKEN_FOR_TEST", timeout_s=1.0, max_attempts=1)
     start = time.monotonic()
-    with pytest.raises(RewardError, match=r"failed 1 time\(s\) \(RemoteReward.max_attempts=1, timeout_s=1.0\); "
-                                          r"attempt 1: ReadTimeout"):
+    with pytest.raises(
+        RewardError,
+        match=r"failed 1 time\(s\) \(RemoteReward.max_attempts=1, timeout_s=1.0\); "
+        r"attempt 1: ReadTimeout",
+    ):
         remote(torch.rand(2, 3, 8, 8), ["a", "b"])  # call 1 sleeps 4 s
     assert time.monotonic() - start < 3.0
 
@@ -106,15 +121,19 @@ def test_health_and_png_payload_and_server_side_validation(server, monkeypatch):
     remote = RemoteReward(url, token_env="TOKEN_FOR_TEST", image_format="png", max_attempts=1, timeout_s=30)
     assert torch.equal(remote(images, ["a", "b"]), JpegCompressibility()(_quantised(images), ["a", "b"]))
     bad = {"prompts": ["a"], "images": {"format": "raw", "shape": [1, 4, 4, 3], "data": "AAAA"}}
-    response = requests.post(f"{url}/predict", json=bad, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    response = requests.post(
+        f"{url}/predict", json=bad, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
     assert response.status_code == 400 and "holds 3 bytes, shape [1, 4, 4, 3] needs 48" in response.text
 
 
 def test_a_missing_or_wrong_token_is_refused_without_retrying(server, monkeypatch):
     url, _ = server
     monkeypatch.setenv("WRONG_TOKEN", "nope")
-    for remote in (RemoteReward(url, max_attempts=3, retry_delay_s=5.0),
-                   RemoteReward(url, token_env="WRONG_TOKEN", max_attempts=3, retry_delay_s=5.0)):
+    for remote in (
+        RemoteReward(url, max_attempts=3, retry_delay_s=5.0),
+        RemoteReward(url, token_env="WRONG_TOKEN", max_attempts=3, retry_delay_s=5.0),
+    ):
         start = time.monotonic()
         with pytest.raises(RewardError, match=r"refused the request \(401\).*missing or wrong bearer token"):
             remote(torch.rand(1, 3, 8, 8), ["a"])
@@ -127,8 +146,11 @@ def test_a_killed_server_fails_after_bounded_retries(monkeypatch):
     remote = RemoteReward(f"http://127.0.0.1:{port}", max_attempts=2, retry_delay_s=0.1, timeout_s=5)
     assert remote(torch.rand(1, 3, 8, 8), ["a"]).shape == (1,)
     _kill(process)
-    with pytest.raises(RewardError, match=r"failed 2 time\(s\).*attempt 1: ConnectionError.*attempt 2: "
-                                          r"ConnectionError"):
+    with pytest.raises(
+        RewardError,
+        match=r"failed 2 time\(s\).*attempt 1: ConnectionError.*attempt 2: "
+        r"ConnectionError",
+    ):
         remote(torch.rand(1, 3, 8, 8), ["a"])
 
 
@@ -146,12 +168,15 @@ class _BadServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"<html>oops</html>", r"is not JSON: '<html>oops</html>'"),
-    (b'{"scores": [1.0]}', r"must hold 'scores', a list of 2 numbers"),
-    (b'{"result": 3}', r"must hold 'scores'"),
-    (b'{"scores": [1.0, "x"]}', r"non-numeric scores"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"<html>oops</html>", r"is not JSON: '<html>oops</html>'"),
+        (b'{"scores": [1.0]}', r"must hold 'scores', a list of 2 numbers"),
+        (b'{"result": 3}', r"must hold 'scores'"),
+        (b'{"scores": [1.0, "x"]}', r"non-numeric scores"),
+    ],
+)
 def test_malformed_responses_are_errors_never_zeros(body, message):
     handler = type("Handler", (_BadServer,), {"body": body})
     httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
@@ -171,24 +196,49 @@ def test_remote_reward_trains_a_policy_through_guardrl_fit(tmp_path, prompt_file
     port = _free_port()
     process = _start_server("guardrl.rewards.JpegCompressibility", {}, port)
     try:
-        rewards = json.dumps([{"class_path": "guardrl.rewards.RemoteReward",
-                               "init_args": {"url": f"http://127.0.0.1:{port}", "name": "jpeg_remote"}}])
-        cli = main(["fit", *tiny_fit_args(prompt_file, str(tmp_path / "runs"),
-                                          **{"--model.rewards": rewards, "--model.max_iterations": "1"})])
+        rewards = json.dumps(
+            [
+                {
+                    "class_path": "guardrl.rewards.RemoteReward",
+                    "init_args": {"url": f"http://127.0.0.1:{port}", "name": "jpeg_remote"},
+                }
+            ]
+        )
+        cli = main(
+            [
+                "fit",
+                *tiny_fit_args(
+                    prompt_file,
+                    str(tmp_path / "runs"),
+                    **{"--model.rewards": rewards, "--model.max_iterations": "1"},
+                ),
+            ]
+        )
         assert cli.model.num_iterations == 1
         assert torch.isfinite(cli.trainer.callback_metrics["reward/jpeg_remote/mean"])
     finally:
         _kill(process)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"url": "localhost:8000"}, r"RemoteReward.url='localhost:8000': must start with http:// or https://"),
-    ({"url": "http://x", "timeout_s": 0}, r"RemoteReward.timeout_s must be a finite number > 0, got 0"),
-    ({"url": "http://x", "max_attempts": 0}, r"RemoteReward.max_attempts must be an integer >= 1, got 0"),
-    ({"url": "http://x", "image_format": "jpeg"}, r"RemoteReward.image_format='jpeg': must be 'raw' or 'png'"),
-    ({"url": "http://x", "token_env": "GUARDRL_UNSET_VARIABLE"},
-     r"RemoteReward.token_env='GUARDRL_UNSET_VARIABLE': that environment variable is not set or empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"url": "localhost:8000"},
+            r"RemoteReward.url='localhost:8000': must start with http:// or https://",
+        ),
+        ({"url": "http://x", "timeout_s": 0}, r"RemoteReward.timeout_s must be a finite number > 0, got 0"),
+        ({"url": "http://x", "max_attempts": 0}, r"RemoteReward.max_attempts must be an integer >= 1, got 0"),
+        (
+            {"url": "http://x", "image_format": "jpeg"},
+            r"RemoteReward.image_format='jpeg': must be 'raw' or 'png'",
+        ),
+        (
+            {"url": "http://x", "token_env": "GUARDRL_UNSET_VARIABLE"},
+            r"RemoteReward.token_env='GUARDRL_UNSET_VARIABLE': that environment variable is not set or empty",
+        ),
+    ],
+)
 def test_bad_remote_reward_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RemoteReward(**kwargs)

@@ -292,11 +292,15 @@ def test_a_misspelt_option_prints_no_wall_of_usage():
     result = _guardrl("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.grpo.clip_rnge", "1e-4")
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    assert lines[-1].startswith("guardrl fit: error: option 'model.grpo.clip_rnge' (command line) does not exist")
+    assert lines[-1].startswith(
+        "guardrl fit: error: option 'model.grpo.clip_rnge' (command line) does not exist"
+    )
     assert "did you mean 'model.grpo.clip_range'" in lines[-1]
     assert len(lines) == 2, lines  # usage line and error (was 128 lines with every option's usage)
     # ... and below a class_path, where only the full parser knows the options: still a few lines.
-    result = _guardrl("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.backbone.init_args.resolutoin", "32")
+    result = _guardrl(
+        "fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.backbone.init_args.resolutoin", "32"
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if not line.startswith("[transformers]")]
     assert "Option 'resolutoin' is not accepted" in result.stderr
@@ -341,8 +345,15 @@ def test_only_fit_is_offered(prompt_file, tmp_path, capsys):
 @pytest.mark.timeout(600)
 def test_an_unwritable_log_directory_is_one_line():
     # /sys refuses new directories even to root (EPERM), like an unwritable or read-only log directory would.
-    result = _guardrl("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.max_iterations", "1",
-                      "--trainer.logger.init_args.save_dir", "/sys/guardrl_runs")
+    result = _guardrl(
+        "fit",
+        "--config",
+        "configs/tiny/grpo_guard.yaml",
+        "--model.max_iterations",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        "/sys/guardrl_runs",
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "guardrl: error: [Errno 1] Operation not permitted: '/sys/guardrl_runs" in result.stderr
     assert "Traceback" not in result.stderr

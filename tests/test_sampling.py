@@ -170,7 +170,9 @@ def test_step_mean_and_std_with_per_sample_noise_scale():
     x = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
     v = torch.tensor([[0.5], [0.5]], dtype=torch.float64)
     mean, std = step_mean_and_std(v, x, 0.5, 0.25, torch.tensor([0.7, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(mean, torch.tensor([[0.721875], [0.875]], dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        mean, torch.tensor([[0.721875], [0.875]], dtype=torch.float64), rtol=0, atol=1e-14
+    )
     torch.testing.assert_close(std, torch.tensor([0.35, 0.0], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
@@ -241,7 +243,8 @@ def test_flow_match_sigmas_sd3_shift3_ten_steps_and_no_mutation():
     # t_i = linspace(1, 0.0029940, 10), each shifted by 3 t / (1 + 2 t), then 0 appended; e.g. the last inner
     # one is shift(0.0029940) = 0.0089820 / 1.0059880 = 0.0089286. The stock values (4 decimals):
     expected = torch.tensor(
-        [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0], dtype=torch.float64
+        [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0],
+        dtype=torch.float64,
     )
     assert sigmas.dtype == torch.float64 and sigmas.shape == (11,)
     torch.testing.assert_close(sigmas, expected, rtol=0, atol=1e-4)
@@ -262,7 +265,11 @@ def test_flow_match_sigmas_sd3_shift3_ten_steps_and_no_mutation():
 
 def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
 
 
@@ -323,7 +330,11 @@ def _rollout(noise_scales_S, seed=0, reduction="mean", x0=None):
         x0 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(100))
     fn = MinusX()
     traj = sample_rollouts(
-        fn, x0, SIGMAS, torch.tensor(noise_scales_S, dtype=torch.float64), reduction,
+        fn,
+        x0,
+        SIGMAS,
+        torch.tensor(noise_scales_S, dtype=torch.float64),
+        reduction,
         generator=torch.Generator().manual_seed(seed),
     )
     return traj, fn, x0
@@ -384,14 +395,23 @@ def test_rollout_chain_is_consistent_and_noise_comes_from_the_generator():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rollout_stored_in_half_precision_holds_exactly_what_was_sampled(dtype):
     x0 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(100))
-    traj = sample_rollouts(MinusX(), x0, SIGMAS, torch.tensor([0.0, 0.5, 0.6, 0.8], dtype=torch.float64), "mean",
-                           generator=torch.Generator().manual_seed(7), storage_dtype=dtype)
+    traj = sample_rollouts(
+        MinusX(),
+        x0,
+        SIGMAS,
+        torch.tensor([0.0, 0.5, 0.6, 0.8], dtype=torch.float64),
+        "mean",
+        generator=torch.Generator().manual_seed(7),
+        storage_dtype=dtype,
+    )
     assert traj.latents_BTCHW.dtype == traj.next_latents_BTCHW.dtype == dtype
     assert traj.mean_old_BTCHW.dtype == traj.log_prob_old_BT.dtype == torch.float32
     assert traj.latents_BTCHW.element_size() == 2  # half of float32's memory for x_t and x_next
     # the chain is carried at that precision: step 0 (Euler) starts from x0 rounded, and its result is rounded
     x0_r = x0.to(dtype).float()
-    assert torch.equal(traj.latents_BTCHW[:, 0].float(), ode_step(-x0_r, x0_r, torch.tensor(-0.25)).to(dtype).float())
+    assert torch.equal(
+        traj.latents_BTCHW[:, 0].float(), ode_step(-x0_r, x0_r, torch.tensor(-0.25)).to(dtype).float()
+    )
     eps_gen = torch.Generator().manual_seed(7)
     for j in range(3):
         x = traj.latents_BTCHW[:, j].float()
@@ -404,7 +424,9 @@ def test_rollout_stored_in_half_precision_holds_exactly_what_was_sampled(dtype):
         if j < 2:
             assert torch.equal(traj.next_latents_BTCHW[:, j], traj.latents_BTCHW[:, j + 1])
         # log p_old is of the rounded sample: recomputed from the stored tensors it is bitwise the same
-        recomputed = gaussian_log_prob(traj.next_latents_BTCHW[:, j].float(), traj.mean_old_BTCHW[:, j], std, "mean")
+        recomputed = gaussian_log_prob(
+            traj.next_latents_BTCHW[:, j].float(), traj.mean_old_BTCHW[:, j], std, "mean"
+        )
         assert torch.equal(traj.log_prob_old_BT[:, j], recomputed)
 
 
@@ -433,8 +455,15 @@ def test_rollout_same_seed_is_bitwise_identical():
     b, _, _ = _rollout([0.0, 0.5, 0.6, 0.8], seed=123)
     c, _, _ = _rollout([0.0, 0.5, 0.6, 0.8], seed=124)
     fields = (
-        "latents_BTCHW", "next_latents_BTCHW", "mean_old_BTCHW", "log_prob_old_BT", "sigma_T",
-        "sigma_next_T", "noise_scale_T", "std_T", "final_latents",
+        "latents_BTCHW",
+        "next_latents_BTCHW",
+        "mean_old_BTCHW",
+        "log_prob_old_BT",
+        "sigma_T",
+        "sigma_next_T",
+        "noise_scale_T",
+        "std_T",
+        "final_latents",
     )
     for name in fields:
         assert torch.equal(getattr(a, name), getattr(b, name)), name

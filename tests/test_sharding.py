@@ -20,21 +20,46 @@ LORA_FILE = os.path.join("lora", "final", "pytorch_lora_weights.safetensors")
 
 
 def _fit(out, iterations, *extra, ckpt_path=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "guardrl.cli", "fit", "--config", "configs/tiny/grpo_guard.yaml", *extra,
-        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--model.max_iterations", str(iterations),
-        "--data.prompts_per_batch", "2", "--model.sampling.num_inference_steps", "6",
-        "--model.rewards", '[{"class_path": "tests.sharding_probe.SmoothReward"}]',  # why: sharding_probe.py
+        sys.executable,
+        "-m",
+        "guardrl.cli",
+        "fit",
+        "--config",
+        "configs/tiny/grpo_guard.yaml",
+        *extra,
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--model.max_iterations",
+        str(iterations),
+        "--data.prompts_per_batch",
+        "2",
+        "--model.sampling.num_inference_steps",
+        "6",
+        "--model.rewards",
+        '[{"class_path": "tests.sharding_probe.SmoothReward"}]',  # why: sharding_probe.py
         # SGD: its update is linear in the gradient, so float-order differences between the two strategies'
         # reductions stay at float level (Adam's first steps divide by |g| and amplify them in tiny entries)
-        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.5",
-        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "run",
-        "--trainer.logger.init_args.version", "0",
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer.lr",
+        "0.5",
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.name",
+        "run",
+        "--trainer.logger.init_args.version",
+        "0",
         "--trainer.callbacks+=guardrl.callbacks.LoraExport",
         "--trainer.callbacks+=tests.sharding_probe.ShardingProbe",
-        "--trainer.callbacks.init_args.out", str(out / "probe"),
+        "--trainer.callbacks.init_args.out",
+        str(out / "probe"),
     ]
     if ckpt_path:
         command += ["--ckpt_path", ckpt_path]
@@ -51,8 +76,15 @@ def runs(tmp_path_factory):
         "ddp": _fit(root / "ddp", 3, "--trainer.strategy", "ddp"),
         # compiled from its second iteration on (performance.compile; the eager backend runs the same kernels),
         # so the comparisons below also cover torch.compile over fully_shard'ed blocks
-        "fsdp": _fit(root / "fsdp", 3, *fsdp, "--model.performance.compile", "true",
-                     "--model.performance.compile_backend", "eager"),
+        "fsdp": _fit(
+            root / "fsdp",
+            3,
+            *fsdp,
+            "--model.performance.compile",
+            "true",
+            "--model.performance.compile_backend",
+            "eager",
+        ),
         "fsdp_first_2": _fit(root / "resumed", 2, *fsdp),
         "root": root,
     }
@@ -94,7 +126,9 @@ def test_fsdp2_trains_what_ddp_trains(runs):
     # weights up to the order of floating-point reductions
     assert _relative_difference(ddp, fsdp) < 1e-5
     # ... with the FSDP2 run's transformer compiled (iterations 2 and 3), the DDP run's not
-    probes = {name: torch.load(runs[name].parent.parent / "probe" / "velocity.pt") for name in ("ddp", "fsdp")}
+    probes = {
+        name: torch.load(runs[name].parent.parent / "probe" / "velocity.pt") for name in ("ddp", "fsdp")
+    }
     assert (probes["ddp"]["compiled"], probes["fsdp"]["compiled"]) == (False, True)
 
 
@@ -139,7 +173,8 @@ def test_fsdp2_strategy_fixes_the_mesh_and_blocks_are_found():
         backbone.load()
         blocks = transformer_blocks(backbone.transformer)
         expected = count or len(backbone.transformer.transformer_blocks) + len(
-            backbone.transformer.single_transformer_blocks)
+            backbone.transformer.single_transformer_blocks
+        )
         assert len(blocks) == expected
     with pytest.raises(ValueError, match="has none of"):
         transformer_blocks(torch.nn.Linear(2, 2))
@@ -150,7 +185,9 @@ def test_lora_export_from_the_sharded_checkpoint_in_one_process(runs, tmp_path):
 
     version_dir = runs["fsdp"]
     path = export_from_checkpoint(
-        str(version_dir / "config.yaml"), str(version_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "lora")
+        str(version_dir / "config.yaml"),
+        str(version_dir / "checkpoints" / "last.ckpt"),
+        str(tmp_path / "lora"),
     )
     from_checkpoint, from_run = load_file(path), _lora(version_dir)
     assert from_checkpoint.keys() == from_run.keys()

@@ -15,7 +15,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
 
 import guardrl.sharding as sharding
 from guardrl.checkpointing import AtomicCheckpointIO
@@ -63,7 +67,9 @@ def _save(path, version: int, **extra):
     model, optimizer = _trained(version)
     checkpoint = {
         "state_dict": get_model_state_dict(model),
-        "optimizer_states": [get_optimizer_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))],
+        "optimizer_states": [
+            get_optimizer_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
+        ],
         "guardrl": {"num_iterations": version},
         **extra,
     }
@@ -202,7 +208,9 @@ def test_a_save_killed_between_the_two_renames_is_undone(tmp_path, monkeypatch, 
     if reader == "is_checkpoint":  # what `--ckpt_path <path>` and the LoRA export ask first
         assert is_checkpoint(str(path))
     elif reader == "--ckpt_path last":
-        assert _find_last_checkpoint(Namespace(checkpoint=Namespace(dirpath=str(tmp_path))), None) == str(path)
+        assert _find_last_checkpoint(Namespace(checkpoint=Namespace(dirpath=str(tmp_path))), None) == str(
+            path
+        )
     elif reader == "the next save, which fails":  # it must restore the old one before clearing leftovers
         with pytest.raises(RuntimeError, match="cannot pickle this"):
             _save(path, 3, callbacks=_Unpicklable())
@@ -284,4 +292,6 @@ def test_single_file_checkpoints_are_saved_as_before(tmp_path):
     strategy.save_checkpoint({"state_dict": {"w": torch.arange(3.0)}, "guardrl": {"num_iterations": 5}}, path)
     assert _entries(tmp_path) == ["last.ckpt"] and path.is_file()
     saved = torch.load(path, weights_only=True)
-    assert saved["guardrl"] == {"num_iterations": 5} and torch.equal(saved["state_dict"]["w"], torch.arange(3.0))
+    assert saved["guardrl"] == {"num_iterations": 5} and torch.equal(
+        saved["state_dict"]["w"], torch.arange(3.0)
+    )

@@ -63,8 +63,15 @@ def test_quick_benchmark_writes_finite_well_formed_results(tmp_path):
     results = _rows(os.path.join(out, "results.csv"))
     # 6 variants x 2 clip modes x evaluations at iterations 0, 1, 2 x 2 splits x 2 samplers
     assert len(results) == 6 * 2 * 3 * 2 * 2
-    numeric = ["proxy", "pass_rate", "pass_rate_quantized", "off_palette_fraction", "realism_distance",
-               "average_gold", "clip_range_used"]
+    numeric = [
+        "proxy",
+        "pass_rate",
+        "pass_rate_quantized",
+        "off_palette_fraction",
+        "realism_distance",
+        "average_gold",
+        "clip_range_used",
+    ]
     for row in results:
         assert all(math.isfinite(float(row[k])) for k in numeric), row
         assert 0 <= float(row["pass_rate"]) <= 1 and 0 <= float(row["off_palette_fraction"]) <= 1
@@ -78,8 +85,11 @@ def test_quick_benchmark_writes_finite_well_formed_results(tmp_path):
                 assert len(values) == 1, (key, split, sampler, values)
     # Training moved the policy: some later evaluation differs from the start.
     later = [r for r in results if r["iteration"] == "2"]
-    assert any(float(r["proxy"]) != float(start[0]["proxy"]) for r in later if r["split"] == start[0]["split"]
-               and r["sampler"] == start[0]["sampler"])
+    assert any(
+        float(r["proxy"]) != float(start[0]["proxy"])
+        for r in later
+        if r["split"] == start[0]["split"] and r["sampler"] == start[0]["sampler"]
+    )
 
     ratios = _rows(os.path.join(out, "ratios.csv"))
     # 12 runs x 2 iterations x 3 trained steps (sde_window [0, 3])

@@ -91,8 +91,17 @@ def test_save_load_round_trip(tmp_path):
 def test_pretraining_is_deterministic_from_a_seed(tmp_path):
     small = dict(num_layers=1, num_attention_heads=2, caption_projection_dim=64)
     runs = [
-        pretrain(str(tmp_path / name), steps=10, seed=seed, stop_step=3, threads=1, transformer_config=small,
-                 verbose=False, batch_size=8, warmup_steps=2)
+        pretrain(
+            str(tmp_path / name),
+            steps=10,
+            seed=seed,
+            stop_step=3,
+            threads=1,
+            transformer_config=small,
+            verbose=False,
+            batch_size=8,
+            warmup_steps=2,
+        )
         for name, seed in (("a", 0), ("b", 0), ("c", 1))
     ]
     assert [r["steps_done"] for r in runs] == [3, 3, 3]
@@ -111,10 +120,11 @@ def test_pretraining_is_deterministic_from_a_seed(tmp_path):
 
 def test_two_grpo_iterations_on_the_toy_backbone(tmp_path):
     prompts = tmp_path / "toy.txt"
-    prompts.write_text("\n".join(split_prompts("train")[:: 97]) + "\n")
+    prompts.write_text("\n".join(split_prompts("train")[::97]) + "\n")
     args = tiny_fit_args(
-        str(prompts), str(tmp_path / "runs"), **{"--model.backbone": "guardrl.toy.ToyBackbone",
-                                                  "--model.sampling.guidance_scale": "2.0"}
+        str(prompts),
+        str(tmp_path / "runs"),
+        **{"--model.backbone": "guardrl.toy.ToyBackbone", "--model.sampling.guidance_scale": "2.0"},
     )
     cli = main(args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)

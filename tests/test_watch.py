@@ -21,14 +21,30 @@ from guardrl.gold import ImageDetail
 
 
 def _watch_args(prompt_file, eval_file, log_dir, **watch):
-    settings = {"eval_prompts": eval_file, "gold": [{"class_path": "guardrl.gold.ImageDetail"}],
-                "every_n_iterations": 1, "samples_per_prompt": 2, **watch}
+    settings = {
+        "eval_prompts": eval_file,
+        "gold": [{"class_path": "guardrl.gold.ImageDetail"}],
+        "every_n_iterations": 1,
+        "samples_per_prompt": 2,
+        **watch,
+    }
     callbacks = json.dumps([{"class_path": "guardrl.callbacks.OverOptimizationWatch", "init_args": settings}])
-    return ["fit", *tiny_fit_args(prompt_file, log_dir, **{
-        "--model.max_iterations": "8", "--trainer.callbacks": callbacks,
-        "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
-        "--model.grpo.ratio_variant": "flow_grpo", "--model.grpo.clip_range": "0.5",
-        "--checkpoint.every_n_iterations": "1", "--checkpoint.save_top_k": "-1"})]
+    return [
+        "fit",
+        *tiny_fit_args(
+            prompt_file,
+            log_dir,
+            **{
+                "--model.max_iterations": "8",
+                "--trainer.callbacks": callbacks,
+                "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
+                "--model.grpo.ratio_variant": "flow_grpo",
+                "--model.grpo.clip_range": "0.5",
+                "--checkpoint.every_n_iterations": "1",
+                "--checkpoint.save_top_k": "-1",
+            },
+        ),
+    ]
 
 
 @pytest.fixture
@@ -43,7 +59,9 @@ def files(tmp_path):
 def test_watch_fires_stops_and_keeps_the_best_gold_checkpoint(files, tmp_path, caplog):
     train, held_out = files
     with caplog.at_level(logging.WARNING, logger="guardrl.callbacks.watch"):
-        cli = main(_watch_args(train, held_out, str(tmp_path / "runs"), tolerance=0.005, stop_on_divergence=True))
+        cli = main(
+            _watch_args(train, held_out, str(tmp_path / "runs"), tolerance=0.005, stop_on_divergence=True)
+        )
     watch = next(c for c in cli.trainer.callbacks if isinstance(c, OverOptimizationWatch))
     assert watch.fired_at is not None and "over-optimization at iteration" in caplog.text
     assert cli.model.num_iterations == watch.fired_at < 8  # stopped right there
@@ -51,7 +69,9 @@ def test_watch_fires_stops_and_keeps_the_best_gold_checkpoint(files, tmp_path, c
     scalars = load_scalars(str(tmp_path / "runs" / "guardrl"))
     series = {tag: dict(zip(frame.step, frame.value)) for tag, frame in scalars.groupby("tag")}
     gold, proxy = series["gold/average"], series["watch/proxy"]
-    assert sorted(gold) == list(range(watch.fired_at + 1))  # evaluated before training and after each iteration
+    assert sorted(gold) == list(
+        range(watch.fired_at + 1)
+    )  # evaluated before training and after each iteration
     assert gold[0] == pytest.approx(1.0)
     best = max(gold, key=gold.get)
     assert watch.best["iteration"] == best
@@ -62,8 +82,9 @@ def test_watch_fires_stops_and_keeps_the_best_gold_checkpoint(files, tmp_path, c
     assert all(series["watch/diverging"][i] == 0.0 for i in range(watch.fired_at))
 
     # The kept checkpoint is the best-gold state: the same weights as the periodic checkpoint of that iteration.
-    directory = os.path.dirname(glob.glob(str(tmp_path / "runs" / "guardrl" / "version_0" / "checkpoints" /
-                                              "best_gold.ckpt"))[0])
+    directory = os.path.dirname(
+        glob.glob(str(tmp_path / "runs" / "guardrl" / "version_0" / "checkpoints" / "best_gold.ckpt"))[0]
+    )
     kept = torch.load(os.path.join(directory, "best_gold.ckpt"), weights_only=True)
     assert kept["guardrl"]["num_iterations"] == best
     periodic = torch.load(os.path.join(directory, f"iteration={best}.ckpt"), weights_only=True)
@@ -88,13 +109,16 @@ def test_image_detail_is_the_mean_per_image_std_and_sums_over_updates():
     assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-12)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"gold": []}, r"watch.gold must list at least one gold metric"),
-    ({"every_n_iterations": 0}, r"watch.every_n_iterations must be an integer >= 1, got 0"),
-    ({"sampler": "dpm"}, r"watch.sampler must be 'ode' or 'sde', got 'dpm'"),
-    ({"patience": 0}, r"watch.patience must be an integer >= 1, got 0"),
-    ({"eval_prompts": "missing.txt"}, r"watch.eval_prompts='missing.txt'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gold": []}, r"watch.gold must list at least one gold metric"),
+        ({"every_n_iterations": 0}, r"watch.every_n_iterations must be an integer >= 1, got 0"),
+        ({"sampler": "dpm"}, r"watch.sampler must be 'ode' or 'sde', got 'dpm'"),
+        ({"patience": 0}, r"watch.patience must be an integer >= 1, got 0"),
+        ({"eval_prompts": "missing.txt"}, r"watch.eval_prompts='missing.txt'"),
+    ],
+)
 def test_bad_watch_settings_are_refused(files, kwargs, message):
     _, held_out = files
     settings = {"eval_prompts": held_out, "gold": [ImageDetail()], **kwargs}

@@ -55,7 +55,9 @@ def group_advantages(
     return advantages_NG.reshape(-1)
 
 
-def shuffle_within_groups(advantages_B: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+def shuffle_within_groups(
+    advantages_B: torch.Tensor, group_size: int, generator: torch.Generator
+) -> torch.Tensor:
     """The null control: each group's advantages permuted among its own samples.
 
     Every group keeps exactly its set of advantage values (same mean, spread and clip statistics, so the

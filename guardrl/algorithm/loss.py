@@ -35,7 +35,9 @@ def effective_clip_range(clip_range: float, unit: str, reduction: str, num_eleme
     if not (clip_range > 0 and math.isfinite(clip_range)):
         raise ValueError(f"clip_range (grpo.clip_range) must be a finite number > 0, got {clip_range!r}")
     if unit not in CLIP_RANGE_UNITS:
-        raise ValueError(f"clip_range_unit (grpo.clip_range_unit) must be one of {CLIP_RANGE_UNITS}, got {unit!r}")
+        raise ValueError(
+            f"clip_range_unit (grpo.clip_range_unit) must be one of {CLIP_RANGE_UNITS}, got {unit!r}"
+        )
     if reduction not in LOG_PROB_REDUCTIONS:
         raise ValueError(
             f"log_prob_reduction (sampling.log_prob_reduction) must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}"

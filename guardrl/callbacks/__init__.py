@@ -10,6 +10,11 @@ from guardrl.callbacks.run_summary import RunSummaryCallback
 from guardrl.callbacks.watch import OverOptimizationWatch
 
 __all__ = [
-    "GRPOProgressBar", "GracefulShutdown", "ImageGridCallback", "LoraExport", "OverOptimizationWatch",
-    "RatioStatsCallback", "RunSummaryCallback",
+    "GRPOProgressBar",
+    "GracefulShutdown",
+    "ImageGridCallback",
+    "LoraExport",
+    "OverOptimizationWatch",
+    "RatioStatsCallback",
+    "RunSummaryCallback",
 ]

@@ -12,8 +12,9 @@ from guardrl.export import EXPORTABLE_WEIGHTS, lora_state_dict, write_lora
 
 
 class LoraExport(Callback):
-    def __init__(self, dirpath: Optional[str] = None, every_n_iterations: Optional[int] = None,
-                 weights: str = "policy") -> None:
+    def __init__(
+        self, dirpath: Optional[str] = None, every_n_iterations: Optional[int] = None, weights: str = "policy"
+    ) -> None:
         """
         Args:
             dirpath: where the exports go; None: `<log dir>/lora`. Each export is a folder that
@@ -21,8 +22,12 @@ class LoraExport(Callback):
             every_n_iterations: also export every this many GRPO iterations; None: only at the end.
             weights: "policy" (the trained adapter) or "ema".
         """
-        if every_n_iterations is not None and (not isinstance(every_n_iterations, int) or every_n_iterations < 1):
-            raise ValueError(f"LoraExport.every_n_iterations must be an integer >= 1 or null, got {every_n_iterations!r}")
+        if every_n_iterations is not None and (
+            not isinstance(every_n_iterations, int) or every_n_iterations < 1
+        ):
+            raise ValueError(
+                f"LoraExport.every_n_iterations must be an integer >= 1 or null, got {every_n_iterations!r}"
+            )
         if weights not in EXPORTABLE_WEIGHTS:
             raise ValueError(f"LoraExport.weights={weights!r}: must be one of {EXPORTABLE_WEIGHTS}")
         self.dirpath = dirpath

@@ -68,8 +68,10 @@ class GracefulShutdown(Callback):
             return
         self.requested = name
         more = " (Ctrl-C again to abort at once, without saving)" if name == "SIGINT" else ""
-        sys.stderr.write(f"\nguardrl: {name} received; finishing this iteration, then saving a checkpoint and "
-                         f"stopping{more}\n")
+        sys.stderr.write(
+            f"\nguardrl: {name} received; finishing this iteration, then saving a checkpoint and "
+            f"stopping{more}\n"
+        )
         sys.stderr.flush()
 
     def _restore_handlers(self) -> None:
@@ -80,11 +82,15 @@ class GracefulShutdown(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
 
     # ----- at each iteration boundary: did any rank get a signal?
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         # Every rank must take part: the signal may reach only some ranks (or reach them at different times).
         requested = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         if not requested:
@@ -98,7 +104,9 @@ class GracefulShutdown(Callback):
             where = checkpoint.last_model_path if checkpoint is not None else "nowhere (checkpointing is off)"
             log.warning(
                 "guardrl: %s received; stopping after iteration %d, checkpoint saved to %s",
-                reason, getattr(pl_module, "num_iterations", -1), where,
+                reason,
+                getattr(pl_module, "num_iterations", -1),
+                where,
             )
         if self.requeue_on_slurm and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             _requeue(os.environ["SLURM_JOB_ID"])
@@ -109,7 +117,9 @@ def _requeue(job_id: str) -> None:
     if result.returncode == 0:
         log.warning("guardrl: requeued SLURM job %s", job_id)
     else:
-        log.error("guardrl: `scontrol requeue %s` failed (%s): %s", job_id, result.returncode, result.stderr.strip())
+        log.error(
+            "guardrl: `scontrol requeue %s` failed (%s): %s", job_id, result.returncode, result.stderr.strip()
+        )
 
 
 def _is_main_thread() -> bool:

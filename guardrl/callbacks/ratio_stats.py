@@ -29,7 +29,9 @@ class RatioStatsCallback(Callback):
         """
         every = histogram_every_n_iterations
         if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-            raise ValueError(f"ratio_stats.histogram_every_n_iterations must be an integer >= 1, got {every!r}")
+            raise ValueError(
+                f"ratio_stats.histogram_every_n_iterations must be an integer >= 1, got {every!r}"
+            )
         self.log_histograms = log_histograms
         self.histogram_every_n_iterations = histogram_every_n_iterations
 

@@ -146,18 +146,31 @@ def _window_stats(values: Sequence[float]) -> tuple[float, float]:
 
 
 def end_summary_lines(
-    history: Sequence[tuple[int, float, float]], *, status: str, num_iterations: int,
-    max_iterations: Optional[int], session_iterations: int, session_seconds: float, optimizer_steps: int,
-    skipped_updates: int, last_checkpoint: Optional[str], log_dir: Optional[str], window: int,
+    history: Sequence[tuple[int, float, float]],
+    *,
+    status: str,
+    num_iterations: int,
+    max_iterations: Optional[int],
+    session_iterations: int,
+    session_seconds: float,
+    optimizer_steps: int,
+    skipped_updates: int,
+    last_checkpoint: Optional[str],
+    log_dir: Optional[str],
+    window: int,
 ) -> list[str]:
     """The end-of-run summary. `history`: (iteration, reward mean, reward std) of every iteration of the run
     (all sessions); `status`: how it stopped, in words."""
-    lines = [f"guardrl: {status} at iteration {num_iterations}"
-             + (f" of {max_iterations}" if max_iterations is not None else "")
-             + f" ({session_iterations} this session, {session_seconds:.0f} s)"]
+    lines = [
+        f"guardrl: {status} at iteration {num_iterations}"
+        + (f" of {max_iterations}" if max_iterations is not None else "")
+        + f" ({session_iterations} this session, {session_seconds:.0f} s)"
+    ]
     if max_iterations is not None and num_iterations >= max_iterations and session_iterations == 0:
-        lines.append(f"  the checkpoint already holds model.max_iterations={max_iterations} iterations; to train "
-                     "further, resume with a larger --model.max_iterations (command below)")
+        lines.append(
+            f"  the checkpoint already holds model.max_iterations={max_iterations} iterations; to train "
+            "further, resume with a larger --model.max_iterations (command below)"
+        )
     rewards = [mean for _, mean, _ in sorted(history)]
     if rewards:
         w = min(window, max(1, len(rewards) // 2))
@@ -166,10 +179,14 @@ def end_summary_lines(
             f"  reward/mean: {first[0]:.4g} ± {first[1]:.2g} over the first {w} iteration(s) -> "
             f"{last[0]:.4g} ± {last[1]:.2g} over the last {w} (change {last[0] - first[0]:+.4g})"
         )
-    lines.append(f"  updates: {optimizer_steps} optimizer step(s); {skipped_updates} iteration(s) skipped their "
-                 "update (non-finite values, docs/reliability.md)")
+    lines.append(
+        f"  updates: {optimizer_steps} optimizer step(s); {skipped_updates} iteration(s) skipped their "
+        "update (non-finite values, docs/reliability.md)"
+    )
     if num_iterations > 0 and optimizer_steps == 0:
-        lines.append("  WARNING: no optimizer step was taken: the policy is unchanged from the pretrained model")
+        lines.append(
+            "  WARNING: no optimizer step was taken: the policy is unchanged from the pretrained model"
+        )
     if last_checkpoint:
         config = os.path.join(log_dir, "config.yaml") if log_dir else "<config.yaml>"
         more = (max_iterations or num_iterations) * 2 or 10
@@ -198,7 +215,9 @@ class RunSummaryCallback(Callback):
             raise ValueError(f"run_summary.window must be an integer >= 1, got {window!r}")
         self.console = console
         self.window = window
-        self.history: list[tuple[int, float, float]] = []  # (iteration, reward/mean, reward/std), all sessions
+        self.history: list[
+            tuple[int, float, float]
+        ] = []  # (iteration, reward/mean, reward/std), all sessions
         self._session_start: tuple[int, float] = (0, time.monotonic())
         self._log_dir: Optional[str] = None
         self._summarized = False
@@ -230,7 +249,9 @@ class RunSummaryCallback(Callback):
             # break the bar's line); with no bar it is a plain print to stdout.
             tqdm.write("\n".join(summary_lines(trainer, pl_module, log_dir)))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         if isinstance(outputs, Mapping) and "reward_mean" in outputs:
             iteration = getattr(pl_module, "num_iterations", 1) - 1
             self.history.append((iteration, float(outputs["reward_mean"]), float(outputs["reward_std"])))
@@ -240,10 +261,14 @@ class RunSummaryCallback(Callback):
         # redraw); the final checkpoint was saved at the end of the last epoch, before this.
         self._summarize(trainer, pl_module, None)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._summarize(trainer, pl_module, exception)
 
-    def _summarize(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: Optional[BaseException]) -> None:
+    def _summarize(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: Optional[BaseException]
+    ) -> None:
         if self._summarized or not trainer.is_global_zero:
             return
         self._summarized = True
@@ -260,26 +285,37 @@ class RunSummaryCallback(Callback):
             candidate = checkpoint.last_model_path or os.path.join(checkpoint.dirpath or "", "last.ckpt")
             last = candidate if os.path.exists(candidate) else None
         lines = end_summary_lines(
-            self.history, status=status, num_iterations=done, max_iterations=maximum, session_iterations=session,
-            session_seconds=time.monotonic() - self._session_start[1], optimizer_steps=int(trainer.global_step),
-            skipped_updates=int(getattr(pl_module, "num_skipped_updates", 0)), last_checkpoint=last,
-            log_dir=self._log_dir, window=self.window,
+            self.history,
+            status=status,
+            num_iterations=done,
+            max_iterations=maximum,
+            session_iterations=session,
+            session_seconds=time.monotonic() - self._session_start[1],
+            optimizer_steps=int(trainer.global_step),
+            skipped_updates=int(getattr(pl_module, "num_skipped_updates", 0)),
+            last_checkpoint=last,
+            log_dir=self._log_dir,
+            window=self.window,
         )
         if done > 0 and trainer.global_step == 0:
-            log.warning("guardrl: %d iteration(s) ran but no optimizer step was taken; the policy did not change",
-                        done)
+            log.warning(
+                "guardrl: %d iteration(s) ran but no optimizer step was taken; the policy did not change",
+                done,
+            )
         if self.console:
             print("\n".join(lines), flush=True)
 
 
-def _status(trainer: L.Trainer, exception: Optional[BaseException], done: int, maximum: Optional[int],
-            session: int) -> str:
+def _status(
+    trainer: L.Trainer, exception: Optional[BaseException], done: int, maximum: Optional[int], session: int
+) -> str:
     if exception is not None:
         if isinstance(exception, KeyboardInterrupt):
             return "interrupted (KeyboardInterrupt)"
         return f"failed ({type(exception).__name__})"
-    signal_name = next((getattr(c, "requested", None) for c in trainer.callbacks
-                        if getattr(c, "requested", None)), None)
+    signal_name = next(
+        (getattr(c, "requested", None) for c in trainer.callbacks if getattr(c, "requested", None)), None
+    )
     if signal_name:
         return f"stopped by {signal_name}"
     if maximum is not None and done >= maximum:

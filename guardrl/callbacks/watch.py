@@ -127,11 +127,13 @@ class OverOptimizationWatch(Callback):
         noise = backbone.initial_noise(len(prompts), generator, module.device)
         scales = module.noise_scales if self.sampler == "sde" else torch.zeros_like(module.noise_scales)
         with module.policy.use_weights("policy") as transformer:
+
             def velocity_fn(latents, t, k):
                 return backbone.velocity(latents, t, cond, guidance, transformer)
 
-            trajectory = sample_rollouts(velocity_fn, noise, module.sigmas, scales,
-                                         module.sampling.log_prob_reduction, generator)
+            trajectory = sample_rollouts(
+                velocity_fn, noise, module.sigmas, scales, module.sampling.log_prob_reduction, generator
+            )
         return backbone.decode(trajectory.final_latents), prompts
 
     def _evaluate(self, trainer: L.Trainer, module, iteration: int) -> None:
@@ -140,8 +142,11 @@ class OverOptimizationWatch(Callback):
         if prompts:
             proxy, _ = module.score(images, prompts)
             proxy_sum = proxy.double().sum()
-        totals = module.all_gather(torch.stack([proxy_sum, torch.tensor(float(len(prompts)), dtype=torch.float64,
-                                                                         device=module.device)]))
+        totals = module.all_gather(
+            torch.stack(
+                [proxy_sum, torch.tensor(float(len(prompts)), dtype=torch.float64, device=module.device)]
+            )
+        )
         totals = totals.reshape(-1, 2).sum(0)
         proxy_mean = float(totals[0] / totals[1].clamp(min=1))
         values = {}
@@ -153,8 +158,10 @@ class OverOptimizationWatch(Callback):
             values[_metric_name(metric)] = float(metric.compute())  # torchmetrics syncs across ranks here
         if self.reference is None:
             self.reference = dict(values)
-        average = sum(_relative(values[name], self.reference[name], metric.higher_is_better)
-                      for name, metric in zip(values, self.gold)) / len(values)
+        average = sum(
+            _relative(values[name], self.reference[name], metric.higher_is_better)
+            for name, metric in zip(values, self.gold)
+        ) / len(values)
         new_best = self.best is None or average > self.best["gold"]
         if new_best:
             self.best = {"gold": average, "proxy": proxy_mean, "iteration": iteration}
@@ -162,8 +169,13 @@ class OverOptimizationWatch(Callback):
         gain = proxy_mean - self.best["proxy"]
         diverging = drop > self.tolerance and gain > 0
         self.diverging_in_a_row = self.diverging_in_a_row + 1 if diverging else 0
-        metrics = {"watch/proxy": proxy_mean, "gold/average": average, "watch/gold_drop": drop,
-                   "watch/proxy_gain": gain, "watch/diverging": float(diverging)}
+        metrics = {
+            "watch/proxy": proxy_mean,
+            "gold/average": average,
+            "watch/gold_drop": drop,
+            "watch/proxy_gain": gain,
+            "watch/diverging": float(diverging),
+        }
         metrics.update({f"gold/{name}": value for name, value in values.items()})
         write_scalars(trainer, metrics, iteration)
         if new_best and self.keep_best_gold and iteration > 0:
@@ -173,8 +185,13 @@ class OverOptimizationWatch(Callback):
             if trainer.is_global_zero:
                 log.warning(
                     "guardrl: over-optimization at iteration %d: the proxy rose by %.4g since iteration %d while "
-                    "gold/average fell by %.4g (tolerance %.4g)%s", iteration, gain, self.best["iteration"], drop,
-                    self.tolerance, "; stopping (watch.stop_on_divergence)" if self.stop_on_divergence else "",
+                    "gold/average fell by %.4g (tolerance %.4g)%s",
+                    iteration,
+                    gain,
+                    self.best["iteration"],
+                    drop,
+                    self.tolerance,
+                    "; stopping (watch.stop_on_divergence)" if self.stop_on_divergence else "",
                 )
             if self.stop_on_divergence:
                 trainer.should_stop = True
@@ -183,14 +200,21 @@ class OverOptimizationWatch(Callback):
         from guardrl.checkpointing import find_iteration_checkpoint
 
         checkpoint = find_iteration_checkpoint(trainer)
-        directory = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        directory = (
+            checkpoint.dirpath
+            if checkpoint is not None and checkpoint.dirpath
+            else os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        )
         return os.path.join(directory, "best_gold.ckpt")
 
     # ----- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "best": self.best, "diverging_in_a_row": self.diverging_in_a_row,
-                "fired_at": self.fired_at}
+        return {
+            "reference": self.reference,
+            "best": self.best,
+            "diverging_in_a_row": self.diverging_in_a_row,
+            "fired_at": self.fired_at,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict["reference"]

@@ -45,7 +45,9 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.shuffle_buffer_size must be an integer >= 0 (0: file order), got {shuffle_buffer_size!r}"
             )
         if not isinstance(prompt_field, str) or not prompt_field:
-            raise ValueError(f"data.prompt_field must be a non-empty string (the .jsonl key), got {prompt_field!r}")
+            raise ValueError(
+                f"data.prompt_field must be a non-empty string (the .jsonl key), got {prompt_field!r}"
+            )
         self.train_prompts = train_prompts
         self.group_size = group_size
         self.prompts_per_batch = prompts_per_batch
@@ -80,8 +82,12 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         stream = PromptStream(
-            self.train_prompts, self.group_size, self.prompts_per_batch, self.prompt_field,
-            self.shuffle_buffer_size, self.seed,
+            self.train_prompts,
+            self.group_size,
+            self.prompts_per_batch,
+            self.prompt_field,
+            self.shuffle_buffer_size,
+            self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
             start_position=self.start_position,

@@ -34,7 +34,9 @@ def check_prompt_file(path: str, option: str = "data.train_prompts") -> None:
         raise ValueError(f"{option}={path!r} is a directory: it must be a .txt or .jsonl prompt file")
     if not os.path.isfile(path):
         where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()!r})"
-        raise ValueError(f"{option}={path!r}: no such file{where}; it must be an existing .txt or .jsonl file")
+        raise ValueError(
+            f"{option}={path!r}: no such file{where}; it must be an existing .txt or .jsonl file"
+        )
 
 
 def count_prompts(path: str, prompt_field: str = "prompt", limit: int | None = None) -> int:
@@ -47,7 +49,9 @@ def count_prompts(path: str, prompt_field: str = "prompt", limit: int | None = N
     return count
 
 
-def iter_prompt_file(path: str, prompt_field: str = "prompt", option: str = "data.train_prompts") -> Iterator[str]:
+def iter_prompt_file(
+    path: str, prompt_field: str = "prompt", option: str = "data.train_prompts"
+) -> Iterator[str]:
     """Yield the prompts of a file in order, one line at a time."""
     is_jsonl = path.endswith(".jsonl")
     with open(path, "rb") as f:

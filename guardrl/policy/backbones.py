@@ -49,6 +49,7 @@ def _caught_truncations(pipeline):
     finally:
         logger.removeFilter(keep)
 
+
 _DIFFUSERS_VERSION = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How a config names a backbone argument (LightningCLI: model.backbone.class_path / init_args).
@@ -61,6 +62,7 @@ BACKBONE_OF_PIPELINE = {
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 def parse_dtype(name: str, option: str = f"{OPTION}.torch_dtype") -> torch.dtype:
     if name not in _DTYPES:
@@ -91,7 +93,9 @@ class Conditioning:
             return None if t is None else t[index]
 
         return Conditioning(
-            pick(self.prompt_embeds), pick(self.pooled_prompt_embeds), pick(self.negative_prompt_embeds),
+            pick(self.prompt_embeds),
+            pick(self.pooled_prompt_embeds),
+            pick(self.negative_prompt_embeds),
             pick(self.negative_pooled_prompt_embeds),
         )
 
@@ -228,7 +232,11 @@ class FlowBackbone(nn.Module):
         expected = self.pipeline_class.__name__
         if class_name is not None and class_name != expected:
             hint = BACKBONE_OF_PIPELINE.get(class_name)
-            use = f"use model.backbone.class_path: {hint}" if hint else f"guardrl loads {list(BACKBONE_OF_PIPELINE)}"
+            use = (
+                f"use model.backbone.class_path: {hint}"
+                if hint
+                else f"guardrl loads {list(BACKBONE_OF_PIPELINE)}"
+            )
             raise ValueError(
                 f"{option}={path!r} holds a {class_name}, but {type(self).__name__} loads a {expected}: {use}"
             )
@@ -252,12 +260,20 @@ class FlowBackbone(nn.Module):
         raise NotImplementedError
 
     def _transformer_forward(
-        self, transformer: nn.Module, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor, cond: Conditioning, guidance_scale: float,
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def initial_noise(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -287,7 +303,10 @@ class FlowBackbone(nn.Module):
         # alone keeps every embedding independent of history, so a resumed run is bitwise the straight run.
         if missing:
             truncated = 0
-            with self._onloaded(self._offloaded_text_encoders(), device), _caught_truncations(self.pipeline) as seen:
+            with (
+                self._onloaded(self._offloaded_text_encoders(), device),
+                _caught_truncations(self.pipeline) as seen,
+            ):
                 for prompt in missing:
                     before = len(seen)
                     self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
@@ -318,7 +337,9 @@ class FlowBackbone(nn.Module):
             _log.warning(
                 "guardrl: a prompt is longer than the text encoders take (CLIP: 77 tokens; T5: "
                 "model.backbone.init_args.max_sequence_length=%s) and was truncated; said once per run, the count "
-                "is in %s.truncated_prompts", self.max_sequence_length, type(self).__name__,
+                "is in %s.truncated_prompts",
+                self.max_sequence_length,
+                type(self).__name__,
             )
 
     def velocity(
@@ -344,12 +365,19 @@ class FlowBackbone(nn.Module):
         if use_cfg:
             if cond.negative_prompt_embeds is None:
                 raise ValueError("guidance_scale > 1 needs negative prompt embeddings (encode with_negative)")
-            v_uncond, v_cond = self._transformer_forward(
-                transformer, torch.cat([x, x]), torch.cat([t_B, t_B]),
-                torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
-                torch.cat([cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds]),
-                cond, guidance_scale,
-            ).float().chunk(2)
+            v_uncond, v_cond = (
+                self._transformer_forward(
+                    transformer,
+                    torch.cat([x, x]),
+                    torch.cat([t_B, t_B]),
+                    torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
+                    torch.cat([cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds]),
+                    cond,
+                    guidance_scale,
+                )
+                .float()
+                .chunk(2)
+            )
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return self._transformer_forward(
             transformer, x, t_B, cond.prompt_embeds, cond.pooled_prompt_embeds, cond, guidance_scale
@@ -357,8 +385,9 @@ class FlowBackbone(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], float32."""
-        with self._onloaded(["vae"] if self.offload_vae and getattr(self, "vae", None) is not None else [],
-                            latents.device):
+        with self._onloaded(
+            ["vae"] if self.offload_vae and getattr(self, "vae", None) is not None else [], latents.device
+        ):
             return self._decode(latents)
 
     # ----- offloading (frozen modules kept in CPU memory between uses)
@@ -404,7 +433,11 @@ class SD3Backbone(FlowBackbone):
 
     def _encode(self, prompts, device):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return embeds, pooled
@@ -472,7 +505,9 @@ class FluxBackbone(FlowBackbone):
         )
         guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full((latents.shape[0],), guidance_scale, device=latents.device, dtype=torch.float32)
+            guidance = torch.full(
+                (latents.shape[0],), guidance_scale, device=latents.device, dtype=torch.float32
+            )
         # Flux takes sigma-scale timesteps (FluxPipeline passes timestep / 1000).
         return transformer(
             hidden_states=latents,
@@ -489,7 +524,9 @@ class FluxBackbone(FlowBackbone):
     @torch.no_grad()
     def _decode(self, latents):
         vae = self.vae
-        unpacked = self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
+        unpacked = self.pipeline._unpack_latents(
+            latents, self.resolution, self.resolution, self.vae_scale_factor
+        )
         z = unpacked.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)

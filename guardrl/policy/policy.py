@@ -116,8 +116,11 @@ class FlowPolicy(nn.Module):
             raise ValueError(f"weight set must be one of policy/old/ema, got {which!r}")
         if self.lora is not None:
             return self._adapter_params(_ADAPTER_OF[which])
-        module = {"policy": self.transformer, "old": getattr(self, "old_transformer", None),
-                  "ema": getattr(self, "ema_transformer", None)}[which]
+        module = {
+            "policy": self.transformer,
+            "old": getattr(self, "old_transformer", None),
+            "ema": getattr(self, "ema_transformer", None),
+        }[which]
         if module is None:
             raise ValueError(f"weight set {which!r} does not exist in this policy")
         return dict(module.named_parameters())
@@ -182,9 +185,12 @@ class FlowPolicy(nn.Module):
         if self.lora is None:
             if which == "reference" and not self.keep_reference:
                 raise ValueError("full fine-tuning without keep_reference has no reference weights")
-            yield {"policy": self.transformer, "old": getattr(self, "old_transformer", None),
-                   "ema": getattr(self, "ema_transformer", None),
-                   "reference": getattr(self, "reference_transformer", None)}[which]
+            yield {
+                "policy": self.transformer,
+                "old": getattr(self, "old_transformer", None),
+                "ema": getattr(self, "ema_transformer", None),
+                "reference": getattr(self, "reference_transformer", None),
+            }[which]
             return
         transformer = self.transformer
         if which == "policy":  # the active adapter already; no switch, no flag churn

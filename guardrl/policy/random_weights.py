@@ -40,28 +40,60 @@ from guardrl.policy.backbones import FluxBackbone, SD3Backbone
 
 # Published configs (diffusers' config.json of each model's folder), minus bookkeeping keys.
 SD35_MEDIUM_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
 )
 FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
 # Both VAEs: 16 latent channels, x8 downsampling, no quant convs; they differ in their latent scale and shift.
 _VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-    force_upcast=True, mid_block_add_attention=True,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+    mid_block_add_attention=True,
 )
 SD35_MEDIUM_VAE = dict(_VAE, scaling_factor=1.5305, shift_factor=0.0609)
 FLUX_DEV_VAE = dict(_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 SD35_MEDIUM_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 FLUX_DEV_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
 )
 # Text-side widths of the prompt embeddings: (token width, pooled width).
 SD35_MEDIUM_TEXT = (4096, 2048)  # CLIP-L + CLIP-G pooled; T5-XXL / padded CLIP tokens
@@ -70,10 +102,24 @@ SD3_CLIP_TOKENS = 77  # SD3 puts 77 CLIP tokens before the T5 tokens
 
 # small: the same architectures, a few narrow layers (runs anywhere in seconds).
 SMALL_TRANSFORMER = {
-    "sd35m": dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
-                  joint_attention_dim=64, pooled_projection_dim=32, dual_attention_layers=(0,)),
-    "flux": dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
-                 joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+    "sd35m": dict(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        caption_projection_dim=64,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        dual_attention_layers=(0,),
+    ),
+    "flux": dict(
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ),
 }
 SMALL_VAE = dict(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4, sample_size=32)
 SMALL_TEXT = (64, 32)
@@ -129,7 +175,12 @@ def prompt_seed(prompt: str, seed: int) -> int:
 
 
 def random_prompt_embeddings(
-    prompts: list[str], tokens: int, width: int, pooled_width: int, seed: int, device: torch.device,
+    prompts: list[str],
+    tokens: int,
+    width: int,
+    pooled_width: int,
+    seed: int,
+    device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeds (B, tokens, width), pooled (B, pooled_width)) drawn from N(0, 1) seeded by each prompt."""
@@ -152,8 +203,14 @@ class _RandomWeights:
     default_max_sequence_length: int
 
     def __init__(
-        self, torch_dtype: str = "float32", resolution: int = 512, max_sequence_length: int | None = None,
-        small: bool = False, seed: int = 0, prompt_cache_size: int = 4096, offload_vae: bool = False,
+        self,
+        torch_dtype: str = "float32",
+        resolution: int = 512,
+        max_sequence_length: int | None = None,
+        small: bool = False,
+        seed: int = 0,
+        prompt_cache_size: int = 4096,
+        offload_vae: bool = False,
     ) -> None:
         """
         Args:
@@ -166,8 +223,15 @@ class _RandomWeights:
         """
         if max_sequence_length is None:
             max_sequence_length = self.default_max_sequence_length
-        super().__init__(None, torch_dtype, resolution, max_sequence_length, prompt_cache_size,
-                         offload_text_encoders=False, offload_vae=offload_vae)
+        super().__init__(
+            None,
+            torch_dtype,
+            resolution,
+            max_sequence_length,
+            prompt_cache_size,
+            offload_text_encoders=False,
+            offload_vae=offload_vae,
+        )
         if not isinstance(small, bool):
             raise ValueError(f"model.backbone.init_args.small must be true or false, got {small!r}")
         self.small = small
@@ -178,8 +242,11 @@ class _RandomWeights:
         vae = _build_vae(self.vae_config, self.small, self.model_dtype, self.seed + 1)
         scheduler = FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
         # No text encoders or tokenizers (SD3: three of each, Flux: two): _encode makes the embeddings.
-        no_text = {name: None for name in inspect.signature(self.pipeline_class).parameters
-                   if name.startswith(("text_encoder", "tokenizer"))}
+        no_text = {
+            name: None
+            for name in inspect.signature(self.pipeline_class).parameters
+            if name.startswith(("text_encoder", "tokenizer"))
+        }
         return self.pipeline_class(transformer=transformer, vae=vae, scheduler=scheduler, **no_text)
 
     def _encode(self, prompts, device):

@@ -92,9 +92,16 @@ def make_t5_tokenizer() -> T5TokenizerFast:
 def _clip_text_encoder(hidden: int, projection: int, with_projection: bool, tokenizer, seed: int):
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
@@ -103,8 +110,16 @@ def _clip_text_encoder(hidden: int, projection: int, with_projection: bool, toke
 def _t5_text_encoder(d_model: int, tokenizer, seed: int) -> T5EncoderModel:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return T5EncoderModel(config)
 
@@ -115,10 +130,19 @@ def _tiny_vae(latent_channels: int, seed: int) -> AutoencoderKL:
     # of SD3's 1.5305; it only scales this random VAE's latents, and the tiny-model numbers in the docs and tests
     # were measured with it, so it stays (random_weights.SD35_MEDIUM_VAE has the published value).
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4, layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * 4,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
     )
 
 
@@ -137,17 +161,28 @@ def make_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2) -> StableDiffusio
     t5_tokenizer = make_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
-        out_channels=4, pos_embed_max_size=32,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=32,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_tiny_vae(4, seed + 1),
-        text_encoder=_clip_text_encoder(16, 32, True, clip_tokenizer, seed + 2), tokenizer=clip_tokenizer,
-        text_encoder_2=_clip_text_encoder(16, 32, True, clip_tokenizer, seed + 3), tokenizer_2=clip_tokenizer,
-        text_encoder_3=_t5_text_encoder(32, t5_tokenizer, seed + 4), tokenizer_3=t5_tokenizer,
+        text_encoder=_clip_text_encoder(16, 32, True, clip_tokenizer, seed + 2),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_clip_text_encoder(16, 32, True, clip_tokenizer, seed + 3),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=_t5_text_encoder(32, t5_tokenizer, seed + 4),
+        tokenizer_3=t5_tokenizer,
     )
     return _eval(pipe)
 
@@ -159,19 +194,32 @@ def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> Flu
     t5_tokenizer = make_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
     )
     pipe = FluxPipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-            max_image_seq_len=4096, shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            shift=3.0,
         ),
         vae=_tiny_vae(4, seed + 1),
-        text_encoder=_clip_text_encoder(32, 32, False, clip_tokenizer, seed + 2), tokenizer=clip_tokenizer,
-        text_encoder_2=_t5_text_encoder(32, t5_tokenizer, seed + 4), tokenizer_2=t5_tokenizer,
+        text_encoder=_clip_text_encoder(32, 32, False, clip_tokenizer, seed + 2),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_t5_text_encoder(32, t5_tokenizer, seed + 4),
+        tokenizer_2=t5_tokenizer,
     )
     return _eval(pipe)
 
@@ -180,15 +228,27 @@ class TinySD3Backbone(SD3Backbone):
     """The tiny random-weight SD3 pipeline, built in code from a seed (no files, no hub)."""
 
     def __init__(
-        self, seed: int = 0, num_layers: int = 2, resolution: int = 128, prompt_cache_size: int = 4096,
-        offload_text_encoders: bool = False, offload_vae: bool = False,
+        self,
+        seed: int = 0,
+        num_layers: int = 2,
+        resolution: int = 128,
+        prompt_cache_size: int = 4096,
+        offload_text_encoders: bool = False,
+        offload_vae: bool = False,
     ):
         super().__init__(
-            None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size,
-            offload_text_encoders=offload_text_encoders, offload_vae=offload_vae,
+            None,
+            "float32",
+            resolution,
+            max_sequence_length=32,
+            prompt_cache_size=prompt_cache_size,
+            offload_text_encoders=offload_text_encoders,
+            offload_vae=offload_vae,
         )
         if not (isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 1):
-            raise ValueError(f"model.backbone.init_args.num_layers must be an integer >= 1, got {num_layers!r}")
+            raise ValueError(
+                f"model.backbone.init_args.num_layers must be an integer >= 1, got {num_layers!r}"
+            )
         self.seed = seed
         self.num_layers = num_layers
 
@@ -200,12 +260,22 @@ class TinyFluxBackbone(FluxBackbone):
     """The tiny random-weight Flux pipeline, built in code from a seed (no files, no hub)."""
 
     def __init__(
-        self, seed: int = 0, guidance_embeds: bool = False, resolution: int = 128, prompt_cache_size: int = 4096,
-        offload_text_encoders: bool = False, offload_vae: bool = False,
+        self,
+        seed: int = 0,
+        guidance_embeds: bool = False,
+        resolution: int = 128,
+        prompt_cache_size: int = 4096,
+        offload_text_encoders: bool = False,
+        offload_vae: bool = False,
     ):
         super().__init__(
-            None, "float32", resolution, max_sequence_length=32, prompt_cache_size=prompt_cache_size,
-            offload_text_encoders=offload_text_encoders, offload_vae=offload_vae,
+            None,
+            "float32",
+            resolution,
+            max_sequence_length=32,
+            prompt_cache_size=prompt_cache_size,
+            offload_text_encoders=offload_text_encoders,
+            offload_vae=offload_vae,
         )
         self.seed = seed
         self.guidance_embeds = guidance_embeds

@@ -13,8 +13,22 @@ from guardrl.rewards.ocr import OcrReward, Recognizer, TrOCRRecognizer
 from guardrl.rewards.remote import RemoteReward
 
 __all__ = [
-    "FaultInjectionReward", "JpegCompressibility", "RemoteReward", "Reward", "RewardError", "jpeg_size_kb", "score_with_retries",
+    "FaultInjectionReward",
+    "JpegCompressibility",
+    "RemoteReward",
+    "Reward",
+    "RewardError",
+    "jpeg_size_kb",
+    "score_with_retries",
 ]
-__all__ += ["CLIPScore", "HPSv21", "LaionAesthetic", "OcrReward", "PickScore", "Recognizer", "TrOCRRecognizer"]
+__all__ += [
+    "CLIPScore",
+    "HPSv21",
+    "LaionAesthetic",
+    "OcrReward",
+    "PickScore",
+    "Recognizer",
+    "TrOCRRecognizer",
+]
 __all__ += ["ClipColorClassifier", "GenEval", "Mask2FormerDetector"]
 __all__ += ["ImageReward"]

@@ -32,9 +32,12 @@ class AestheticMLP(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
             nn.Linear(64, 16),
             nn.Linear(16, 1),
         )
@@ -53,9 +56,16 @@ class LaionAesthetic(Reward):
         preprocess: "tensor" (on device) or "pil" (the original's uint8 PIL round trip).
     """
 
-    def __init__(self, mlp_weights: str, pretrained: str = "openai/clip-vit-large-patch14",
-                 processor: str | None = None, torch_dtype: str = "float32", preprocess: str = "tensor",
-                 weight: float = 1.0, name: str | None = "aesthetic") -> None:
+    def __init__(
+        self,
+        mlp_weights: str,
+        pretrained: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        torch_dtype: str = "float32",
+        preprocess: str = "tensor",
+        weight: float = 1.0,
+        name: str | None = "aesthetic",
+    ) -> None:
         super().__init__(weight=weight, name=name)
         from transformers import CLIPImageProcessor, CLIPModel
 
@@ -71,8 +81,10 @@ class LaionAesthetic(Reward):
         try:
             self.mlp.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"reward {self.name!r}: {mlp_weights!r} is not an aesthetic MLP for {dim}-d "
-                             f"CLIP embeddings: {e}") from None
+            raise ValueError(
+                f"reward {self.name!r}: {mlp_weights!r} is not an aesthetic MLP for {dim}-d "
+                f"CLIP embeddings: {e}"
+            ) from None
         freeze(self.mlp)
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

@@ -76,8 +76,10 @@ def build_component(spec, default: Callable, option: str, expected: str):
         return cls(**spec.get("init_args", {}))
     if callable(spec):
         return spec
-    raise ValueError(f"{option} must be a local path or hub id, a {{class_path, init_args}} dict or a callable "
-                     f"{expected}; got {type(spec).__name__}")
+    raise ValueError(
+        f"{option} must be a local path or hub id, a {{class_path, init_args}} dict or a callable "
+        f"{expected}; got {type(spec).__name__}"
+    )
 
 
 def _snake_case(name: str) -> str:

@@ -46,11 +46,15 @@ def score_with_retries(
     )
 
 
-def _call(reward: Reward, images: torch.Tensor, prompts: list[str], timeout_s: Optional[float]) -> torch.Tensor:
+def _call(
+    reward: Reward, images: torch.Tensor, prompts: list[str], timeout_s: Optional[float]
+) -> torch.Tensor:
     if timeout_s is None:
         return reward(images, prompts)
     # A fresh single-use thread per call: a hung call must not block the next attempt.
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{reward.name}")
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=f"reward-{reward.name}"
+    )
     future = executor.submit(reward, images, prompts)
     try:
         return future.result(timeout=timeout_s)

@@ -97,8 +97,10 @@ def clip_preprocess(images: torch.Tensor, image_processor) -> torch.Tensor:
             resample = int(getattr(image_processor, "resample", 3))
             mode = _TORCH_MODE_FOR_PIL_RESAMPLE.get(resample)
             if mode is None:
-                raise ValueError(f"image processor resample={resample}: only nearest (0), bilinear (2) and "
-                                 "bicubic (3) have a tensor implementation; use preprocess='pil'")
+                raise ValueError(
+                    f"image processor resample={resample}: only nearest (0), bilinear (2) and "
+                    "bicubic (3) have a tensor implementation; use preprocess='pil'"
+                )
             kwargs = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
             # PIL resizes in two passes, horizontal then vertical, rounding to 8 bits after each: do the same.
             if out_w != x.shape[-1]:
@@ -110,10 +112,12 @@ def clip_preprocess(images: torch.Tensor, image_processor) -> torch.Tensor:
         crop_h, crop_w = int(_size_get(crop, "height")), int(_size_get(crop, "width"))
         h, w = x.shape[-2:]
         if crop_h > h or crop_w > w:
-            raise ValueError(f"center crop {crop_h}x{crop_w} is larger than the resized image {h}x{w}; "
-                             "use preprocess='pil' (the processor pads)")
+            raise ValueError(
+                f"center crop {crop_h}x{crop_w} is larger than the resized image {h}x{w}; "
+                "use preprocess='pil' (the processor pads)"
+            )
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        x = x[..., top:top + crop_h, left:left + crop_w]
+        x = x[..., top : top + crop_h, left : left + crop_w]
     # x holds value / 255; the processor sees 0..255 values and multiplies them by rescale_factor (1/255)
     if getattr(image_processor, "do_rescale", None):
         factor = float(image_processor.rescale_factor)
@@ -131,9 +135,16 @@ def clip_preprocess(images: torch.Tensor, image_processor) -> torch.Tensor:
 class _ClipReward(Reward):
     """A transformers CLIPModel + CLIPProcessor, frozen; subclasses turn the two embeddings into a score."""
 
-    def __init__(self, pretrained: str, processor: str | None = None, torch_dtype: str = "float32",
-                 preprocess: str = "tensor", max_length: int = 77, weight: float = 1.0,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        processor: str | None = None,
+        torch_dtype: str = "float32",
+        preprocess: str = "tensor",
+        max_length: int = 77,
+        weight: float = 1.0,
+        name: str | None = None,
+    ) -> None:
         super().__init__(weight=weight, name=name)
         from transformers import CLIPModel, CLIPProcessor
 
@@ -166,11 +177,15 @@ class _ClipReward(Reward):
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings (B, D), float32; prompts truncated to `max_length` tokens."""
-        tokens = self.processor(text=list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+        tokens = self.processor(
+            text=list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         device = self.model.logit_scale.device
-        features = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                                          attention_mask=tokens["attention_mask"].to(device)))
+        features = _features(
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+            )
+        )
         return F.normalize(features.float(), dim=-1)
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -197,11 +212,17 @@ class PickScore(_ClipReward):
     `scale=1` the raw PickScore.
     """
 
-    def __init__(self, pretrained: str = "yuvalkirstain/PickScore_v1",
-                 processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 torch_dtype: str = "float32",
-                 scale: float = 1.0, preprocess: str = "tensor", max_length: int = 77, weight: float = 1.0,
-                 name: str | None = "pickscore") -> None:
+    def __init__(
+        self,
+        pretrained: str = "yuvalkirstain/PickScore_v1",
+        processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        torch_dtype: str = "float32",
+        scale: float = 1.0,
+        preprocess: str = "tensor",
+        max_length: int = 77,
+        weight: float = 1.0,
+        name: str | None = "pickscore",
+    ) -> None:
         super().__init__(pretrained, processor, torch_dtype, preprocess, max_length, weight, name)
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"reward {self.name!r}: scale must be a number > 0, got {scale!r}")
@@ -223,10 +244,18 @@ class CLIPScore(_ClipReward):
     image. `scale=100` (default) is torchmetrics'; `clamp_at_zero=False` gives the raw scaled cosine.
     """
 
-    def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", processor: str | None = None,
-                 torch_dtype: str = "float32", scale: float = 100.0, clamp_at_zero: bool = True,
-                 preprocess: str = "tensor", max_length: int = 77, weight: float = 1.0,
-                 name: str | None = "clipscore") -> None:
+    def __init__(
+        self,
+        pretrained: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        torch_dtype: str = "float32",
+        scale: float = 100.0,
+        clamp_at_zero: bool = True,
+        preprocess: str = "tensor",
+        max_length: int = 77,
+        weight: float = 1.0,
+        name: str | None = "clipscore",
+    ) -> None:
         super().__init__(pretrained, processor, torch_dtype, preprocess, max_length, weight, name)
         self.scale = float(scale)
         self.clamp_at_zero = clamp_at_zero

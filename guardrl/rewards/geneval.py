@@ -44,8 +44,11 @@ from guardrl.rewards.geneval_rules import (
     select_objects,
 )
 
-COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}",
-                   "a photo of a {color} object")
+COLOR_TEMPLATES = (
+    "a photo of a {color} {object}",
+    "a photo of a {color}-colored {object}",
+    "a photo of a {color} object",
+)
 SCORES = ("partial", "correct", "strict")
 
 Detector = Callable[[torch.Tensor], list]  # (B, H, W, 3) uint8 -> one {class name: [Detection]} per image
@@ -61,16 +64,21 @@ def mask_to_box(mask: torch.Tensor) -> tuple[float, float, float, float]:
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
-def instance_detections(class_logits: torch.Tensor, mask_logits: torch.Tensor, input_hw: tuple[int, int],
-                        resized_hw: tuple[int, int], image_hw: tuple[int, int],
-                        max_per_image: int = 100) -> list[tuple[int, float, torch.Tensor]]:
+def instance_detections(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    input_hw: tuple[int, int],
+    resized_hw: tuple[int, int],
+    image_hw: tuple[int, int],
+    max_per_image: int = 100,
+) -> list[tuple[int, float, torch.Tensor]]:
     """One image's Mask2Former output -> [(label, score, (H, W) bool mask)] (module docstring).
 
     class_logits: (Q, C + 1), the last class being "no object"; mask_logits: (Q, h, w) at the model's
     resolution of the padded input `input_hw`; `resized_hw` is the image inside the padding; `image_hw` the
     original size."""
     masks = F.interpolate(mask_logits[None].float(), size=input_hw, mode="bilinear", align_corners=False)
-    masks = masks[:, :, :resized_hw[0], :resized_hw[1]]
+    masks = masks[:, :, : resized_hw[0], : resized_hw[1]]
     masks = F.interpolate(masks, size=image_hw, mode="bilinear", align_corners=False)[0]
     probs = class_logits.float().softmax(-1)[:, :-1]
     num_classes = probs.shape[1]
@@ -78,8 +86,10 @@ def instance_detections(class_logits: torch.Tensor, mask_logits: torch.Tensor, i
     # Per query, once (a query can be picked for several classes): its binary mask and mean probability inside.
     binary = masks > 0
     mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    return [(index % num_classes, score * float(mask_scores[index // num_classes]), binary[index // num_classes])
-            for score, index in zip(top_scores.tolist(), top.tolist())]
+    return [
+        (index % num_classes, score * float(mask_scores[index // num_classes]), binary[index // num_classes])
+        for score, index in zip(top_scores.tolist(), top.tolist())
+    ]
 
 
 def geneval_label_names(id2label: dict) -> list[str]:
@@ -89,9 +99,11 @@ def geneval_label_names(id2label: dict) -> list[str]:
         name = id2label.get(label_id, id2label.get(str(label_id)))
         name = COCO_TO_GENEVAL.get(name, name)
         if name not in GENEVAL_CLASSES:
-            raise ValueError(f"GenEval detector: label {label_id} {name!r} is not one of GenEval's 80 COCO classes;"
-                             " use a COCO instance-segmentation checkpoint (e.g. "
-                             "facebook/mask2former-swin-small-coco-instance)")
+            raise ValueError(
+                f"GenEval detector: label {label_id} {name!r} is not one of GenEval's 80 COCO classes;"
+                " use a COCO instance-segmentation checkpoint (e.g. "
+                "facebook/mask2former-swin-small-coco-instance)"
+            )
         names.append(name)
     return names
 
@@ -100,8 +112,12 @@ class Mask2FormerDetector(torch.nn.Module):
     """A transformers Mask2Former COCO instance segmenter (local path or hub id), frozen; images (B, H, W, 3)
     uint8 -> per image {GenEval class name: [Detection]}."""
 
-    def __init__(self, pretrained: str = "facebook/mask2former-swin-small-coco-instance",
-                 torch_dtype: str = "float32", max_per_image: int = 100) -> None:
+    def __init__(
+        self,
+        pretrained: str = "facebook/mask2former-swin-small-coco-instance",
+        torch_dtype: str = "float32",
+        max_per_image: int = 100,
+    ) -> None:
         super().__init__()
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
@@ -110,8 +126,10 @@ class Mask2FormerDetector(torch.nn.Module):
 
             del scipy
         except ImportError:
-            raise ImportError("Mask2FormerDetector (GenEval's detector) needs scipy, which transformers' "
-                              "Mask2Former requires: pip install 'guardrl[geneval]' (or pip install scipy)") from None
+            raise ImportError(
+                "Mask2FormerDetector (GenEval's detector) needs scipy, which transformers' "
+                "Mask2Former requires: pip install 'guardrl[geneval]' (or pip install scipy)"
+            ) from None
         if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
             raise ValueError(f"Mask2FormerDetector: max_per_image={max_per_image!r} must be an int >= 1")
         self.max_per_image = max_per_image
@@ -127,8 +145,10 @@ class Mask2FormerDetector(torch.nn.Module):
         arrays = images.cpu().numpy()
         inputs = self.processor(images=[Image.fromarray(a) for a in arrays], return_tensors="pt")
         device = next(self.model.parameters()).device
-        out = self.model(pixel_values=inputs["pixel_values"].to(device=device, dtype=self.dtype),
-                         pixel_mask=inputs["pixel_mask"].to(device))
+        out = self.model(
+            pixel_values=inputs["pixel_values"].to(device=device, dtype=self.dtype),
+            pixel_mask=inputs["pixel_mask"].to(device),
+        )
         input_hw = tuple(inputs["pixel_values"].shape[-2:])
         results = []
         for i, array in enumerate(arrays):
@@ -136,11 +156,16 @@ class Mask2FormerDetector(torch.nn.Module):
             resized_hw = (int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum()))
             found: dict[str, list[Detection]] = {}
             for label, score, mask in instance_detections(
-                out.class_queries_logits[i], out.masks_queries_logits[i], input_hw, resized_hw,
-                array.shape[:2], self.max_per_image,
+                out.class_queries_logits[i],
+                out.masks_queries_logits[i],
+                input_hw,
+                resized_hw,
+                array.shape[:2],
+                self.max_per_image,
             ):
                 found.setdefault(self.label_names[label], []).append(
-                    Detection(box=mask_to_box(mask), score=score, mask=mask.cpu().numpy()))
+                    Detection(box=mask_to_box(mask), score=score, mask=mask.cpu().numpy())
+                )
             results.append(found)
         return results
 
@@ -152,8 +177,9 @@ def object_crop(image: np.ndarray, detection: Detection, background=(153, 153, 1
 
     if detection.mask is not None:
         if detection.mask.shape != image.shape[:2]:
-            raise ValueError(f"GenEval: a detection mask of shape {detection.mask.shape} on an image of "
-                             f"{image.shape[:2]}")
+            raise ValueError(
+                f"GenEval: a detection mask of shape {detection.mask.shape} on an image of {image.shape[:2]}"
+            )
         image = np.where(detection.mask[..., None], image, np.asarray(background, dtype=np.uint8))
     pil = Image.fromarray(np.ascontiguousarray(image.astype(np.uint8)))
     return pil.crop(tuple(detection.box)) if crop else pil
@@ -162,8 +188,14 @@ def object_crop(image: np.ndarray, detection: Detection, background=(153, 153, 1
 class ClipColorClassifier(torch.nn.Module):
     """GenEval's zero-shot colour classifier on a transformers CLIP (module docstring)."""
 
-    def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", processor: Optional[str] = None,
-                 torch_dtype: str = "float32", background: str = "#999", crop: bool = True) -> None:
+    def __init__(
+        self,
+        pretrained: str = "openai/clip-vit-large-patch14",
+        processor: Optional[str] = None,
+        torch_dtype: str = "float32",
+        background: str = "#999",
+        crop: bool = True,
+    ) -> None:
         super().__init__()
         from PIL import ImageColor
         from transformers import CLIPModel, CLIPProcessor
@@ -171,8 +203,10 @@ class ClipColorClassifier(torch.nn.Module):
         try:
             self.background = ImageColor.getrgb(background)[:3]
         except (ValueError, AttributeError):
-            raise ValueError(f"ClipColorClassifier: background={background!r} must be a PIL colour such as "
-                             "'#999' (GenEval's default)") from None
+            raise ValueError(
+                f"ClipColorClassifier: background={background!r} must be a PIL colour such as "
+                "'#999' (GenEval's default)"
+            ) from None
         self.crop = crop
         self.dtype = resolve_dtype(torch_dtype)
         self.processor = CLIPProcessor.from_pretrained(processor or pretrained)
@@ -187,8 +221,12 @@ class ClipColorClassifier(torch.nn.Module):
             for color in COLORS:
                 texts = [t.format(color=color, object=classname) for t in COLOR_TEMPLATES]
                 tokens = self.processor(text=texts, padding=True, return_tensors="pt")
-                features = _features(self.model.get_text_features(
-                    input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)))
+                features = _features(
+                    self.model.get_text_features(
+                        input_ids=tokens["input_ids"].to(device),
+                        attention_mask=tokens["attention_mask"].to(device),
+                    )
+                )
                 mean = F.normalize(features.float(), dim=-1).mean(dim=0)
                 columns.append(mean / mean.norm())
             self._weights[classname] = torch.stack(columns, dim=1)
@@ -200,8 +238,11 @@ class ClipColorClassifier(torch.nn.Module):
             return []
         crops = [object_crop(image, d, self.background, self.crop) for d in objects]
         pixels = self.processor(images=crops, return_tensors="pt")["pixel_values"]
-        features = _features(self.model.get_image_features(
-            pixel_values=pixels.to(device=self.model.logit_scale.device, dtype=self.dtype)))
+        features = _features(
+            self.model.get_image_features(
+                pixel_values=pixels.to(device=self.model.logit_scale.device, dtype=self.dtype)
+            )
+        )
         logits = 100.0 * F.normalize(features.float(), dim=-1) @ self.color_weights(classname)
         return [COLORS[i] for i in logits.argmax(dim=1).tolist()]
 
@@ -220,39 +261,67 @@ class GenEval(Reward):
         threshold, counting_threshold, max_objects, max_overlap, position_threshold: GenEval's options.
     """
 
-    def __init__(self, metadata: str, detector="facebook/mask2former-swin-small-coco-instance",
-                 color_classifier="openai/clip-vit-large-patch14", score: str = "partial",
-                 threshold: float = 0.3, counting_threshold: float = 0.9, max_objects: int = 16,
-                 max_overlap: float = 1.0, position_threshold: float = 0.1, weight: float = 1.0,
-                 name: Optional[str] = "geneval") -> None:
+    def __init__(
+        self,
+        metadata: str,
+        detector="facebook/mask2former-swin-small-coco-instance",
+        color_classifier="openai/clip-vit-large-patch14",
+        score: str = "partial",
+        threshold: float = 0.3,
+        counting_threshold: float = 0.9,
+        max_objects: int = 16,
+        max_overlap: float = 1.0,
+        position_threshold: float = 0.1,
+        weight: float = 1.0,
+        name: Optional[str] = "geneval",
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if score not in SCORES:
             raise ValueError(f"reward {self.name!r}: score={score!r} must be one of {list(SCORES)}")
-        for option, value in (("threshold", threshold), ("counting_threshold", counting_threshold),
-                              ("max_overlap", max_overlap)):
+        for option, value in (
+            ("threshold", threshold),
+            ("counting_threshold", counting_threshold),
+            ("max_overlap", max_overlap),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"reward {self.name!r}: {option}={value!r} must be a number in [0, 1]")
         if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
             raise ValueError(f"reward {self.name!r}: max_objects={max_objects!r} must be an int >= 1")
-        if isinstance(position_threshold, bool) or not isinstance(position_threshold, (int, float)) \
-                or position_threshold < 0:
-            raise ValueError(f"reward {self.name!r}: position_threshold={position_threshold!r} must be a number >= 0")
+        if (
+            isinstance(position_threshold, bool)
+            or not isinstance(position_threshold, (int, float))
+            or position_threshold < 0
+        ):
+            raise ValueError(
+                f"reward {self.name!r}: position_threshold={position_threshold!r} must be a number >= 0"
+            )
         self.score_kind = score
-        self.thresholds = Thresholds(threshold, counting_threshold, max_objects, max_overlap, position_threshold)
+        self.thresholds = Thresholds(
+            threshold, counting_threshold, max_objects, max_overlap, position_threshold
+        )
         self.metadata_path = metadata
         self.metadata = load_metadata(metadata)
-        self.detector = build_component(detector, Mask2FormerDetector, f"reward {self.name!r}: detector",
-                                        "images (B, H, W, 3) uint8 -> list of {class: [Detection]}")
+        self.detector = build_component(
+            detector,
+            Mask2FormerDetector,
+            f"reward {self.name!r}: detector",
+            "images (B, H, W, 3) uint8 -> list of {class: [Detection]}",
+        )
         self.color_classifier = build_component(
-            color_classifier, ClipColorClassifier, f"reward {self.name!r}: color_classifier",
-            "(image, class name, objects) -> colour names")
+            color_classifier,
+            ClipColorClassifier,
+            f"reward {self.name!r}: color_classifier",
+            "(image, class name, objects) -> colour names",
+        )
 
     def _metadata_for(self, prompt: str) -> dict:
         record = self.metadata.get(prompt)
         if record is None:
-            raise ValueError(f"reward {self.name!r}: prompt {prompt[:120]!r} is not in metadata="
-                             f"{self.metadata_path!r} ({len(self.metadata)} prompts); GenEval scores only prompts "
-                             "it has metadata for: train on the same file (data.train_prompts)")
+            raise ValueError(
+                f"reward {self.name!r}: prompt {prompt[:120]!r} is not in metadata="
+                f"{self.metadata_path!r} ({len(self.metadata)} prompts); GenEval scores only prompts "
+                "it has metadata for: train on the same file (data.train_prompts)"
+            )
         return record
 
     def verdicts(self, images: torch.Tensor, prompts: list[str]) -> list[Verdict]:
@@ -261,8 +330,10 @@ class GenEval(Reward):
         uint8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
         detections = self.detector(uint8)
         if not (isinstance(detections, (list, tuple)) and len(detections) == len(prompts)):
-            raise ValueError(f"reward {self.name!r}: the detector must return one dict per image "
-                             f"({len(prompts)}), got {str(detections)[:200]}")
+            raise ValueError(
+                f"reward {self.name!r}: the detector must return one dict per image "
+                f"({len(prompts)}), got {str(detections)[:200]}"
+            )
         verdicts = []
         for array, found, record in zip(uint8.numpy(), detections, records):
             objects = select_objects(found, record["tag"], self.thresholds)

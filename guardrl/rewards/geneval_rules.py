@@ -38,15 +38,86 @@ import numpy as np
 
 # GenEval's prompts/object_names.txt: the 80 COCO classes in detector order, three of them renamed.
 GENEVAL_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 # COCO label names (as in detector configs) that GenEval renames.
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
@@ -107,19 +178,26 @@ def check_metadata(metadata: dict, where: str) -> dict:
     for i, clause in enumerate(include):
         clause = _check_clause(clause, f"{where}: include[{i}]")
         if "color" in clause and clause["color"] not in COLORS:
-            raise ValueError(f"{where}: include[{i}].color={clause['color']!r} is not one of GenEval's colours "
-                             f"{list(COLORS)}")
+            raise ValueError(
+                f"{where}: include[{i}].color={clause['color']!r} is not one of GenEval's colours "
+                f"{list(COLORS)}"
+            )
         if "position" in clause:
             position = clause["position"]
             if not (isinstance(position, (list, tuple)) and len(position) == 2):
                 raise ValueError(f"{where}: include[{i}].position={position!r} must be [relation, index]")
             relation, target = position
             if relation not in POSITIONS:
-                raise ValueError(f"{where}: include[{i}].position[0]={relation!r} must be one of {list(POSITIONS)}")
+                raise ValueError(
+                    f"{where}: include[{i}].position[0]={relation!r} must be one of {list(POSITIONS)}"
+                )
             if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < i:
-                raise ValueError(f"{where}: include[{i}].position[1]={target!r} must index an earlier include "
-                                 f"clause (an int in 0..{i - 1})" if i else
-                                 f"{where}: include[0] cannot have a position (it needs an earlier clause)")
+                raise ValueError(
+                    f"{where}: include[{i}].position[1]={target!r} must index an earlier include "
+                    f"clause (an int in 0..{i - 1})"
+                    if i
+                    else f"{where}: include[0] cannot have a position (it needs an earlier clause)"
+                )
             clause["position"] = (relation, target)
         checked_include.append(clause)
     checked_exclude = [_check_clause(c, f"{where}: exclude[{i}]") for i, c in enumerate(exclude)]
@@ -130,8 +208,10 @@ def _check_clause(clause, where: str) -> dict:
     if not isinstance(clause, dict):
         raise ValueError(f"{where} must be an object with 'class' and 'count', got {clause!r}")
     if clause.get("class") not in GENEVAL_CLASSES:
-        raise ValueError(f"{where}.class={clause.get('class')!r} is not one of GenEval's 80 classes "
-                         f"(prompts/object_names.txt of GenEval, e.g. 'cat', 'tv remote')")
+        raise ValueError(
+            f"{where}.class={clause.get('class')!r} is not one of GenEval's 80 classes "
+            f"(prompts/object_names.txt of GenEval, e.g. 'cat', 'tv remote')"
+        )
     count = clause.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"{where}.count={count!r} must be an int >= 1")
@@ -145,8 +225,10 @@ def load_metadata(path: str) -> dict[str, dict]:
     try:
         handle = open(path, encoding="utf-8")
     except OSError as error:
-        raise ValueError(f"GenEval metadata={path!r}: cannot read it ({error.strerror}); it must be a .jsonl "
-                         "file of GenEval metadata records (e.g. FlowGRPO's dataset/geneval/train_metadata.jsonl)")
+        raise ValueError(
+            f"GenEval metadata={path!r}: cannot read it ({error.strerror}); it must be a .jsonl "
+            "file of GenEval metadata records (e.g. FlowGRPO's dataset/geneval/train_metadata.jsonl)"
+        )
     with handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
@@ -159,7 +241,9 @@ def load_metadata(path: str) -> dict[str, dict]:
             record = check_metadata(record, where)
             previous = by_prompt.get(record["prompt"])
             if previous is not None and _comparable(previous) != _comparable(record):
-                raise ValueError(f"{where}: prompt {record['prompt']!r} appears earlier with different metadata")
+                raise ValueError(
+                    f"{where}: prompt {record['prompt']!r} appears earlier with different metadata"
+                )
             by_prompt[record["prompt"]] = record
     if not by_prompt:
         raise ValueError(f"GenEval metadata={path!r} holds no records")
@@ -184,8 +268,9 @@ def box_iou(a, b) -> float:
     return inter / union if union else 0.0
 
 
-def select_objects(detections: dict[str, list[Detection]], tag: str,
-                   thresholds: Thresholds = Thresholds()) -> dict[str, list[Detection]]:
+def select_objects(
+    detections: dict[str, list[Detection]], tag: str, thresholds: Thresholds = Thresholds()
+) -> dict[str, list[Detection]]:
     """GenEval's per-class selection: above the confidence threshold (a stricter one for counting prompts),
     most confident first, at most `max_objects`, then greedy NMS unless max_overlap is 1. Classes with no
     object left are absent."""
@@ -193,7 +278,9 @@ def select_objects(detections: dict[str, list[Detection]], tag: str,
     selected = {}
     for classname, found in detections.items():
         # stable sort on -score: ties keep the detector's order
-        ordered = sorted((d for d in found if d.score > threshold), key=lambda d: -d.score)[:thresholds.max_objects]
+        ordered = sorted((d for d in found if d.score > threshold), key=lambda d: -d.score)[
+            : thresholds.max_objects
+        ]
         kept: list[Detection] = []
         while ordered:
             best = ordered.pop(0)
@@ -232,8 +319,9 @@ def relative_position(box_a, box_b, position_threshold: float = 0.1) -> set[str]
 # ------------------------------------------------------------------------------------------- verdicts
 
 
-def judge(objects: dict[str, list[Detection]], metadata: dict, colors: ColorFn,
-          position_threshold: float = 0.1) -> Verdict:
+def judge(
+    objects: dict[str, list[Detection]], metadata: dict, colors: ColorFn, position_threshold: float = 0.1
+) -> Verdict:
     """All three scores of one image (module docstring). `objects` come from `select_objects`."""
     correct, reasons = _geneval_correct(objects, metadata, colors, position_threshold)
     strict, partial = _server_partial(objects, metadata, colors, position_threshold)

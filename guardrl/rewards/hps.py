@@ -82,13 +82,30 @@ _LAYER_NORM_EPS = 1e-5  # open_clip's LayerNorm is torch's default
 # open_clip config keys that this port reproduces, and keys it accepts only at the value that means the plain
 # CLIP architecture (anything else is refused with the key's name)
 _VISION_KEYS = {"image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio"}
-_VISION_PLAIN = {"ls_init_value": None, "input_patchnorm": False, "global_average_pool": False,
-                 "attentional_pool": False, "pool_type": "tok", "final_ln_after_pool": False,
-                 "no_ln_pre": False, "output_tokens": False, "timm_model_name": None, "patch_dropout": 0.0}
+_VISION_PLAIN = {
+    "ls_init_value": None,
+    "input_patchnorm": False,
+    "global_average_pool": False,
+    "attentional_pool": False,
+    "pool_type": "tok",
+    "final_ln_after_pool": False,
+    "no_ln_pre": False,
+    "output_tokens": False,
+    "timm_model_name": None,
+    "patch_dropout": 0.0,
+}
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-_TEXT_PLAIN = {"ls_init_value": None, "embed_cls": False, "pool_type": "argmax", "no_causal_mask": False,
-               "proj_bias": False, "final_ln_after_pool": False, "output_tokens": False,
-               "hf_model_name": None, "pad_id": 0}
+_TEXT_PLAIN = {
+    "ls_init_value": None,
+    "embed_cls": False,
+    "pool_type": "argmax",
+    "no_causal_mask": False,
+    "proj_bias": False,
+    "final_ln_after_pool": False,
+    "output_tokens": False,
+    "hf_model_name": None,
+    "pad_id": 0,
+}
 _TOP_PLAIN = {"quick_gelu": False, "custom_text": False}
 
 
@@ -120,7 +137,7 @@ def hps_preprocess(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
     x = _resize(x, (new_long, new_short) if w <= h else (new_short, new_long))
     h, w = x.shape[-2:]
     top, left = round((h - image_size) / 2.0), round((w - image_size) / 2.0)  # torchvision's rule
-    return _normalize(x[..., top:top + image_size, left:left + image_size])
+    return _normalize(x[..., top : top + image_size, left : left + image_size])
 
 
 def hps_preprocess_pad(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
@@ -144,8 +161,9 @@ def hps_preprocess_pad(images: torch.Tensor, image_size: int = 224) -> torch.Ten
 _RESIZES = {"longest_pad": hps_preprocess_pad, "shortest_crop": hps_preprocess}
 
 
-def hps_preprocess_pil(images: torch.Tensor, image_size: int = 224,
-                       resize: str = "longest_pad") -> torch.Tensor:
+def hps_preprocess_pil(
+    images: torch.Tensor, image_size: int = 224, resize: str = "longest_pad"
+) -> torch.Tensor:
     """The original's path: uint8 PIL images -> ToTensor (/255) -> the chosen resize on the CPU, one image at
     a time (what `preprocess_val(pil_image)` does); returns a CPU batch."""
     import numpy as np
@@ -158,6 +176,7 @@ def hps_preprocess_pil(images: torch.Tensor, image_size: int = 224,
 
 
 # ---------------------------------------------------------------------------------------------- text
+
 
 def open_clip_clean(text: str) -> str:
     """open_clip's text cleaning before BPE: `ftfy.fix_text`, `html.unescape` twice, strip, whitespace runs ->
@@ -207,25 +226,40 @@ def check_model_config(cfg: dict) -> dict:
             continue
         problems.append(f"{key}={value!r}")
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    for section, required in (("vision_cfg", ["image_size", "layers", "width", "patch_size"]),
-                              ("text_cfg", ["width", "heads", "layers"])):
+    for section, required in (
+        ("vision_cfg", ["image_size", "layers", "width", "patch_size"]),
+        ("text_cfg", ["width", "heads", "layers"]),
+    ):
         problems += [f"{section}.{k} missing" for k in required if k not in cfg[section]]
     if problems:
-        raise ValueError("open_clip model config not supported by this port (plain CLIP ViT only): "
-                         + ", ".join(problems))
+        raise ValueError(
+            "open_clip model config not supported by this port (plain CLIP ViT only): " + ", ".join(problems)
+        )
     if not isinstance(vision["layers"], int):
         raise ValueError(f"vision_cfg.layers={vision['layers']!r}: ResNet towers are not supported")
     out = json.loads(json.dumps(cfg))
-    out["vision_cfg"] = {"head_width": 64, "mlp_ratio": 4.0,
-                         **{k: v for k, v in vision.items() if k in _VISION_KEYS}}
-    out["text_cfg"] = {"context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0,
-                       **{k: v for k, v in text.items() if k in _TEXT_KEYS}}
+    out["vision_cfg"] = {
+        "head_width": 64,
+        "mlp_ratio": 4.0,
+        **{k: v for k, v in vision.items() if k in _VISION_KEYS},
+    }
+    out["text_cfg"] = {
+        "context_length": 77,
+        "vocab_size": 49408,
+        "mlp_ratio": 4.0,
+        **{k: v for k, v in text.items() if k in _TEXT_KEYS},
+    }
     out["quick_gelu"] = bool(cfg.get("quick_gelu", False))
     size, patch = _image_size(out["vision_cfg"]), out["vision_cfg"]["patch_size"]
-    if size % patch or out["vision_cfg"]["width"] % out["vision_cfg"]["head_width"] \
-            or out["text_cfg"]["width"] % out["text_cfg"]["heads"]:
-        raise ValueError("open_clip model config: image_size must be a multiple of patch_size, and the "
-                         "widths of the head width / head count")
+    if (
+        size % patch
+        or out["vision_cfg"]["width"] % out["vision_cfg"]["head_width"]
+        or out["text_cfg"]["width"] % out["text_cfg"]["heads"]
+    ):
+        raise ValueError(
+            "open_clip model config: image_size must be a multiple of patch_size, and the "
+            "widths of the head width / head count"
+        )
     return out
 
 
@@ -237,28 +271,48 @@ def clip_config(cfg: dict):
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
     act = "quick_gelu" if cfg["quick_gelu"] else "gelu"  # nn.GELU() is the exact (erf) GELU, as "gelu" here
     config = CLIPConfig(
-        text_config=dict(vocab_size=text["vocab_size"], hidden_size=text["width"],
-                         intermediate_size=int(text["width"] * text["mlp_ratio"]),
-                         num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
-                         max_position_embeddings=text["context_length"],
-                         hidden_act=act, layer_norm_eps=_LAYER_NORM_EPS, attention_dropout=0.0,
-                         projection_dim=cfg["embed_dim"], pad_token_id=0,
-                         bos_token_id=text["vocab_size"] - 2, eos_token_id=text["vocab_size"] - 1),
-        vision_config=dict(hidden_size=vision["width"],
-                           intermediate_size=int(vision["width"] * vision["mlp_ratio"]),
-                           num_hidden_layers=vision["layers"],
-                           num_attention_heads=vision["width"] // vision["head_width"],
-                           image_size=_image_size(vision), patch_size=vision["patch_size"], num_channels=3,
-                           hidden_act=act, layer_norm_eps=_LAYER_NORM_EPS, attention_dropout=0.0,
-                           projection_dim=cfg["embed_dim"]),
-        projection_dim=cfg["embed_dim"])
+        text_config=dict(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["width"],
+            intermediate_size=int(text["width"] * text["mlp_ratio"]),
+            num_hidden_layers=text["layers"],
+            num_attention_heads=text["heads"],
+            max_position_embeddings=text["context_length"],
+            hidden_act=act,
+            layer_norm_eps=_LAYER_NORM_EPS,
+            attention_dropout=0.0,
+            projection_dim=cfg["embed_dim"],
+            pad_token_id=0,
+            bos_token_id=text["vocab_size"] - 2,
+            eos_token_id=text["vocab_size"] - 1,
+        ),
+        vision_config=dict(
+            hidden_size=vision["width"],
+            intermediate_size=int(vision["width"] * vision["mlp_ratio"]),
+            num_hidden_layers=vision["layers"],
+            num_attention_heads=vision["width"] // vision["head_width"],
+            image_size=_image_size(vision),
+            patch_size=vision["patch_size"],
+            num_channels=3,
+            hidden_act=act,
+            layer_norm_eps=_LAYER_NORM_EPS,
+            attention_dropout=0.0,
+            projection_dim=cfg["embed_dim"],
+        ),
+        projection_dim=cfg["embed_dim"],
+    )
     return config
 
 
 # ---------------------------------------------------------------------------------------------- state dict
 
-_BLOCK = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
-          ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
+_BLOCK = [
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+]
 _RENAMES = [
     ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
     ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
@@ -282,7 +336,7 @@ _BLOCK_RE = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 def strip_module_prefix(state: dict) -> dict:
     """Drops the `module.` prefix DistributedDataParallel puts on every key (when all keys have it)."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -293,23 +347,43 @@ def open_clip_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
     v, t, e = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
     vw, tw, p = v["width"], t["width"], v["patch_size"]
     grid = (_image_size(v) // p) ** 2 + 1
-    layout = {"visual.class_embedding": (vw,), "visual.positional_embedding": (grid, vw),
-              "visual.proj": (vw, e), "visual.conv1.weight": (vw, 3, p, p), "visual.ln_pre.weight": (vw,),
-              "visual.ln_pre.bias": (vw,), "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,),
-              "positional_embedding": (t["context_length"], tw), "text_projection": (tw, e),
-              "logit_scale": (), "token_embedding.weight": (t["vocab_size"], tw), "ln_final.weight": (tw,),
-              "ln_final.bias": (tw,)}
+    layout = {
+        "visual.class_embedding": (vw,),
+        "visual.positional_embedding": (grid, vw),
+        "visual.proj": (vw, e),
+        "visual.conv1.weight": (vw, 3, p, p),
+        "visual.ln_pre.weight": (vw,),
+        "visual.ln_pre.bias": (vw,),
+        "visual.ln_post.weight": (vw,),
+        "visual.ln_post.bias": (vw,),
+        "positional_embedding": (t["context_length"], tw),
+        "text_projection": (tw, e),
+        "logit_scale": (),
+        "token_embedding.weight": (t["vocab_size"], tw),
+        "ln_final.weight": (tw,),
+        "ln_final.bias": (tw,),
+    }
     towers = (("visual.", vw, v["layers"], v["mlp_ratio"]), ("", tw, t["layers"], t["mlp_ratio"]))
     for prefix, w, layers, ratio in towers:
         mlp = int(w * ratio)
         for i in range(layers):
             b = f"{prefix}transformer.resblocks.{i}."
-            layout.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,),
-                           b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
-                           b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
-                           b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
-                           b + "mlp.c_fc.weight": (mlp, w), b + "mlp.c_fc.bias": (mlp,),
-                           b + "mlp.c_proj.weight": (w, mlp), b + "mlp.c_proj.bias": (w,)})
+            layout.update(
+                {
+                    b + "ln_1.weight": (w,),
+                    b + "ln_1.bias": (w,),
+                    b + "attn.in_proj_weight": (3 * w, w),
+                    b + "attn.in_proj_bias": (3 * w,),
+                    b + "attn.out_proj.weight": (w, w),
+                    b + "attn.out_proj.bias": (w,),
+                    b + "ln_2.weight": (w,),
+                    b + "ln_2.bias": (w,),
+                    b + "mlp.c_fc.weight": (mlp, w),
+                    b + "mlp.c_fc.bias": (mlp,),
+                    b + "mlp.c_proj.weight": (w, mlp),
+                    b + "mlp.c_proj.bias": (w,),
+                }
+            )
     return layout
 
 
@@ -317,8 +391,11 @@ def layout_mismatches(state: dict, layout: dict) -> tuple[list[str], list[str], 
     """(missing, unexpected, misshapen) original keys of a state dict against `open_clip_layout`."""
     missing = [k for k in layout if k not in state]
     unexpected = [k for k in state if k not in layout]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(layout[k])}" for k in layout
-              if k in state and tuple(state[k].shape) != tuple(layout[k])]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(layout[k])}"
+        for k in layout
+        if k in state and tuple(state[k].shape) != tuple(layout[k])
+    ]
     return missing, unexpected, shapes
 
 
@@ -345,8 +422,8 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
                 out[f"{base}self_attn.{name}.{kind}"] = part
             continue
         for old, new in _BLOCK:
-            if rest.startswith(old) and rest[len(old):] in ("weight", "bias"):
-                out[base + new + rest[len(old):]] = value
+            if rest.startswith(old) and rest[len(old) :] in ("weight", "bias"):
+                out[base + new + rest[len(old) :]] = value
                 break
         else:
             unknown.append(key)
@@ -385,10 +462,17 @@ class HPSv21(Reward):
         resize: 'longest_pad' (img_score.py's, default) or 'shortest_crop' (open_clip's usual transform).
     """
 
-    def __init__(self, checkpoint: str = "xswu/HPSv2", base: str = DEFAULT_BASE,
-                 model_config: str | dict | None = None, torch_dtype: str = "float32",
-                 preprocess: str = "tensor", resize: str = "longest_pad",
-                 weight: float = 1.0, name: str | None = "hpsv21") -> None:
+    def __init__(
+        self,
+        checkpoint: str = "xswu/HPSv2",
+        base: str = DEFAULT_BASE,
+        model_config: str | dict | None = None,
+        torch_dtype: str = "float32",
+        preprocess: str = "tensor",
+        resize: str = "longest_pad",
+        weight: float = 1.0,
+        name: str | None = "hpsv21",
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if preprocess not in ("tensor", "pil"):
             raise self._error(f"preprocess={preprocess!r} must be 'tensor' or 'pil'")
@@ -435,15 +519,19 @@ class HPSv21(Reward):
         try:
             tok = CLIPTokenizer.from_pretrained(str(base))
         except Exception as e:
-            raise self._error(f"base={base!r}: could not load a CLIP tokenizer from that path or hub id "
-                              f"({type(e).__name__}: {e})") from None
+            raise self._error(
+                f"base={base!r}: could not load a CLIP tokenizer from that path or hub id "
+                f"({type(e).__name__}: {e})"
+            ) from None
         ids = [tok.convert_tokens_to_ids(t) for t in ("<|startoftext|>", "<|endoftext|>")]
         if None in ids or ids[0] == ids[1]:  # a missing token maps to unk, which is <|endoftext|> in CLIP's
             raise self._error(f"base={base!r}: the tokenizer lacks <|startoftext|> / <|endoftext|>")
         largest = max(tok.get_vocab().values())
         if largest >= vocab_size:
-            raise self._error(f"base={base!r}: the tokenizer has ids up to {largest}, beyond the text "
-                              f"tower's vocab_size={vocab_size}")
+            raise self._error(
+                f"base={base!r}: the tokenizer has ids up to {largest}, beyond the text "
+                f"tower's vocab_size={vocab_size}"
+            )
         return tok
 
     def _load(self, path: str, model) -> None:
@@ -455,11 +543,13 @@ class HPSv21(Reward):
                 f"checkpoint={path!r} does not match the open_clip CLIP architecture of model_config: "
                 + describe_mismatch(missing, unexpected, shapes)
                 + "expected open_clip's key names (visual.*, transformer.resblocks.*, "
-                "token_embedding.weight, ...) as HPS_v2.1_compressed.pt holds them")
+                "token_embedding.weight, ...) as HPS_v2.1_compressed.pt holds them"
+            )
         converted, unknown = convert_state_dict(state)
         assert not unknown, unknown  # the layout check above admits only keys with a rule
-        model.load_state_dict({k: v.to(self.dtype).contiguous() for k, v in converted.items()}, strict=True,
-                              assign=True)
+        model.load_state_dict(
+            {k: v.to(self.dtype).contiguous() for k, v in converted.items()}, strict=True, assign=True
+        )
         for module in (model.vision_model.embeddings, model.text_model.embeddings):  # non-persistent buffers
             module.position_ids = torch.arange(module.position_embedding.num_embeddings).expand((1, -1))
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -483,8 +573,9 @@ class HPSv21(Reward):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """open_clip's token ids (B, context_length): cleaned text, BPE, start/end of text, cut, 0-padded."""
         texts = [open_clip_clean(str(p)) for p in prompts]
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return enc["input_ids"].masked_fill(enc["attention_mask"] == 0, 0)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

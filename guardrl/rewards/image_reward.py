@@ -90,7 +90,14 @@ RELEASED_MED_CONFIG = {
 }
 
 # BLIP's create_vit('large', 224), in the original VisionTransformer's argument names.
-VIT_LARGE = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0}
+VIT_LARGE = {
+    "img_size": 224,
+    "patch_size": 16,
+    "embed_dim": 1024,
+    "depth": 24,
+    "num_heads": 16,
+    "mlp_ratio": 4.0,
+}
 _VIT_LAYER_NORM_EPS = 1e-6  # vit.py: partial(nn.LayerNorm, eps=1e-6)
 
 # Original ViT names (under blip.visual_encoder.) -> BlipVisionModel names: (original prefix, BlipVisionModel
@@ -127,8 +134,12 @@ def _rename(name: str, rules: list[tuple[str, str, str]]) -> str | None:
 _VISION_INVERSE = [(target, source, r".*") for source, target, _ in _VISION_NAMES]
 
 # Original keys the score never uses: dropped on load (the original loads them into unused modules).
-_UNUSED = [r"^blip\.vision_proj\.", r"^blip\.text_proj\.", r"^blip\.text_encoder\.embeddings\.position_ids$",
-           r"^blip\.text_encoder\.pooler\."]
+_UNUSED = [
+    r"^blip\.vision_proj\.",
+    r"^blip\.text_proj\.",
+    r"^blip\.text_encoder\.embeddings\.position_ids$",
+    r"^blip\.text_encoder\.pooler\.",
+]
 _PREFIXES = {"blip.visual_encoder.": "vision", "blip.text_encoder.": "text", "mlp.": "mlp"}
 
 
@@ -150,7 +161,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict
         if prefix is None:
             unknown.append(key)
             continue
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if _PREFIXES[prefix] == "vision":
             rest = _rename(rest, _VISION_NAMES)
             if rest is None:
@@ -176,21 +187,36 @@ def build_modules(med: dict, vit: dict, bos_token_id: int | None = None, sep_tok
     from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
     vision_config = BlipVisionConfig(
-        hidden_size=vit["embed_dim"], intermediate_size=int(vit["embed_dim"] * vit["mlp_ratio"]),
-        num_hidden_layers=vit["depth"], num_attention_heads=vit["num_heads"], image_size=vit["img_size"],
-        patch_size=vit["patch_size"], hidden_act="gelu", layer_norm_eps=_VIT_LAYER_NORM_EPS,
-        attention_dropout=0.0)
+        hidden_size=vit["embed_dim"],
+        intermediate_size=int(vit["embed_dim"] * vit["mlp_ratio"]),
+        num_hidden_layers=vit["depth"],
+        num_attention_heads=vit["num_heads"],
+        image_size=vit["img_size"],
+        patch_size=vit["patch_size"],
+        hidden_act="gelu",
+        layer_norm_eps=_VIT_LAYER_NORM_EPS,
+        attention_dropout=0.0,
+    )
     text_config = BlipTextConfig(
-        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"],
+        vocab_size=med["vocab_size"],
+        hidden_size=med["hidden_size"],
         encoder_hidden_size=vit["embed_dim"],  # BLIP_Pretrain: encoder_config.encoder_width = vision_width
-        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
-        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
-        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+        intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med.get("hidden_act", "gelu"),
+        layer_norm_eps=med.get("layer_norm_eps", 1e-12),
         hidden_dropout_prob=med.get("hidden_dropout_prob", 0.1),
         attention_probs_dropout_prob=med.get("attention_probs_dropout_prob", 0.1),
-        initializer_range=med.get("initializer_range", 0.02), pad_token_id=med.get("pad_token_id", 0),
-        bos_token_id=bos_token_id, eos_token_id=sep_token_id, sep_token_id=sep_token_id, use_cache=False,
-        is_decoder=True)  # builds the cross-attention blocks; forward runs with is_decoder=False
+        initializer_range=med.get("initializer_range", 0.02),
+        pad_token_id=med.get("pad_token_id", 0),
+        bos_token_id=bos_token_id,
+        eos_token_id=sep_token_id,
+        sep_token_id=sep_token_id,
+        use_cache=False,
+        is_decoder=True,
+    )  # builds the cross-attention blocks; forward runs with is_decoder=False
     vision_config._attn_implementation = "eager"
     text_config._attn_implementation = "eager"
     with torch.device("meta"):  # no random init of ~450M parameters: every weight comes from the checkpoint
@@ -208,21 +234,30 @@ def state_dict_mismatches(parts, vision, text, mlp) -> tuple[list[str], list[str
         expected = module.state_dict()
         missing += [_original_name(part, k) for k in expected if k not in sub]
         unexpected += [_original_name(part, k) for k in sub if k not in expected]
-        shapes += [f"{_original_name(part, k)}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-                   for k, v in sub.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        shapes += [
+            f"{_original_name(part, k)}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+            for k, v in sub.items()
+            if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        ]
     return missing, unexpected, shapes
 
 
 def image_reward_preprocess(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
     """The original's Resize(image_size, BICUBIC) + CenterCrop(image_size) + ToTensor + Normalize on
     (B, 3, H, W) float images in [0, 1], in torch on their device; returns (B, 3, image_size, image_size)."""
-    resize_only = SimpleNamespace(do_resize=True, size={"shortest_edge": int(image_size)}, resample=3,
-                                  do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
-                                  do_normalize=False)
+    resize_only = SimpleNamespace(
+        do_resize=True,
+        size={"shortest_edge": int(image_size)},
+        resample=3,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=False,
+    )
     x = clip_preprocess(images, resize_only)  # 8-bit quantised, PIL-like two-pass bicubic, still in [0, 1]
     h, w = x.shape[-2:]
     top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # torchvision's rule
-    x = x[..., top:top + image_size, left:left + image_size]
+    x = x[..., top : top + image_size, left : left + image_size]
     mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
@@ -277,10 +312,17 @@ class ImageReward(Reward):
         preprocess: 'tensor' (on device) or 'pil' (the original's path); see the module docstring.
     """
 
-    def __init__(self, checkpoint: str = "THUDM/ImageReward", med_config: str | dict | None = None,
-                 tokenizer: str = "bert-base-uncased", vision_config: str | dict | None = None,
-                 torch_dtype: str = "float32", preprocess: str = "tensor", weight: float = 1.0,
-                 name: str | None = "image_reward") -> None:
+    def __init__(
+        self,
+        checkpoint: str = "THUDM/ImageReward",
+        med_config: str | dict | None = None,
+        tokenizer: str = "bert-base-uncased",
+        vision_config: str | dict | None = None,
+        torch_dtype: str = "float32",
+        preprocess: str = "tensor",
+        weight: float = 1.0,
+        name: str | None = "image_reward",
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if preprocess not in ("tensor", "pil"):
             raise ValueError(f"reward {self.name!r}: preprocess={preprocess!r} must be 'tensor' or 'pil'")
@@ -330,33 +372,52 @@ class ImageReward(Reward):
 
     def _med_config(self, med_config) -> dict:
         config = self._config_dict(
-            "med_config", med_config, RELEASED_MED_CONFIG,
+            "med_config",
+            med_config,
+            RELEASED_MED_CONFIG,
             "a path to a med_config.json file, a dict, or None (the med_config.json beside the checkpoint, else "
-            "the released BERT-base)")
-        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings"]
+            "the released BERT-base)",
+        )
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ]
         missing = [k for k in required if k not in config]
         if missing:
             raise self._error(f"med_config lacks {missing}; it needs {required}")
         if not config.get("add_cross_attention", False):
-            raise self._error(f"med_config add_cross_attention={config.get('add_cross_attention')!r}: "
-                              "ImageReward's text encoder cross-attends to the image, it must be true")
+            raise self._error(
+                f"med_config add_cross_attention={config.get('add_cross_attention')!r}: "
+                "ImageReward's text encoder cross-attends to the image, it must be true"
+            )
         position = config.get("position_embedding_type", "absolute")
         if position != "absolute":
-            raise self._error(f"med_config position_embedding_type={position!r}: only 'absolute' is supported "
-                              "(BLIP's and ImageReward's)")
+            raise self._error(
+                f"med_config position_embedding_type={position!r}: only 'absolute' is supported "
+                "(BLIP's and ImageReward's)"
+            )
         return config
 
     def _vision_config(self, vision_config) -> dict:
-        config = self._config_dict("vision_config", vision_config, VIT_LARGE,
-                                   "a path to a JSON file, a dict, or None (ViT-L/16 at 224 px, the released model's)")
+        config = self._config_dict(
+            "vision_config",
+            vision_config,
+            VIT_LARGE,
+            "a path to a JSON file, a dict, or None (ViT-L/16 at 224 px, the released model's)",
+        )
         unknown = sorted(set(config) - set(VIT_LARGE))
         if unknown:
             raise self._error(f"vision_config has unknown keys {unknown}; allowed: {sorted(VIT_LARGE)}")
         config = {**VIT_LARGE, **config}
         if config["img_size"] % config["patch_size"] or config["embed_dim"] % config["num_heads"]:
-            raise self._error(f"vision_config {config}: img_size must be a multiple of patch_size and embed_dim "
-                              "of num_heads")
+            raise self._error(
+                f"vision_config {config}: img_size must be a multiple of patch_size and embed_dim "
+                "of num_heads"
+            )
         return config
 
     def _tokenizer(self, tokenizer: str, vocab_size: int):
@@ -365,13 +426,17 @@ class ImageReward(Reward):
         try:
             tok = BertTokenizer.from_pretrained(tokenizer)
         except Exception as e:
-            raise self._error(f"tokenizer={tokenizer!r}: could not load a BERT tokenizer from that path or hub id "
-                              f"({type(e).__name__}: {e})") from None
+            raise self._error(
+                f"tokenizer={tokenizer!r}: could not load a BERT tokenizer from that path or hub id "
+                f"({type(e).__name__}: {e})"
+            ) from None
         tok.add_special_tokens({"bos_token": "[DEC]"})  # as BLIP's init_tokenizer
         tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
         if len(tok) > vocab_size:
-            raise self._error(f"tokenizer={tokenizer!r} has {len(tok)} tokens with [DEC] and [ENC], more than "
-                              f"the text encoder's vocab_size={vocab_size} (med_config)")
+            raise self._error(
+                f"tokenizer={tokenizer!r} has {len(tok)} tokens with [DEC] and [ENC], more than "
+                f"the text encoder's vocab_size={vocab_size} (med_config)"
+            )
         return tok
 
     def _load(self, path: str, vision, text, mlp) -> None:
@@ -383,16 +448,27 @@ class ImageReward(Reward):
                 f"checkpoint={path!r} does not match the ImageReward architecture: "
                 + describe_mismatch(missing, unexpected, shapes)
                 + "expected the original key names (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) "
-                "of the released ImageReward.pt, with med_config and vision_config giving its sizes")
+                "of the released ImageReward.pt, with med_config and vision_config giving its sizes"
+            )
         vision.load_state_dict({k: v.float() for k, v in parts[0].items()}, strict=True, assign=True)
         text.load_state_dict({k: v.float() for k, v in parts[1].items()}, strict=True, assign=True)
         mlp.load_state_dict({k: v.float() for k, v in parts[2].items()}, strict=True)
         # the non-persistent position_ids buffer was made on the meta device: make it again
         embeddings = text.embeddings
         embeddings.position_ids = torch.arange(embeddings.position_embeddings.num_embeddings).expand((1, -1))
-        left = [n for n, t in [*vision.named_parameters(), *vision.named_buffers(), *text.named_parameters(),
-                               *text.named_buffers()] if t.is_meta]
-        if left:  # a transformers version with other buffers: fail here, not with meta tensors at the first call
+        left = [
+            n
+            for n, t in [
+                *vision.named_parameters(),
+                *vision.named_buffers(),
+                *text.named_parameters(),
+                *text.named_buffers(),
+            ]
+            if t.is_meta
+        ]
+        if (
+            left
+        ):  # a transformers version with other buffers: fail here, not with meta tensors at the first call
             raise RuntimeError(f"reward {self.name!r}: tensors not set from the checkpoint: {few(left)}")
 
     # ------------------------------------------------------------------ scoring
@@ -409,13 +485,17 @@ class ImageReward(Reward):
         """The text encoder's first-token output (B, hidden) for each (image, prompt) pair, float32."""
         device = self.device
         image_embeds = self.vision_model(pixel_values=self.pixel_values(images)).last_hidden_state
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-        out = self.text_model(input_ids=tokens["input_ids"].to(device),
-                              attention_mask=tokens["attention_mask"].to(device),
-                              encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                              is_decoder=False)
+        out = self.text_model(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            is_decoder=False,
+        )
         return out.last_hidden_state[:, 0, :].float()
 
     @property

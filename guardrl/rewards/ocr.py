@@ -34,8 +34,7 @@ from guardrl.rewards.clip_rewards import clip_preprocess, freeze, resolve_dtype,
 class Recognizer(Protocol):
     """Reads the text in each image: (B, 3, H, W) float in [0, 1] -> B strings."""
 
-    def __call__(self, images: torch.Tensor) -> list[str]:
-        ...
+    def __call__(self, images: torch.Tensor) -> list[str]: ...
 
 
 def quoted_text(prompt: str, missing_quote: str = "error") -> str:
@@ -92,8 +91,13 @@ class TrOCRRecognizer(torch.nn.Module):
     weaker than a detector + recogniser such as PaddleOCR, which FlowGRPO uses. Use it for a self-contained
     setup, or serve PaddleOCR (docs/rewards.md)."""
 
-    def __init__(self, pretrained: str = "microsoft/trocr-base-printed", torch_dtype: str = "float32",
-                 max_new_tokens: int = 32, preprocess: str = "tensor") -> None:
+    def __init__(
+        self,
+        pretrained: str = "microsoft/trocr-base-printed",
+        torch_dtype: str = "float32",
+        max_new_tokens: int = 32,
+        preprocess: str = "tensor",
+    ) -> None:
         super().__init__()
         from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
@@ -113,8 +117,12 @@ class TrOCRRecognizer(torch.nn.Module):
         else:
             pixels = clip_preprocess(images, self.image_processor)
         device = next(self.model.parameters()).device
-        ids = self.model.generate(pixel_values=pixels.to(device=device, dtype=self.dtype),
-                                  max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        ids = self.model.generate(
+            pixel_values=pixels.to(device=device, dtype=self.dtype),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
@@ -129,9 +137,14 @@ class OcrReward(Reward):
         missing_quote: "error" or "prompt" (score against the whole prompt) for a prompt with no quote.
     """
 
-    def __init__(self, recognizer: str | dict | Recognizer = "microsoft/trocr-base-printed",
-                 normalize: str = "target", missing_quote: str = "error", weight: float = 1.0,
-                 name: str | None = "ocr") -> None:
+    def __init__(
+        self,
+        recognizer: str | dict | Recognizer = "microsoft/trocr-base-printed",
+        normalize: str = "target",
+        missing_quote: str = "error",
+        weight: float = 1.0,
+        name: str | None = "ocr",
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if normalize not in ("target", "max"):
             raise ValueError(f"reward {self.name!r}: normalize={normalize!r} must be 'target' or 'max'")
@@ -141,15 +154,21 @@ class OcrReward(Reward):
             )
         self.normalize = normalize
         self.missing_quote = missing_quote
-        self.recognizer = build_component(recognizer, TrOCRRecognizer, f"reward {self.name!r}: recognizer",
-                                          "images -> list[str]")  # an nn.Module one is registered (moved by Lightning)
+        self.recognizer = build_component(
+            recognizer, TrOCRRecognizer, f"reward {self.name!r}: recognizer", "images -> list[str]"
+        )  # an nn.Module one is registered (moved by Lightning)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         targets = [quoted_text(p, self.missing_quote) for p in prompts]  # fail before running the recogniser
         texts = self.recognizer(images)
-        if not (isinstance(texts, (list, tuple)) and len(texts) == len(prompts)
-                and all(isinstance(t, str) for t in texts)):
-            raise ValueError(f"reward {self.name!r}: the recognizer must return {len(prompts)} strings, got "
-                             f"{str(texts)[:200]}")
+        if not (
+            isinstance(texts, (list, tuple))
+            and len(texts) == len(prompts)
+            and all(isinstance(t, str) for t in texts)
+        ):
+            raise ValueError(
+                f"reward {self.name!r}: the recognizer must return {len(prompts)} strings, got "
+                f"{str(texts)[:200]}"
+            )
         scores = [ocr_score(text, target, self.normalize) for text, target in zip(texts, targets)]
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

@@ -22,13 +22,19 @@ from guardrl.rewards.calling import RewardError
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, the quantisation a PNG would apply."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
 
 
 def encode_images(images: torch.Tensor, image_format: str = "raw") -> dict[str, Any]:
     array = images_to_uint8(images)
     if image_format == "raw":
-        return {"format": "raw", "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+        return {
+            "format": "raw",
+            "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode(),
+        }
     if image_format == "png":
         from PIL import Image
 
@@ -61,8 +67,12 @@ def decode_images(payload: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.T
         raise ValueError("'images' must be an object with 'format' 'raw' or 'png'")
     if payload["format"] == "raw":
         shape = payload.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 4 and shape[3] == 3 and all(
-                isinstance(n, int) and n > 0 for n in shape)):
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 4
+            and shape[3] == 3
+            and all(isinstance(n, int) and n > 0 for n in shape)
+        ):
             raise ValueError(f"'images.shape' must be [B, H, W, 3] of positive integers, got {shape!r}")
         _check_pixels(shape[2], shape[1], max_pixels)
         data = base64.b64decode(payload.get("data", ""), validate=True)
@@ -75,16 +85,20 @@ def decode_images(payload: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.T
             raise ValueError("'images.data' must be a non-empty list of base64 PNGs")
         arrays = [_decode_png(item, i, max_pixels) for i, item in enumerate(items)]
         if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"'images.data' PNGs differ in size ({sorted({a.shape[:2] for a in arrays})}); "
-                             "a batch needs one size")
+            raise ValueError(
+                f"'images.data' PNGs differ in size ({sorted({a.shape[:2] for a in arrays})}); "
+                "a batch needs one size"
+            )
         array = np.stack(arrays)
     return torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImagesTooLarge(f"an image of {width} x {height} pixels is larger than this server accepts "
-                             f"({max_pixels} pixels, --max-pixels)")
+        raise ImagesTooLarge(
+            f"an image of {width} x {height} pixels is larger than this server accepts "
+            f"({max_pixels} pixels, --max-pixels)"
+        )
 
 
 def _decode_png(item: Any, index: int, max_pixels: int) -> np.ndarray:
@@ -104,7 +118,9 @@ def _decode_png(item: Any, index: int, max_pixels: int) -> np.ndarray:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         # UnidentifiedImageError (not an image), OSError (truncated), binascii.Error (bad base64: a ValueError)
-        raise ValueError(f"'images.data[{index}]' is not a readable PNG ({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"'images.data[{index}]' is not a readable PNG ({type(error).__name__}: {error})"
+        ) from None
 
 
 # ---------------------------------------------------------------- the client
@@ -118,9 +134,17 @@ class RemoteReward(Reward):
     `scores`, the wrong count, a non-number) is an error too, never a zero.
     """
 
-    def __init__(self, url: str, token_env: Optional[str] = None, timeout_s: float = 60.0, max_attempts: int = 3,
-                 retry_delay_s: float = 1.0, image_format: str = "raw", weight: float = 1.0,
-                 name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token_env: Optional[str] = None,
+        timeout_s: float = 60.0,
+        max_attempts: int = 3,
+        retry_delay_s: float = 1.0,
+        image_format: str = "raw",
+        weight: float = 1.0,
+        name: Optional[str] = None,
+    ) -> None:
         super().__init__(weight=weight, name=name or "remote")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward.url={url!r}: must start with http:// or https://")
@@ -132,7 +156,9 @@ class RemoteReward(Reward):
         self.url = url.rstrip("/")
         self.token = os.environ.get(token_env) if token_env else None
         if token_env and not self.token:
-            raise ValueError(f"RemoteReward.token_env={token_env!r}: that environment variable is not set or empty")
+            raise ValueError(
+                f"RemoteReward.token_env={token_env!r}: that environment variable is not set or empty"
+            )
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
@@ -146,13 +172,19 @@ class RemoteReward(Reward):
         errors, delay = [], self.retry_delay_s
         for attempt in range(1, self.max_attempts + 1):
             try:
-                response = requests.post(f"{self.url}/predict", json=body, headers=headers, timeout=self.timeout_s)
+                response = requests.post(
+                    f"{self.url}/predict", json=body, headers=headers, timeout=self.timeout_s
+                )
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     # The request itself is wrong: retrying cannot help.
-                    raise RewardError(f"reward server {self.url} refused the request ({response.status_code}): "
-                                      f"{response.text[:300]}")
+                    raise RewardError(
+                        f"reward server {self.url} refused the request ({response.status_code}): "
+                        f"{response.text[:300]}"
+                    )
                 if response.status_code >= 400:  # a server error (5xx): retried; its body says what happened
-                    raise RuntimeError(f"HTTP {response.status_code} from {self.url}/predict: {response.text[:300]}")
+                    raise RuntimeError(
+                        f"HTTP {response.status_code} from {self.url}/predict: {response.text[:300]}"
+                    )
                 return _parse_scores(response, len(prompts), self.url).to(images.device)
             except RewardError:
                 raise
@@ -161,9 +193,11 @@ class RemoteReward(Reward):
                 if attempt < self.max_attempts:
                     time.sleep(delay)
                     delay *= 2
-        raise RewardError(f"reward server {self.url} failed {self.max_attempts} time(s) "
-                          f"(RemoteReward.max_attempts={self.max_attempts}, timeout_s={self.timeout_s}); "
-                          + "; ".join(errors))
+        raise RewardError(
+            f"reward server {self.url} failed {self.max_attempts} time(s) "
+            f"(RemoteReward.max_attempts={self.max_attempts}, timeout_s={self.timeout_s}); "
+            + "; ".join(errors)
+        )
 
 
 def _parse_scores(response, expected: int, url: str) -> torch.Tensor:
@@ -173,8 +207,10 @@ def _parse_scores(response, expected: int, url: str) -> torch.Tensor:
         raise ValueError(f"the response of {url} is not JSON: {response.text[:200]!r}") from None
     scores = payload.get("scores") if isinstance(payload, dict) else None
     if not isinstance(scores, list) or len(scores) != expected:
-        raise ValueError(f"the response of {url} must hold 'scores', a list of {expected} numbers; got "
-                         f"{str(payload)[:200]!r}")
+        raise ValueError(
+            f"the response of {url} must hold 'scores', a list of {expected} numbers; got "
+            f"{str(payload)[:200]!r}"
+        )
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
         raise ValueError(f"the response of {url} has non-numeric scores: {scores[:5]!r}")
     return torch.tensor(scores, dtype=torch.float32)

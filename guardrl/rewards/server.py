@@ -61,8 +61,13 @@ def load_reward(class_path: str, init_args: Optional[dict] = None) -> Reward:
 class RewardAPI(ls.LitAPI):
     """Serves one guardrl Reward (module level: LitServe pickles it into its worker process)."""
 
-    def __init__(self, reward_class: str, init_args: Optional[dict] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        reward_class: str,
+        init_args: Optional[dict] = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.reward_class = reward_class
         self.init_args = init_args or {}
@@ -113,24 +118,38 @@ class RewardAPI(ls.LitAPI):
         return {"scores": [float(s) for s in scores]}
 
 
-
-def build_server(reward_class: str, init_args: Optional[dict] = None, token: Optional[str] = None,
-                 max_batch_size: int = 1, batch_timeout: float = 0.01, timeout: float = 60.0,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * 2**20,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ls.LitServer:
+def build_server(
+    reward_class: str,
+    init_args: Optional[dict] = None,
+    token: Optional[str] = None,
+    max_batch_size: int = 1,
+    batch_timeout: float = 0.01,
+    timeout: float = 60.0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * 2**20,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ls.LitServer:
     middlewares = [(_RequestBodyMiddleware, {"max_bytes": max_request_bytes})]
     if token:
         middlewares.append((_TokenMiddleware, {"token": token}))
-    api = RewardAPI(reward_class, init_args, max_pixels=max_pixels, max_batch_size=max_batch_size,
-                    batch_timeout=batch_timeout)
-    return ls.LitServer(api, accelerator="auto",
-                        timeout=timeout, middlewares=middlewares)
+    api = RewardAPI(
+        reward_class,
+        init_args,
+        max_pixels=max_pixels,
+        max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+    )
+    return ls.LitServer(api, accelerator="auto", timeout=timeout, middlewares=middlewares)
 
 
 async def _send_error(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -147,8 +166,10 @@ class _RequestBodyMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/predict":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        too_large = (f"the request body is larger than this server accepts ({self.max_bytes} bytes, "
-                     "--max-request-mb); send smaller batches")
+        too_large = (
+            f"the request body is larger than this server accepts ({self.max_bytes} bytes, "
+            "--max-request-mb); send smaller batches"
+        )
         declared = headers.get(b"content-length", b"").decode() or "0"
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, 413, too_large)
@@ -170,8 +191,11 @@ class _RequestBodyMiddleware:
             try:
                 json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                return await _send_error(send, 400, f"the request body is not JSON ({e}); send a JSON object with "
-                                                    "'prompts' and 'images'")
+                return await _send_error(
+                    send,
+                    400,
+                    f"the request body is not JSON ({e}); send a JSON object with 'prompts' and 'images'",
+                )
         sent = False
 
         async def replay():
@@ -211,25 +235,40 @@ class _TokenMiddleware:
             headers = dict(scope.get("headers") or [])
             if headers.get(b"authorization") != self.expected:
                 body = b'{"detail": "missing or wrong bearer token"}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m guardrl.rewards.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m guardrl.rewards.server", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--reward", required=True, help="class path of a guardrl Reward")
     parser.add_argument("--init-args", default="{}", help="JSON object of the reward's constructor arguments")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
     parser.add_argument("--max-batch-size", type=int, default=1)
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
-                        help="largest request body accepted, in MiB (413 beyond)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="largest image accepted, in pixels (413 beyond; checked before decoding)")
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=DEFAULT_MAX_REQUEST_MB,
+        help="largest request body accepted, in MiB (413 beyond)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest image accepted, in pixels (413 beyond; checked before decoding)",
+    )
     args = parser.parse_args(argv)
     if not args.max_request_mb > 0:
         parser.error(f"--max-request-mb must be > 0, got {args.max_request_mb}")
@@ -245,8 +284,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not token:
             parser.error(f"--token-env={args.token_env!r}: that environment variable is not set or empty")
     load_reward(args.reward, init_args)  # fail here, clearly, before any process is spawned
-    server = build_server(args.reward, init_args, token, args.max_batch_size,
-                          max_request_bytes=int(args.max_request_mb * 2**20), max_pixels=args.max_pixels)
+    server = build_server(
+        args.reward,
+        init_args,
+        token,
+        args.max_batch_size,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        max_pixels=args.max_pixels,
+    )
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _stop_at_once)
     server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")

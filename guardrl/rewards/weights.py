@@ -31,7 +31,9 @@ def read_tensor_state(path: str, error: Callable[[str], Exception]) -> dict[str,
     try:
         state = load_state_dict_file(path)
     except Exception as e:
-        raise error(f"checkpoint={path!r} could not be read as a state dict ({type(e).__name__}: {e})") from None
+        raise error(
+            f"checkpoint={path!r} could not be read as a state dict ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise error(f"checkpoint={path!r} is not a state dict of tensors")
     return state
@@ -45,9 +47,11 @@ def few(keys, n: int = 5) -> str:
 
 def describe_mismatch(missing, unexpected, shapes) -> str:
     """'N missing keys: ...; N unexpected keys: ...; N tensors of other shapes: ...; ' (empty parts left out)."""
-    return ((f"{len(missing)} missing keys: {few(missing)}; " if missing else "")
-            + (f"{len(unexpected)} unexpected keys: {few(unexpected)}; " if unexpected else "")
-            + (f"{len(shapes)} tensors of other shapes: {few(shapes, 3)}; " if shapes else ""))
+    return (
+        (f"{len(missing)} missing keys: {few(missing)}; " if missing else "")
+        + (f"{len(unexpected)} unexpected keys: {few(unexpected)}; " if unexpected else "")
+        + (f"{len(shapes)} tensors of other shapes: {few(shapes, 3)}; " if shapes else "")
+    )
 
 
 def resolve_weights_file(checkpoint, names: tuple[str, ...], error: Callable[[str], Exception]) -> str:
@@ -55,7 +59,9 @@ def resolve_weights_file(checkpoint, names: tuple[str, ...], error: Callable[[st
     `names`, or a hub id ("name" or "owner/name") whose repo holds `names[0]`. Anything else that does not
     exist is a wrong path, raised as `error(message)` naming the option and what was tried."""
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
-        raise error(f"checkpoint={checkpoint!r} must be a path to {names[0]}, a directory holding it, or a hub id")
+        raise error(
+            f"checkpoint={checkpoint!r} must be a path to {names[0]}, a directory holding it, or a hub id"
+        )
     checkpoint = str(checkpoint)
     if os.path.isfile(checkpoint):
         return checkpoint
@@ -63,10 +69,15 @@ def resolve_weights_file(checkpoint, names: tuple[str, ...], error: Callable[[st
         for name in names:
             if os.path.isfile(os.path.join(checkpoint, name)):
                 return os.path.join(checkpoint, name)
-        raise error(f"checkpoint={checkpoint!r} is a directory without {' or '.join(names)} "
-                    f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})")
-    looks_like_path = (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
-                       or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
+        raise error(
+            f"checkpoint={checkpoint!r} is a directory without {' or '.join(names)} "
+            f"(it holds: {few(os.listdir(checkpoint)) or 'nothing'})"
+        )
+    looks_like_path = (
+        checkpoint.startswith((".", "/", "~"))
+        or checkpoint.count("/") > 1
+        or checkpoint.endswith((".pt", ".pth", ".bin", ".safetensors", ".json"))
+    )
     if looks_like_path:
         raise error(f"checkpoint={checkpoint!r}: no such file or directory")
     try:
@@ -74,5 +85,7 @@ def resolve_weights_file(checkpoint, names: tuple[str, ...], error: Callable[[st
 
         return hf_hub_download(checkpoint, names[0])
     except Exception as e:  # offline, unknown repo, missing file
-        raise error(f"checkpoint={checkpoint!r} is not a local file or directory, and {names[0]} could not be "
-                    f"fetched from the hub repo of that name ({type(e).__name__}: {e})") from None
+        raise error(
+            f"checkpoint={checkpoint!r} is not a local file or directory, and {names[0]} could not be "
+            f"fetched from the hub repo of that name ({type(e).__name__}: {e})"
+        ) from None

@@ -49,18 +49,32 @@ def sample_rollouts(
         )
     rounding = None if storage_dtype == torch.float32 else storage_dtype
     latents = initial_noise.float() if rounding is None else initial_noise.to(rounding).float()
-    stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")}
+    stored: dict[str, list] = {
+        k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")
+    }
     for k in range(num_steps):
         t, t_next = float(sigmas_S1[k]), float(sigmas_S1[k + 1])
         velocity = velocity_fn(latents, t, k).float()
         out = sde_step(
-            velocity, latents, t, t_next, float(noise_scales_S[k]), log_prob_reduction, generator=generator,
+            velocity,
+            latents,
+            t,
+            t_next,
+            float(noise_scales_S[k]),
+            log_prob_reduction,
+            generator=generator,
             sample_dtype=rounding,
         )
         if out.log_prob is not None:
             for key, value in (
-                ("idx", k), ("x", latents), ("x_next", out.next_latents), ("mu", out.mean),
-                ("logp", out.log_prob), ("t", t), ("t_next", t_next), ("sk", float(noise_scales_S[k])),
+                ("idx", k),
+                ("x", latents),
+                ("x_next", out.next_latents),
+                ("mu", out.mean),
+                ("logp", out.log_prob),
+                ("t", t),
+                ("t_next", t_next),
+                ("sk", float(noise_scales_S[k])),
                 ("std", float(out.std[0])),
             ):
                 stored[key].append(value)

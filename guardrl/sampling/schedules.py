@@ -66,7 +66,9 @@ def noise_scales(
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type (sampling.sde_type) must be one of {SDE_TYPES}, got {sde_type!r}")
     if not (noise_level >= 0 and math.isfinite(noise_level)):
-        raise ValueError(f"noise_level (sampling.noise_level, eta) must be a finite number >= 0, got {noise_level!r}")
+        raise ValueError(
+            f"noise_level (sampling.noise_level, eta) must be a finite number >= 0, got {noise_level!r}"
+        )
     num_steps = len(sigmas_S1) - 1
     scales = torch.zeros(num_steps, dtype=torch.float64)
     for k in sde_steps:

@@ -43,7 +43,9 @@ class ToyBackbone(FlowBackbone):
             torch_dtype: dtype of the transformer and text encoder.
             shift: the sigma schedule's shift (FlowMatchEulerDiscreteScheduler; 1.0 = linear, as pretrained).
         """
-        super().__init__(None, torch_dtype, resolution, max_sequence_length=16, prompt_cache_size=prompt_cache_size)
+        super().__init__(
+            None, torch_dtype, resolution, max_sequence_length=16, prompt_cache_size=prompt_cache_size
+        )
         if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
             raise ValueError(f"{OPTION}.shift must be a number > 0, got {shift!r}")
         self.weights_path = weights_path
@@ -68,7 +70,8 @@ class ToyBackbone(FlowBackbone):
         self.model_config = config
         self.vae_scale_factor = 1
         self._pipe = SimpleNamespace(
-            transformer=transformer, text_encoder=text_encoder,
+            transformer=transformer,
+            text_encoder=text_encoder,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=self.shift),
         )
 

@@ -66,8 +66,16 @@ CLIP_MODES = ("published", "matched")
 GOLD_NAMES = tuple(GOLD_DIRECTIONS)
 EVAL_COLUMNS = ("iteration", "split", "sampler", "proxy", *GOLD_NAMES, "images")
 RATIO_COLUMNS = (
-    "iteration", "step", "log_ratio_mean", "log_ratio_std", "raw_log_ratio_mean", "raw_log_ratio_std",
-    "clip_frac_pos_upper", "clip_frac_neg_lower", "clip_frac", "samples",
+    "iteration",
+    "step",
+    "log_ratio_mean",
+    "log_ratio_std",
+    "raw_log_ratio_mean",
+    "raw_log_ratio_std",
+    "clip_frac_pos_upper",
+    "clip_frac_neg_lower",
+    "clip_frac",
+    "samples",
 )
 # Practically no clipping for the calibration pilots: toy log-ratios are of order 1e-3 and smaller.
 NO_CLIP = 0.5
@@ -87,10 +95,16 @@ class Budget:
 FULL = Budget()
 # Seconds to minutes on a CPU: a smaller batch and sampler, same code paths.
 QUICK = Budget(
-    iterations=2, eval_every=1, per_kind=1, calibration_iterations=1,
+    iterations=2,
+    eval_every=1,
+    per_kind=1,
+    calibration_iterations=1,
     overrides={
-        "--data.prompts_per_batch": "2", "--data.group_size": "4", "--model.grpo.minibatch_size": "4",
-        "--model.sampling.num_inference_steps": "4", "--model.sampling.sde_window": "[0, 3]",
+        "--data.prompts_per_batch": "2",
+        "--data.group_size": "4",
+        "--model.grpo.minibatch_size": "4",
+        "--model.sampling.num_inference_steps": "4",
+        "--model.sampling.sde_window": "[0, 3]",
     },
 )
 
@@ -113,8 +127,14 @@ class BenchmarkRecorder(Callback):
     `directory`; resumable (rows past the resumed iteration are dropped, a missing evaluation is redone)."""
 
     def __init__(
-        self, directory: str, eval_every: int, per_kind: int, splits: Sequence[str] = ("heldout", "train"),
-        samplers: Sequence[str] = ("ode", "sde"), eval_seed: int = 0, keep_log_ratios: bool = False,
+        self,
+        directory: str,
+        eval_every: int,
+        per_kind: int,
+        splits: Sequence[str] = ("heldout", "train"),
+        samplers: Sequence[str] = ("ode", "sde"),
+        eval_seed: int = 0,
+        keep_log_ratios: bool = False,
     ) -> None:
         if eval_every < 1 or per_kind < 1:
             raise ValueError(f"eval_every and per_kind must be >= 1, got {eval_every} and {per_kind}")
@@ -159,15 +179,21 @@ class BenchmarkRecorder(Callback):
                 self.log_ratios.append(log_ratio.clone())
             positive, negative = advantages > 0, advantages < 0
             above, below = log_ratio > upper, log_ratio < lower
-            rows.append({
-                "iteration": iteration, "step": stats.step_index,
-                "log_ratio_mean": float(log_ratio.mean()), "log_ratio_std": float(log_ratio.std(unbiased=False)),
-                "raw_log_ratio_mean": float(raw.mean()), "raw_log_ratio_std": float(raw.std(unbiased=False)),
-                # as clip/frac_pos_upper_t{k}: the share of positive-advantage samples above 1 + c
-                "clip_frac_pos_upper": _share(above & positive, positive),
-                "clip_frac_neg_lower": _share(below & negative, negative),
-                "clip_frac": float((above | below).double().mean()), "samples": log_ratio.numel(),
-            })
+            rows.append(
+                {
+                    "iteration": iteration,
+                    "step": stats.step_index,
+                    "log_ratio_mean": float(log_ratio.mean()),
+                    "log_ratio_std": float(log_ratio.std(unbiased=False)),
+                    "raw_log_ratio_mean": float(raw.mean()),
+                    "raw_log_ratio_std": float(raw.std(unbiased=False)),
+                    # as clip/frac_pos_upper_t{k}: the share of positive-advantage samples above 1 + c
+                    "clip_frac_pos_upper": _share(above & positive, positive),
+                    "clip_frac_neg_lower": _share(below & negative, negative),
+                    "clip_frac": float((above | below).double().mean()),
+                    "samples": log_ratio.numel(),
+                }
+            )
         _append_csv(self.ratio_path, RATIO_COLUMNS, rows)
 
     def _real_images(self, split: str, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -186,14 +212,28 @@ class BenchmarkRecorder(Callback):
             for sampler in self.samplers:
                 with module.policy.use_weights("policy") as transformer:
                     images = generate(
-                        module.backbone, prompts, seeds, module.sampling.num_inference_steps,
-                        module.sampling.guidance_scale, sde=sampler == "sde", sde_seed=self.eval_seed,
-                        transformer=transformer, scales=module.noise_scales.cpu(),
+                        module.backbone,
+                        prompts,
+                        seeds,
+                        module.sampling.num_inference_steps,
+                        module.sampling.guidance_scale,
+                        sde=sampler == "sde",
+                        sde_seed=self.eval_seed,
+                        transformer=transformer,
+                        scales=module.noise_scales.cpu(),
                     )
                 proxy, _ = module.score(images.to(module.device), prompts)
                 gold = gold_metrics(images, prompts, self._real_images(split, prompts, seeds))
-                rows.append({"iteration": iteration, "split": split, "sampler": sampler,
-                             "proxy": float(proxy.double().mean()), **gold, "images": len(prompts)})
+                rows.append(
+                    {
+                        "iteration": iteration,
+                        "split": split,
+                        "sampler": sampler,
+                        "proxy": float(proxy.double().mean()),
+                        **gold,
+                        "images": len(prompts),
+                    }
+                )
         _append_csv(self.eval_path, EVAL_COLUMNS, rows)
 
 
@@ -234,12 +274,26 @@ def _truncate_csv(path: str, columns: Sequence[str], keep) -> None:
 # ---------------------------------------------------------------------------------------------- running
 def fit_args(spec: RunSpec, budget: Budget, configs: str, runs_dir: str, iterations: int) -> list[str]:
     args = [
-        "--config", os.path.join(configs, f"{spec.variant}.yaml"),
-        "--seed_everything", str(spec.seed), "--model.seed", str(spec.seed), "--data.seed", str(spec.seed),
-        "--model.max_iterations", str(iterations),
-        "--trainer.logger.init_args.save_dir", runs_dir, "--trainer.logger.init_args.name", spec.name,
-        "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
+        "--config",
+        os.path.join(configs, f"{spec.variant}.yaml"),
+        "--seed_everything",
+        str(spec.seed),
+        "--model.seed",
+        str(spec.seed),
+        "--data.seed",
+        str(spec.seed),
+        "--model.max_iterations",
+        str(iterations),
+        "--trainer.logger.init_args.save_dir",
+        runs_dir,
+        "--trainer.logger.init_args.name",
+        spec.name,
+        "--trainer.logger.init_args.version",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
     ]
     for key, value in budget.overrides.items():
         args += [key, value]
@@ -262,15 +316,23 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
     iterations = budget.calibration_iterations if pilot else budget.iterations
     cli = main(fit_args(spec, budget, configs, runs_dir, iterations), run=False)
     recorder = BenchmarkRecorder(
-        directory, eval_every=iterations + 1 if pilot else budget.eval_every, per_kind=budget.per_kind,
-        splits=() if pilot else ("heldout", "train"), keep_log_ratios=pilot,
+        directory,
+        eval_every=iterations + 1 if pilot else budget.eval_every,
+        per_kind=budget.per_kind,
+        splits=() if pilot else ("heldout", "train"),
+        keep_log_ratios=pilot,
     )
     cli.trainer.callbacks.append(recorder)
     last = sorted(glob.glob(os.path.join(directory, "**", "last.ckpt"), recursive=True))
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last[0] if last and not pilot else None)
-    summary = {"run": spec.name, **dataclasses.asdict(spec), "iterations": cli.model.num_iterations,
-               "clip_range_used": float(cli.model.clip_range), "wall_s": round(time.monotonic() - start, 1)}
+    summary = {
+        "run": spec.name,
+        **dataclasses.asdict(spec),
+        "iterations": cli.model.num_iterations,
+        "clip_range_used": float(cli.model.clip_range),
+        "wall_s": round(time.monotonic() - start, 1),
+    }
     if pilot:
         summary["log_ratios"] = torch.cat(recorder.log_ratios).tolist() if recorder.log_ratios else []
     else:
@@ -279,14 +341,25 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
 
 
 def _run_in_subprocess(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool) -> dict[str, Any]:
-    payload = json.dumps({"spec": dataclasses.asdict(spec), "budget": dataclasses.asdict(budget),
-                          "configs": configs, "out": out, "pilot": pilot})
+    payload = json.dumps(
+        {
+            "spec": dataclasses.asdict(spec),
+            "budget": dataclasses.asdict(budget),
+            "configs": configs,
+            "out": out,
+            "pilot": pilot,
+        }
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log_path = os.path.join(out, "logs", f"{'pilot-' if pilot else ''}{spec.name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "guardrl.toy.benchmark", "_run", payload], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "guardrl.toy.benchmark", "_run", payload],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if proc.returncode:
         raise RuntimeError(f"benchmark run {spec.name} failed (exit {proc.returncode}); see {log_path}")
     result_path = os.path.join(out, "logs", f"{'pilot-' if pilot else ''}{spec.name}.json")
@@ -324,8 +397,16 @@ def clip_for_share(log_ratios: np.ndarray, share: float) -> float:
     return high
 
 
-def calibrate(variants: Sequence[str], seeds: Sequence[int], budget: Budget, configs: str, out: str, jobs: int,
-              num_elements: int, match_share: Optional[float] = None) -> dict[str, Any]:
+def calibrate(
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    budget: Budget,
+    configs: str,
+    out: str,
+    jobs: int,
+    num_elements: int,
+    match_share: Optional[float] = None,
+) -> dict[str, Any]:
     """Matched clip ranges per (variant, seed): pilots without clipping; the target share is `match_share`, or
     by default the share flow_grpo's published clip range clips in its pilot."""
     from guardrl.algorithm import effective_clip_range
@@ -343,10 +424,18 @@ def calibrate(variants: Sequence[str], seeds: Sequence[int], budget: Budget, con
     )
     needed = sorted(set(variants) | {"flow_grpo"}, key=VARIANTS.index)
     specs = [RunSpec(v, s, "pilot", NO_CLIP) for s in seeds for v in needed]
-    pilots = {(r["variant"], r["seed"]): np.asarray(r["log_ratios"]) for r in _run_many(specs, budget, configs, out,
-                                                                                       jobs, pilot=True)}
-    calibration = {"target": {}, "clip_range": {}, "pilot_share": {}, "flow_grpo_published_clip": published,
-                   "flow_grpo_published_share": {}, "match_share": match_share}
+    pilots = {
+        (r["variant"], r["seed"]): np.asarray(r["log_ratios"])
+        for r in _run_many(specs, budget, configs, out, jobs, pilot=True)
+    }
+    calibration = {
+        "target": {},
+        "clip_range": {},
+        "pilot_share": {},
+        "flow_grpo_published_clip": published,
+        "flow_grpo_published_share": {},
+        "match_share": match_share,
+    }
     for seed in seeds:
         published_share = clipped_share(pilots[("flow_grpo", seed)], published)
         calibration["flow_grpo_published_share"][str(seed)] = published_share
@@ -371,15 +460,25 @@ def _config_clip(configs: str, variant: str) -> float:
 
 
 def run_benchmark(
-    out: str, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2),
-    clip_modes: Sequence[str] = CLIP_MODES, budget: Budget = FULL, configs: str = "configs/toy", jobs: int = 1,
+    out: str,
+    variants: Sequence[str] = VARIANTS,
+    seeds: Sequence[int] = (0, 1, 2),
+    clip_modes: Sequence[str] = CLIP_MODES,
+    budget: Budget = FULL,
+    configs: str = "configs/toy",
+    jobs: int = 1,
     match_share: Optional[float] = None,
 ) -> dict[str, Any]:
-    for name, values, allowed in (("--variants", variants, VARIANTS), ("--clip-modes", clip_modes, CLIP_MODES)):
+    for name, values, allowed in (
+        ("--variants", variants, VARIANTS),
+        ("--clip-modes", clip_modes, CLIP_MODES),
+    ):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
-            raise ValueError(f"{name}={','.join(map(str, values))}: {bad or 'empty'} not allowed; choose from "
-                             f"{', '.join(allowed)}")
+            raise ValueError(
+                f"{name}={','.join(map(str, values))}: {bad or 'empty'} not allowed; choose from "
+                f"{', '.join(allowed)}"
+            )
     if match_share is not None and not 0 <= match_share < 1:
         raise ValueError(f"--match-share={match_share} must be in [0, 1) (a share of samples), or unset")
     missing = [v for v in variants if not os.path.isfile(os.path.join(configs, f"{v}.yaml"))]
@@ -396,8 +495,12 @@ def run_benchmark(
 
         backbone = ToyBackbone()
         backbone.load()
-        calibration = calibrate(variants, seeds, budget, configs, out, jobs, backbone.latent_numel(), match_share)
-        specs += [RunSpec(v, s, "matched", calibration["clip_range"][f"{v}-s{s}"]) for s in seeds for v in variants]
+        calibration = calibrate(
+            variants, seeds, budget, configs, out, jobs, backbone.latent_numel(), match_share
+        )
+        specs += [
+            RunSpec(v, s, "matched", calibration["clip_range"][f"{v}-s{s}"]) for s in seeds for v in variants
+        ]
     summaries = _run_many(specs, budget, configs, out, jobs)
     report = write_report(out, budget)
     report.update(wall_s=round(time.monotonic() - start, 1), runs=summaries, calibration=calibration)
@@ -416,9 +519,16 @@ def collect(out: str) -> tuple[list[dict], list[dict]]:
         with open(done) as f:
             meta = json.load(f)
         directory = os.path.dirname(done)
-        tags = {"variant": meta["variant"], "clip_mode": meta["clip_mode"], "seed": int(meta["seed"]),
-                "clip_range_used": meta["clip_range_used"]}
-        rows = [{k: _number(v) for k, v in row.items()} for row in _read_csv(os.path.join(directory, "evaluations.csv"))]
+        tags = {
+            "variant": meta["variant"],
+            "clip_mode": meta["clip_mode"],
+            "seed": int(meta["seed"]),
+            "clip_range_used": meta["clip_range_used"],
+        }
+        rows = [
+            {k: _number(v) for k, v in row.items()}
+            for row in _read_csv(os.path.join(directory, "evaluations.csv"))
+        ]
         reference = {(r["split"], r["sampler"]): r for r in rows if r["iteration"] == 0}
         for row in rows:
             base = reference[(row["split"], row["sampler"])]
@@ -465,34 +575,54 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table_markdown(evaluations: list[dict], ratios: list[dict]) -> str:
-    lines = ["# Toy benchmark results", "",
-             "Mean ± std over seeds (no ± with one seed). Average(gold) = mean of the gold metrics normalised to "
-             "the shipped model (1.00 at iteration 0; pass rates higher-is-better, off-palette and realism "
-             "distance lower-is-better). clip share = share of samples outside the clip band, averaged over "
-             "the run's updates up to that iteration.", ""]
+    lines = [
+        "# Toy benchmark results",
+        "",
+        "Mean ± std over seeds (no ± with one seed). Average(gold) = mean of the gold metrics normalised to "
+        "the shipped model (1.00 at iteration 0; pass rates higher-is-better, off-palette and realism "
+        "distance lower-is-better). clip share = share of samples outside the clip band, averaged over "
+        "the run's updates up to that iteration.",
+        "",
+    ]
     columns = ["variant", "iteration", "proxy", *GOLD_NAMES, "Average(gold)", "clip share", "clip c"]
     for clip_mode in [m for m in CLIP_MODES if any(e["clip_mode"] == m for e in evaluations)]:
         for split, sampler in (("heldout", "ode"), ("heldout", "sde"), ("train", "ode"), ("train", "sde")):
-            rows = [e for e in evaluations if e["clip_mode"] == clip_mode and e["split"] == split
-                    and e["sampler"] == sampler]
+            rows = [
+                e
+                for e in evaluations
+                if e["clip_mode"] == clip_mode and e["split"] == split and e["sampler"] == sampler
+            ]
             if not rows:
                 continue
-            lines += [f"## clip {clip_mode}: {split} prompts, {sampler.upper()} sampling", "",
-                      "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += [
+                f"## clip {clip_mode}: {split} prompts, {sampler.upper()} sampling",
+                "",
+                "| " + " | ".join(columns) + " |",
+                "|" + "---|" * len(columns),
+            ]
             for variant in [v for v in VARIANTS if any(r["variant"] == v for r in rows)]:
                 mine = [r for r in rows if r["variant"] == variant]
                 for iteration in report_iterations([r["iteration"] for r in mine]):
                     at = [r for r in mine if r["iteration"] == iteration]
                     shares = []
                     for seed in sorted({r["seed"] for r in at}):
-                        seen = [q["clip_frac"] for q in ratios if q["variant"] == variant and q["seed"] == seed
-                                and q["clip_mode"] == clip_mode and q["iteration"] < iteration]
+                        seen = [
+                            q["clip_frac"]
+                            for q in ratios
+                            if q["variant"] == variant
+                            and q["seed"] == seed
+                            and q["clip_mode"] == clip_mode
+                            and q["iteration"] < iteration
+                        ]
                         if seen:
                             shares.append(float(np.mean(seen)))
                     cells = [variant, str(iteration), _mean_std([r["proxy"] for r in at])]
                     cells += [_mean_std([r[g] for r in at]) for g in GOLD_NAMES]
-                    cells += [_mean_std([r["average_gold"] for r in at]), _mean_std(shares) if shares else "–",
-                              f"{float(np.mean([r['clip_range_used'] for r in at])):.2e}"]
+                    cells += [
+                        _mean_std([r["average_gold"] for r in at]),
+                        _mean_std(shares) if shares else "–",
+                        f"{float(np.mean([r['clip_range_used'] for r in at])):.2e}",
+                    ]
                     lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -514,18 +644,34 @@ def plot_report(evaluations: list[dict], ratios: list[dict], out: str) -> list[s
         for s, sampler in enumerate(("ode", "sde")):
             row = axes[2 * m + s]
             for variant in VARIANTS:
-                mine = [e for e in evaluations if e["variant"] == variant and e["clip_mode"] == mode
-                        and e["split"] == "heldout" and e["sampler"] == sampler]
+                mine = [
+                    e
+                    for e in evaluations
+                    if e["variant"] == variant
+                    and e["clip_mode"] == mode
+                    and e["split"] == "heldout"
+                    and e["sampler"] == sampler
+                ]
                 if not mine:
                     continue
                 for ax, key in zip(row, ("proxy", "average_gold")):
                     its = sorted({e["iteration"] for e in mine})
                     values = [[e[key] for e in mine if e["iteration"] == i] for i in its]
                     mean = [np.mean(v) for v in values]
-                    ax.plot(its, mean, label=variant, color=colors[variant],
-                            linestyle="--" if variant == "null_control" else "-")
-                    ax.fill_between(its, [np.min(v) for v in values], [np.max(v) for v in values],
-                                    color=colors[variant], alpha=0.15)
+                    ax.plot(
+                        its,
+                        mean,
+                        label=variant,
+                        color=colors[variant],
+                        linestyle="--" if variant == "null_control" else "-",
+                    )
+                    ax.fill_between(
+                        its,
+                        [np.min(v) for v in values],
+                        [np.max(v) for v in values],
+                        color=colors[variant],
+                        alpha=0.15,
+                    )
             row[0].set_title(f"proxy, held-out, {sampler.upper()}, clip {mode}")
             row[1].set_title(f"Average(gold), held-out, {sampler.upper()}, clip {mode}")
             for ax in row:
@@ -536,10 +682,20 @@ def plot_report(evaluations: list[dict], ratios: list[dict], out: str) -> list[s
     paths.append(_save(fig, os.path.join(out, "proxy_gold.png")))
 
     for name, keys, titles in (
-        ("log_ratio_by_step.png", ("raw_log_ratio_mean", "log_ratio_mean", "log_ratio_std"),
-         ("mean plain log r", "mean clipped log-ratio", "std of clipped log-ratio")),
-        ("clip_fractions.png", ("clip_frac_pos_upper", "clip_frac_neg_lower", "clip_frac"),
-         ("positive advantage, above 1 + c", "negative advantage, below 1 - c", "all samples, outside band")),
+        (
+            "log_ratio_by_step.png",
+            ("raw_log_ratio_mean", "log_ratio_mean", "log_ratio_std"),
+            ("mean plain log r", "mean clipped log-ratio", "std of clipped log-ratio"),
+        ),
+        (
+            "clip_fractions.png",
+            ("clip_frac_pos_upper", "clip_frac_neg_lower", "clip_frac"),
+            (
+                "positive advantage, above 1 + c",
+                "negative advantage, below 1 - c",
+                "all samples, outside band",
+            ),
+        ),
     ):
         fig, axes = plt.subplots(len(modes), 3, figsize=(15, 4.2 * len(modes)), squeeze=False)
         for m, mode in enumerate(modes):
@@ -550,8 +706,14 @@ def plot_report(evaluations: list[dict], ratios: list[dict], out: str) -> list[s
                     if not steps:
                         continue
                     values = [np.nanmean([q[key] for q in mine if q["step"] == k]) for k in steps]
-                    ax.plot(steps, values, marker="o", label=variant, color=colors[variant],
-                            linestyle="--" if variant == "null_control" else "-")
+                    ax.plot(
+                        steps,
+                        values,
+                        marker="o",
+                        label=variant,
+                        color=colors[variant],
+                        linestyle="--" if variant == "null_control" else "-",
+                    )
                 ax.set_title(f"{title} (clip {mode})")
                 ax.set_xlabel("denoising step k (0 = pure noise)")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -577,16 +739,31 @@ def write_report(out: str, budget: Budget | None = None) -> dict[str, Any]:
     evaluations, ratios = collect(out)
     if not evaluations:
         raise FileNotFoundError(f"--out={out!r} holds no finished benchmark run (runs/*/done.json)")
-    columns = ["variant", "clip_mode", "seed", "clip_range_used", *EVAL_COLUMNS, "average_gold", "average_gold_of"]
+    columns = [
+        "variant",
+        "clip_mode",
+        "seed",
+        "clip_range_used",
+        *EVAL_COLUMNS,
+        "average_gold",
+        "average_gold_of",
+    ]
     _write_csv(os.path.join(out, "results.csv"), columns, evaluations)
-    _write_csv(os.path.join(out, "ratios.csv"), ["variant", "clip_mode", "seed", "clip_range_used", *RATIO_COLUMNS],
-               ratios)
+    _write_csv(
+        os.path.join(out, "ratios.csv"),
+        ["variant", "clip_mode", "seed", "clip_range_used", *RATIO_COLUMNS],
+        ratios,
+    )
     table = table_markdown(evaluations, ratios)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     plots = plot_report(evaluations, ratios, out)
-    return {"results": os.path.join(out, "results.csv"), "table": os.path.join(out, "table.md"), "plots": plots,
-            "budget": dataclasses.asdict(budget) if budget else None}
+    return {
+        "results": os.path.join(out, "results.csv"),
+        "table": os.path.join(out, "table.md"),
+        "plots": plots,
+        "budget": dataclasses.asdict(budget) if budget else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -610,7 +787,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open(path, "w") as f:
             json.dump(result, f)
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory (a repeated command continues there)")
     parser.add_argument("--quick", action="store_true", help="tiny budget: minutes, for the tests")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -621,16 +800,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-kind", type=int, default=None, help="evaluation prompts per kind and split")
     parser.add_argument("--configs", default="configs/toy")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
-    parser.add_argument("--match-share", type=float, default=None,
-                        help="matched mode's target clip share (default: what flow_grpo clips at its published c)")
+    parser.add_argument(
+        "--match-share",
+        type=float,
+        default=None,
+        help="matched mode's target clip share (default: what flow_grpo clips at its published c)",
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from OUT")
     args = parser.parse_args(argv)
     if args.report_only:
         print(json.dumps(write_report(args.out), indent=1))
         return
     budget = dataclasses.replace(QUICK if args.quick else FULL)
-    for field, value in (("iterations", args.iterations), ("eval_every", args.eval_every),
-                         ("per_kind", args.per_kind)):
+    for field, value in (
+        ("iterations", args.iterations),
+        ("eval_every", args.eval_every),
+        ("per_kind", args.per_kind),
+    ):
         if value is not None:
             if value < 1:
                 parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
@@ -638,8 +824,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     torch.set_num_threads(1)
-    report = run_benchmark(args.out, args.variants.split(","), args.seeds, args.clip_modes.split(","), budget,
-                           args.configs, args.jobs, args.match_share)
+    report = run_benchmark(
+        args.out,
+        args.variants.split(","),
+        args.seeds,
+        args.clip_modes.split(","),
+        budget,
+        args.configs,
+        args.jobs,
+        args.match_share,
+    )
     print(open(report["table"]).read())
     print(f"results: {report['results']}\nplots: {', '.join(report['plots'])}\nwall: {report['wall_s']} s")
 

@@ -51,9 +51,17 @@ def evaluation_set(split: str, per_kind: int, seed: int = 0) -> list[tuple[str, 
 
 @torch.no_grad()
 def generate(
-    backbone, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 10, guidance_scale: float = 1.0,
-    sde: bool = False, eta: float = SDE_ETA, batch_size: int = 128, sde_seed: int = 0,
-    transformer: torch.nn.Module | None = None, scales: torch.Tensor | None = None,
+    backbone,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_steps: int = 10,
+    guidance_scale: float = 1.0,
+    sde: bool = False,
+    eta: float = SDE_ETA,
+    batch_size: int = 128,
+    sde_seed: int = 0,
+    transformer: torch.nn.Module | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1]. Image i starts from `initial_noise` of seed i alone, so it does not depend
     on the batch; the SDE noise of batch b comes from a generator seeded with (sde_seed, b).
@@ -72,16 +80,21 @@ def generate(
     use_cfg = guidance_scale > 1.0
     out = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
-        batch_prompts = list(prompts[start:start + batch_size])
+        batch_prompts = list(prompts[start : start + batch_size])
         noise = torch.cat(
-            [backbone.initial_noise(1, torch.Generator().manual_seed(int(s)), device) for s in seeds[start:start + batch_size]]
+            [
+                backbone.initial_noise(1, torch.Generator().manual_seed(int(s)), device)
+                for s in seeds[start : start + batch_size]
+            ]
         )
         cond = backbone.encode_prompts(batch_prompts, with_negative=use_cfg)
 
         def velocity_fn(latents, t, k):
             return backbone.velocity(latents, t, cond, guidance_scale, transformer)
 
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([sde_seed, b]).generate_state(1)[0]))
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([sde_seed, b]).generate_state(1)[0])
+        )
         trajectory = sample_rollouts(velocity_fn, noise, sigmas, scales, "mean", generator=generator)
         out.append(backbone.decode(trajectory.final_latents))
     return torch.cat(out)
@@ -108,7 +121,13 @@ def pass_by_kind(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, floa
 
 
 def evaluate_set(
-    backbone, split: str, per_kind: int, guidance_scale: float, sde: bool, num_steps: int = 10, gold: bool = True,
+    backbone,
+    split: str,
+    per_kind: int,
+    guidance_scale: float,
+    sde: bool,
+    num_steps: int = 10,
+    gold: bool = True,
     seed: int = 0,
 ) -> dict[str, float]:
     items = evaluation_set(split, per_kind, seed)
@@ -126,24 +145,41 @@ def evaluate_set(
     return result
 
 
-def choose_cfg(backbone, per_kind: int = 32, grid: Sequence[float] = CFG_GRID, num_steps: int = 10) -> tuple[float, dict]:
+def choose_cfg(
+    backbone, per_kind: int = 32, grid: Sequence[float] = CFG_GRID, num_steps: int = 10
+) -> tuple[float, dict]:
     """The CFG scale with the best kind-balanced ODE pass rate on TRAINING prompts (ties: the smaller scale)."""
     scores = {}
     for w in grid:
-        scores[w] = evaluate_set(backbone, "train", per_kind, w, sde=False, num_steps=num_steps, gold=False, seed=1)["mean"]
+        scores[w] = evaluate_set(
+            backbone, "train", per_kind, w, sde=False, num_steps=num_steps, gold=False, seed=1
+        )["mean"]
     best = max(grid, key=lambda w: (scores[w], -w))
     return best, scores
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["split", "sampler", "cfg", *KINDS, "mean", "prompts", "pass_rate_quantized", *(f"check_{c}" for c in CHECKS),
-            "off_palette_fraction", "realism_distance", "images"]
+    cols = [
+        "split",
+        "sampler",
+        "cfg",
+        *KINDS,
+        "mean",
+        "prompts",
+        "pass_rate_quantized",
+        *(f"check_{c}" for c in CHECKS),
+        "off_palette_fraction",
+        "realism_distance",
+        "images",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = []
         for c in cols:
             v = row.get(c, "")
-            if isinstance(v, float) and (c in (*KINDS, "mean", "prompts", "pass_rate_quantized") or c.startswith("check_")):
+            if isinstance(v, float) and (
+                c in (*KINDS, "mean", "prompts", "pass_rate_quantized") or c.startswith("check_")
+            ):
                 cells.append(f"{100 * v:.1f}%")
             elif isinstance(v, float) and c == "off_palette_fraction":
                 cells.append(f"{v:.4f}")
@@ -156,8 +192,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def evaluate(
-    weights_path: str | None = None, per_kind: int = 128, cfg: float | None = None, num_steps: int = 10,
-    cfg_per_kind: int = 32, samplers: Sequence[str] = ("ode", "sde"), splits: Sequence[str] = ("heldout", "train"),
+    weights_path: str | None = None,
+    per_kind: int = 128,
+    cfg: float | None = None,
+    num_steps: int = 10,
+    cfg_per_kind: int = 32,
+    samplers: Sequence[str] = ("ode", "sde"),
+    splits: Sequence[str] = ("heldout", "train"),
     verbose: bool = True,
 ) -> dict:
     from guardrl.toy.backbone import ToyBackbone
@@ -169,7 +210,10 @@ def evaluate(
     if cfg is None:
         cfg, cfg_scores = choose_cfg(backbone, cfg_per_kind, num_steps=num_steps)
         if verbose:
-            print(f"CFG chosen on train prompts (ODE, {cfg_per_kind}/kind): {cfg:g}  scores {cfg_scores}", flush=True)
+            print(
+                f"CFG chosen on train prompts (ODE, {cfg_per_kind}/kind): {cfg:g}  scores {cfg_scores}",
+                flush=True,
+            )
     rows = []
     for split in splits:
         for sampler in samplers:
@@ -180,15 +224,26 @@ def evaluate(
     table = format_table(rows)
     if verbose:
         print(table)
-    return {"cfg": cfg, "cfg_scores": cfg_scores, "rows": rows, "table": table, "wall_s": time.monotonic() - start,
-            "num_steps": num_steps, "per_kind": per_kind}
+    return {
+        "cfg": cfg,
+        "cfg_scores": cfg_scores,
+        "rows": rows,
+        "table": table,
+        "wall_s": time.monotonic() - start,
+        "num_steps": num_steps,
+        "per_kind": per_kind,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", default=None, help="a pretraining output directory (default: shipped)")
     parser.add_argument("--per-kind", type=int, default=128, help="images per prompt kind per set")
-    parser.add_argument("--cfg", type=float, default=None, help="fix the CFG scale (default: chosen on train)")
+    parser.add_argument(
+        "--cfg", type=float, default=None, help="fix the CFG scale (default: chosen on train)"
+    )
     parser.add_argument("--cfg-per-kind", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="sampler steps")
     parser.add_argument("--samplers", default="ode,sde")
@@ -196,13 +251,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument(
-        "--record", action="store_true",
+        "--record",
+        action="store_true",
         help="store the chosen CFG scale and the table's rows under 'evaluation' in the weights' toy_model.json",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(
-        args.weights, args.per_kind, args.cfg, args.steps, args.cfg_per_kind, args.samplers.split(","),
+        args.weights,
+        args.per_kind,
+        args.cfg,
+        args.steps,
+        args.cfg_per_kind,
+        args.samplers.split(","),
         args.splits.split(","),
     )
     print(f"evaluated in {result['wall_s']:.0f} s")
@@ -222,8 +283,11 @@ def record_evaluation(weights_path: str | None, result: dict) -> str:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["evaluation"] = {
-        "guidance_scale": result["cfg"], "num_steps": result["num_steps"], "per_kind": result["per_kind"],
-        "cfg_scores": {str(k): v for k, v in (result["cfg_scores"] or {}).items()}, "rows": result["rows"],
+        "guidance_scale": result["cfg"],
+        "num_steps": result["num_steps"],
+        "per_kind": result["per_kind"],
+        "cfg_scores": {str(k): v for k, v in (result["cfg_scores"] or {}).items()},
+        "rows": result["rows"],
     }
     return write_json_atomic(path, config)
 

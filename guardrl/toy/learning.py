@@ -539,9 +539,7 @@ def plot_curves(runs: list[dict[str, Any]], path: str) -> str:
                 axis.fill_between(its, mean - std, mean + std, color=colors[variant], alpha=0.15)
         images = int(runs[0]["settings"]["eval_prompts"])
         axes[0][column].set_title(f"{reward}, lr {lr:g}: evaluation, {images} fixed prompts")
-        axes[1][column].set_title(
-            f"{reward}: training batches, {window}-iteration mean"
-        )
+        axes[1][column].set_title(f"{reward}: training batches, {window}-iteration mean")
         for row in (0, 1):
             axes[row][column].set_xlabel("GRPO iteration")
             axes[row][column].set_ylabel("reward mean")
@@ -628,7 +626,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", default="0,1,2", type=_number_list)
     parser.add_argument(
-        "--lr", default="3e-3", type=lambda t: _number_list(t, float), help="learning rate(s), comma-separated"
+        "--lr",
+        default="3e-3",
+        type=lambda t: _number_list(t, float),
+        help="learning rate(s), comma-separated",
     )
     parser.add_argument(
         "--iterations", type=int, default=None, help=f"GRPO iterations per run ({Settings.iterations})"
@@ -648,6 +649,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help=f"evaluation images, one per fixed training prompt ({Settings.eval_prompts})",
     )
+    parser.add_argument(
+        "--prompts-per-batch",
+        type=int,
+        default=None,
+        help=f"prompts per iteration ({Settings.prompts_per_batch})",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=None, help=f"samples per prompt ({Settings.group_size})"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny budget, for the tests")
     parser.add_argument("--configs", default="configs/toy")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
@@ -655,12 +665,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.report_only:
         settings = dataclasses.replace(QUICK if args.quick else Settings())
-        for field in ("iterations", "window", "eval_every", "eval_prompts"):
+        for field in (
+            "iterations",
+            "window",
+            "eval_every",
+            "eval_prompts",
+            "prompts_per_batch",
+            "group_size",
+        ):
             value = getattr(args, field)
             if value is not None:
                 if value < 1:
                     parser.error(f"--{field.replace('_', '-')} must be >= 1, got {value}")
                 setattr(settings, field, value)
+        if args.prompts_per_batch is not None or args.group_size is not None:
+            # Two optimizer steps per iteration whatever the batch (the update count stays the same).
+            settings.minibatch_size = max(1, settings.prompts_per_batch * settings.group_size // 2)
         if settings.iterations < 2 * settings.window:
             parser.error(
                 f"--iterations={settings.iterations} must be at least twice --window={settings.window}"

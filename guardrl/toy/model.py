@@ -43,8 +43,16 @@ def toy_vocabulary() -> list[str]:
 def default_transformer_config() -> dict:
     """SD3Transformer2DModel arguments of the shipped model (pixel space, 32 x 32, patch 4: 64 image tokens)."""
     return dict(
-        sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+        sample_size=32,
+        patch_size=4,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
         pos_embed_max_size=8,
     )
 
@@ -75,8 +83,13 @@ class ToyTextEncoder(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            config.width, config.num_heads, config.ff_mult * config.width, dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
+            config.width,
+            config.num_heads,
+            config.ff_mult * config.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
@@ -100,7 +113,9 @@ class ToyTextEncoder(nn.Module):
         h = self.norm(self.layers(h))
         return self.proj(h), self.pooled_proj(h.mean(dim=1))
 
-    def encode(self, prompts: list[str], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = device if device is not None else self.token_embedding.weight.device
         return self(self.tokenize(prompts).to(device))
 
@@ -113,12 +128,15 @@ def build_toy_model(
     if isinstance(text_config, dict):
         text_config = TextEncoderConfig(**text_config)
     text_config = text_config or TextEncoderConfig(
-        out_dim=transformer_config["joint_attention_dim"], pooled_dim=transformer_config["pooled_projection_dim"]
+        out_dim=transformer_config["joint_attention_dim"],
+        pooled_dim=transformer_config["pooled_projection_dim"],
     )
     if text_config.out_dim != transformer_config["joint_attention_dim"] or (
         text_config.pooled_dim != transformer_config["pooled_projection_dim"]
     ):
-        raise ValueError("the text encoder's out_dim / pooled_dim must equal joint_attention_dim / pooled_projection_dim")
+        raise ValueError(
+            "the text encoder's out_dim / pooled_dim must equal joint_attention_dim / pooled_projection_dim"
+        )
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**transformer_config)
     text_encoder = ToyTextEncoder(text_config)
@@ -135,8 +153,11 @@ def model_config(transformer: SD3Transformer2DModel, text_encoder: ToyTextEncode
 
 
 def save_toy_model(
-    directory: str, transformer: SD3Transformer2DModel, text_encoder: ToyTextEncoder,
-    dtype: torch.dtype = torch.float16, **extra,
+    directory: str,
+    transformer: SD3Transformer2DModel,
+    text_encoder: ToyTextEncoder,
+    dtype: torch.dtype = torch.float16,
+    **extra,
 ) -> str:
     """Write WEIGHTS_FILE and CONFIG_FILE (with `extra` entries, e.g. training settings) under `directory`,
     atomically (a reader never sees half a file). Returns the weights path."""
@@ -170,7 +191,7 @@ def load_toy_model(
     transformer, text_encoder = build_toy_model(config["transformer"], config["text_encoder"])
     tensors = load_file(weights)
     for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
-        state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(state, strict=True)
         module.to(dtype).eval()
     return transformer, text_encoder, config

@@ -42,8 +42,17 @@ from guardrl.toy.render import render_batch
 from guardrl.toy.world import DEFAULT_IMAGE_SIZE, KINDS
 
 DEFAULTS = dict(
-    batch_size=64, lr=1e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.01, betas=(0.9, 0.99),
-    grad_clip=1.0, ema_decay=0.995, cond_dropout=0.1, logit_normal_mean=0.0, logit_normal_std=1.0,
+    batch_size=64,
+    lr=1e-3,
+    min_lr_ratio=0.05,
+    warmup_steps=100,
+    weight_decay=0.01,
+    betas=(0.9, 0.99),
+    grad_clip=1.0,
+    ema_decay=0.995,
+    cond_dropout=0.1,
+    logit_normal_mean=0.0,
+    logit_normal_std=1.0,
     kind_weights=(0.2, 0.2, 0.3, 0.3),
 )
 
@@ -63,7 +72,9 @@ def _seed_of(*key: int) -> int:
 class TrainingData:
     """Batches of (prompt, render) from the training split, a pure function of (seed, step)."""
 
-    def __init__(self, seed: int, image_size: int = DEFAULT_IMAGE_SIZE, kind_weights=DEFAULTS["kind_weights"]):
+    def __init__(
+        self, seed: int, image_size: int = DEFAULT_IMAGE_SIZE, kind_weights=DEFAULTS["kind_weights"]
+    ):
         self.seed = seed
         self.image_size = image_size
         self.prompts = {kind: split_prompts("train", [kind]) for kind in KINDS}
@@ -90,7 +101,10 @@ def flow_matching_loss(transformer, text_encoder, prompts, x0, generator, mean=0
     x_t = (1.0 - t4) * x0 + t4 * eps
     embeds, pooled = text_encoder.encode(prompts)
     v = transformer(
-        hidden_states=x_t, timestep=t * 1000.0, encoder_hidden_states=embeds, pooled_projections=pooled,
+        hidden_states=x_t,
+        timestep=t * 1000.0,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
         return_dict=False,
     )[0]
     return torch.nn.functional.mse_loss(v, eps - x0)
@@ -139,9 +153,16 @@ def pretrain(
     )
     data = TrainingData(seed, transformer.config.sample_size, settings["kind_weights"])
     summary = {
-        "seed": seed, "steps": steps, "stop_step": stop_step, "settings": settings,
-        "parameters": {"transformer": count_parameters(transformer), "text_encoder": count_parameters(text_encoder)},
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "seed": seed,
+        "steps": steps,
+        "stop_step": stop_step,
+        "settings": settings,
+        "parameters": {
+            "transformer": count_parameters(transformer),
+            "text_encoder": count_parameters(text_encoder),
+        },
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
     log_path = None
     if out:
@@ -156,8 +177,11 @@ def pretrain(
     def save(final: bool) -> None:
         elapsed = time.monotonic() - start
         summary.update(
-            steps_done=step, wall_s=round(elapsed, 1), steps_per_minute=round(60 * step / max(elapsed, 1e-9), 2),
-            finished=final, loss_curve=curve,
+            steps_done=step,
+            wall_s=round(elapsed, 1),
+            steps_per_minute=round(60 * step / max(elapsed, 1e-9), 2),
+            finished=final,
+            loss_curve=curve,
         )
         if out:
             save_toy_model(out, ema_transformer, ema_text, pretraining=summary)
@@ -171,7 +195,12 @@ def pretrain(
         prompts, x0 = data.batch(step, settings["batch_size"], settings["cond_dropout"])
         generator = torch.Generator().manual_seed(_seed_of(seed, step, 1))
         loss = flow_matching_loss(
-            transformer, text_encoder, prompts, x0, generator, settings["logit_normal_mean"],
+            transformer,
+            text_encoder,
+            prompts,
+            x0,
+            generator,
+            settings["logit_normal_mean"],
             settings["logit_normal_std"],
         )
         optimizer.zero_grad(set_to_none=True)
@@ -185,8 +214,11 @@ def pretrain(
         window.append(loss.item())
         if step % log_every == 0 or step == stop_step:
             record = {
-                "step": step, "loss": round(sum(window) / len(window), 5), "grad_norm": round(float(grad_norm), 4),
-                "lr": settings["lr"] * factor, "wall_s": round(time.monotonic() - start, 1),
+                "step": step,
+                "loss": round(sum(window) / len(window), 5),
+                "grad_norm": round(float(grad_norm), 4),
+                "lr": settings["lr"] * factor,
+                "wall_s": round(time.monotonic() - start, 1),
             }
             window = []
             curve.append(record)
@@ -203,12 +235,18 @@ def pretrain(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps (the LR schedule's length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output directory (weights, config, log)")
-    parser.add_argument("--stop-step", type=int, default=None, help="stop after this many steps (same schedule)")
-    parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap (not reproducible; see above)")
+    parser.add_argument(
+        "--stop-step", type=int, default=None, help="stop after this many steps (same schedule)"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="wall-clock cap (not reproducible; see above)"
+    )
     parser.add_argument("--save-every", type=float, default=180.0, help="seconds between weight saves")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
@@ -219,9 +257,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cond-dropout", type=float, default=DEFAULTS["cond_dropout"])
     args = parser.parse_args(argv)
     summary = pretrain(
-        args.out, args.steps, args.seed, stop_step=args.stop_step, minutes=args.minutes, save_every=args.save_every,
-        log_every=args.log_every, threads=args.threads, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
+        args.out,
+        args.steps,
+        args.seed,
+        stop_step=args.stop_step,
+        minutes=args.minutes,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        cond_dropout=args.cond_dropout,
     )
     print(
         f"done: {summary['steps_done']} steps in {summary['wall_s']} s ({summary['steps_per_minute']} steps/min); "

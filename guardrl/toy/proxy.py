@@ -115,26 +115,37 @@ class ProxyNet(nn.Module):
         # Down to 1/4 resolution: a 25 px receptive field covers a whole 12 px object from any of its pixels,
         # which a pixel needs in order to tell which shape it belongs to.
         self.down = nn.Sequential(
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
         )
         self.coarse = nn.Conv2d(2 * w, 16, 1)
         self.shape_head = nn.Sequential(nn.Conv2d(w + 16, w, 1), nn.ReLU(), nn.Conv2d(w, 1 + len(SHAPES), 1))
         # The counter reads one soft mask at a time and never learns which combination it is.
         self.counter = nn.Sequential(
-            nn.Conv2d(1, cw, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(cw, 2 * cw, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * cw, 4 * cw, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(4 * cw * (size // 8) ** 2, config.counter_hidden), nn.ReLU(),
+            nn.Conv2d(1, cw, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(cw, 2 * cw, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * cw, 4 * cw, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * cw * (size // 8) ** 2, config.counter_hidden),
+            nn.ReLU(),
             nn.Linear(config.counter_hidden, NUM_COUNTS),
         )
         # Centres from a mask's column and row sums: finding the middle of a bump is a local, translation-
         # equivariant job for a 1-d convolution; the last layer pools pixels into bins.
         self.centre = nn.Sequential(
-            nn.Conv1d(1, cw, 7, padding=3), nn.ReLU(),
-            nn.Conv1d(cw, cw, 7, padding=6, dilation=2), nn.ReLU(),
+            nn.Conv1d(1, cw, 7, padding=3),
+            nn.ReLU(),
+            nn.Conv1d(cw, cw, 7, padding=6, dilation=2),
+            nn.ReLU(),
             nn.Conv1d(cw, 1, config.bin_size, stride=config.bin_size),
         )
 
@@ -152,6 +163,7 @@ class ProxyNet(nn.Module):
         if select is None:  # (B, 7, 3, H, W) -> (B, 21, H, W), COMBINATIONS order
             combo_maps = (color_p[:, :, None] * shape_p[:, None, :]).flatten(1, 2)
         else:
+
             def pick(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 return probs.gather(1, index[..., None, None].expand(-1, -1, H, W))
 
@@ -355,9 +367,7 @@ class ToyProxyReward(Reward):
     ) -> None:
         super().__init__(weight=weight, name=name or "toy_proxy")
         if form not in PROXY_FORMS:
-            raise ValueError(
-                f"{OPTION}.form must be one of {', '.join(PROXY_FORMS)}, got {form!r}"
-            )
+            raise ValueError(f"{OPTION}.form must be one of {', '.join(PROXY_FORMS)}, got {form!r}")
         self.form = form
         self.weights_path = weights_path
         # About 1 MB: loaded eagerly, so a bad path fails when the config is instantiated, not mid-run.
@@ -575,9 +585,16 @@ def train(
     record = {
         "training": {
             "command": command + (f" --stop-step {step}" if step != steps else ""),
-            "seed": seed, "steps": steps, "stop_step": stop_step, "steps_done": step,
-            "finished": step == stop_step, "minutes_cap": minutes, "wall_s": round(wall, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": settings,
+            "seed": seed,
+            "steps": steps,
+            "stop_step": stop_step,
+            "steps_done": step,
+            "finished": step == stop_step,
+            "minutes_cap": minutes,
+            "wall_s": round(wall, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "settings": settings,
             "data": "clean renders of TRAINING prompts only; kinds uniform; numpy default_rng([seed, step]); "
             "no augmentation",
             "log": log,
@@ -730,11 +747,11 @@ def hack_figures(
     chunk: int = 64,
 ) -> dict:
     """Before and after `hack` on `size` held-out prompts (`evaluation_set("heldout", size, seed)`), 4 ways:
-        prompts     from the clean render, toward its own prompt (the proxy already likes it: how much more?)
-        near_miss   from the clean render, toward a prompt one edit away, which the render does not show
-        mismatched  from the clean render, toward another prompt of the same kind
-        from_black  from the empty scene (all background) with epsilon 1 (any image), toward the render's
-                    prompt: pixels painted only to please the proxy, as a generator optimising it might
+    prompts     from the clean render, toward its own prompt (the proxy already likes it: how much more?)
+    near_miss   from the clean render, toward a prompt one edit away, which the render does not show
+    mismatched  from the clean render, toward another prompt of the same kind
+    from_black  from the empty scene (all background) with epsilon 1 (any image), toward the render's
+                prompt: pixels painted only to please the proxy, as a generator optimising it might
     """
     data = evaluation_set("heldout", size, seed)
     figures: dict = {"n": size, "epsilon": epsilon, "steps": steps, "step_size": step_size}
@@ -843,9 +860,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.command == "train":
         net, record = train(
-            args.out, args.steps, args.seed, stop_step=args.stop_step, minutes=args.minutes,
-            log_every=args.log_every, threads=args.threads, eval_size=args.eval_size,
-            batch_size=args.batch_size, lr=args.lr,
+            args.out,
+            args.steps,
+            args.seed,
+            stop_step=args.stop_step,
+            minutes=args.minutes,
+            log_every=args.log_every,
+            threads=args.threads,
+            eval_size=args.eval_size,
+            batch_size=args.batch_size,
+            lr=args.lr,
         )
         t = record["training"]
         print(
