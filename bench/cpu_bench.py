@@ -10,7 +10,8 @@
 3. Overlapped rewards: iteration time with 4 rollout chunks, the reward (with a fixed latency per call, as a
    served reward has) scored after each chunk or in a worker thread during the next chunk's rollout.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/cpu_bench.py [--repeats 9] [--iterations 8] [--reward-latency 0.15]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/cpu_bench.py \
+        [--repeats 9] [--iterations 8] [--reward-latency 0.15]
 
 Medians; the two sides of each comparison are timed alternately in one process (a shared machine's load
 then hits both alike), and the first call of each is a warm-up and not counted.
@@ -154,7 +155,8 @@ def _pure_compute(module) -> dict:
 
 def iteration_vs_compute(iterations: int) -> dict[str, float]:
     """Median wall time of a real GRPO iteration (inside Trainer.fit) and of its pure compute, the two timed
-    alternately in one process (after each real iteration, one pure pass), so load on the machine hits both."""
+    alternately in one process (after each real iteration, one pure pass), so load on the machine hits
+    both."""
     import lightning as L
 
     from conftest import tiny_fit_args
@@ -312,7 +314,8 @@ def main() -> None:
     print(f"| reward after each chunk (serial) | {o['serial']:.3f} |")
     print(f"| reward overlapped with the next chunk | {o['overlapped']:.3f} |")
     print(
-        f"| saved per iteration (expected: the waits of all but the last chunk, 3 x {latency:.2f} = {3 * latency:.2f}) | {o['serial'] - o['overlapped']:.3f} |"
+        "| saved per iteration (expected: the waits of all but the last chunk, "
+        f"3 x {latency:.2f} = {3 * latency:.2f}) | {o['serial'] - o['overlapped']:.3f} |"
     )
 
 

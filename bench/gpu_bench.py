@@ -1,10 +1,10 @@
-"""Throughput, memory and model FLOP utilisation at the real SD3.5-Medium and FLUX.1-dev shapes, random weights
-(issue 4; docs/benchmarks.md), against this device's measured matmul ceiling.
+"""Throughput, memory and model FLOP utilisation at the real SD3.5-Medium and FLUX.1-dev shapes, random
+weights (issue 4; docs/benchmarks.md), against this device's measured matmul ceiling.
 
-    python bench/gpu_bench.py                          # a GPU: full shapes at 512 px, bf16
-    python bench/gpu_bench.py --small                  # any machine: the same code on shrunken shapes (CPU: float32)
-    python bench/gpu_bench.py --count-only             # any machine: full-shape parameters and FLOPs per image,
-                                                       # built on the meta device (no memory, no compute)
+    python bench/gpu_bench.py               # a GPU: full shapes at 512 px, bf16
+    python bench/gpu_bench.py --small       # any machine: the same code on shrunken shapes (CPU: float32)
+    python bench/gpu_bench.py --count-only  # any machine: full-shape parameters and FLOPs per image,
+                                            # built on the meta device (no memory, no compute)
 
 No download: the transformers and VAEs are built from their published configs with random weights
 (`guardrl.policy.random_weights`; only the shapes matter for speed). Text encoders are not run: the prompt
@@ -19,8 +19,8 @@ pooled vector; Flux: 512 T5 tokens, 768 pooled), as a run with a warm prompt cac
    grpo_guard_pickscore.yaml: SD3.5-M rank 32, Flux rank 64, attention projections of both streams) and
    under bf16 autocast with float32 adapters, as guardrl runs them.
 2. A real GRPO iteration through guardrl (`guardrl fit` in this process, `--iterations` timed after the first,
-   which counts FLOPs): the model's GRPO-Guard recipe (configs/<model>/grpo_guard_pickscore.yaml: sampler, CFG,
-   LoRA rank and targets, all SDE steps trained) on the random-weight backbone, with `--batch` images per
+   which counts FLOPs): the model's GRPO-Guard recipe (configs/<model>/grpo_guard_pickscore.yaml: sampler,
+   CFG, LoRA rank and targets, all SDE steps trained) on the random-weight backbone, with `--batch` images per
    iteration in groups of `--group-size`, `--steps` sampler steps, minibatches of `--minibatch`, one optimizer
    step per iteration, and the JPEG-compressibility reward (no weights; PickScore's 0.4B-parameter CLIP would
    add its own time). Per phase (rollout, decode, reward, update, the whole iteration): seconds, TFLOP and
@@ -34,7 +34,8 @@ The matmul ceiling is the FLOP/s of a large square matmul in the compute dtype (
 FLOPs are counted exactly by guardrl.perf.FlopCounter (matmuls and attention, forward and backward), the same
 count the training logs use. Times are medians (bare: `--repeats` after a warm-up). Peak memory is CUDA's
 max_memory_allocated (the CPU: the process's peak RSS). A model or section that runs out of device memory
-prints "out of memory" and the script goes on (rerun it with a smaller --minibatch or --gradient-checkpointing).
+prints "out of memory" and the script goes on (rerun it with a smaller --minibatch or
+--gradient-checkpointing).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def build(kind: str, small: bool, device: torch.device, dtype: torch.dtype):
 
 
 def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, tokens: int):
-    """Random latents, prompt embeddings and (Flux) position ids of the real shapes; returns forward kwargs."""
+    """Random latents, prompt embeddings and (Flux) position ids of the real shapes; returns forward
+    kwargs."""
     latent = resolution // VAE_FACTOR
     width, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
     text = torch.randn(batch, tokens, width, device=device, dtype=dtype)
@@ -164,8 +166,8 @@ def recipe_lora(kind: str) -> LoraSpec:
 
 
 def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
-    """The bare transformer with the recipe's LoRA adapters (rollouts of a LoRA policy run them too), under the
-    autocast a bf16-mixed run uses: rollouts (no grad) and one update step."""
+    """The bare transformer with the recipe's LoRA adapters (rollouts of a LoRA policy run them too), under
+    the autocast a bf16-mixed run uses: rollouts (no grad) and one update step."""
     transformer, config = build(kind, args.small, device, dtype)
     lora = recipe_lora(kind)
     # Adapters in float32 as guardrl keeps them; AdamW over the adapters only.
@@ -251,7 +253,8 @@ def count_only(models: list[str], resolution: int) -> None:
 
 
 class _IterationMetrics(L.Callback):
-    """Collects the time/, flops/ and throughput/ metrics each GRPO iteration writes (guardrl.perf.PhaseMeter)."""
+    """Collects the time/, flops/ and throughput/ metrics each GRPO iteration writes
+    (guardrl.perf.PhaseMeter)."""
 
     def __init__(self):
         self.iterations: list[dict[str, float]] = []
@@ -275,9 +278,9 @@ def grpo_iteration(
     extra: dict | None = None,
     warmup: int = 1,
 ) -> list[dict]:
-    """`guardrl fit` of the model's GRPO-Guard recipe on the random-weight backbone, in this process; one row per
-    phase with the medians of `args.iterations` iterations after `warmup` ones (the first counts FLOPs and warms
-    up). `extra`: more command-line options, applied last."""
+    """`guardrl fit` of the model's GRPO-Guard recipe on the random-weight backbone, in this process; one row
+    per phase with the medians of `args.iterations` iterations after `warmup` ones (the first counts FLOPs and
+    warms up). `extra`: more command-line options, applied last."""
     from guardrl.cli import main as guardrl_main
 
     tmp = tempfile.mkdtemp(prefix="guardrl-gpu-bench-")
@@ -404,7 +407,8 @@ def savers(device: torch.device) -> dict[str, tuple[str, dict | str]]:
 
 
 def savers_table(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
-    """One GRPO-iteration fit per saver in args.savers; a saver that fails prints its error and the rest go on."""
+    """One GRPO-iteration fit per saver in args.savers; a saver that fails prints its error and the rest go
+    on."""
     rows = []
     available = savers(device)
     for key in args.savers:
@@ -453,7 +457,8 @@ def _print_savers(rows: list[dict], device: torch.device) -> None:
         )
         shown = f"{peak:.2f}" if device.type == "cuda" else "(CPU: RSS only grows)"
         print(
-            f"| {r['model']} | {r['saver']} | {p['whole iteration']['seconds']:.4f} | {p['rollout']['seconds']:.4f} | "
+            f"| {r['model']} | {r['saver']} | {p['whole iteration']['seconds']:.4f} | "
+            f"{p['rollout']['seconds']:.4f} | "
             f"{p['update']['seconds']:.4f} | {p['update']['tflops']:.4g} | {shown} | {ratio} |"
         )
 
@@ -564,7 +569,8 @@ def main(argv=None) -> dict[str, list[dict]]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device: {name}, {torch.get_num_threads()} threads, dtype {str(dtype).replace('torch.', '')}, "
-        f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; torch {torch.__version__}"
+        f"{'small' if args.small else 'full'} shapes, {args.resolution} px, {args.steps} steps; "
+        f"torch {torch.__version__}"
     )
     print(f"matmul ceiling ({args.matmul_size}^3): {ceiling / 1e12:.3f} TFLOP/s")
     bare, iteration, saver_rows = [], [], []
@@ -592,14 +598,15 @@ def main(argv=None) -> dict[str, list[dict]]:
             saver_rows += savers_table(kind, args, device, dtype, ceiling)
     if bare:
         print(
-            "\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + backward + "
-            "AdamW at one timestep)"
+            "\nbare transformer with the recipe's LoRA (rollout: no-grad forwards; update: forward + "
+            "backward + AdamW at one timestep)"
         )
         _print_rows(bare)
     if iteration:
         print(
-            f"\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, {args.batch} "
-            f"images in groups of {args.group_size}, minibatch {args.minibatch}, medians of {args.iterations})"
+            "\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, "
+            f"{args.batch} images in groups of {args.group_size}, minibatch {args.minibatch}, "
+            f"medians of {args.iterations})"
         )
         _print_rows(iteration, extra="vs bare")
     if saver_rows:

@@ -9,6 +9,7 @@ complete file, never a truncated one that looks valid.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+_log = logging.getLogger("guardrl.module")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -207,3 +210,109 @@ def find_iteration_checkpoint(trainer: L.Trainer) -> Optional[IterationCheckpoin
         if isinstance(callback, IterationCheckpoint):
             return callback
     return None
+
+
+class TrainableStateCheckpointing:
+    """The checkpoint format of GRPOModule (a mixin of it; FSDP2Strategy and `guardrl.export` use the public
+    methods too).
+
+    A checkpoint keeps only what training changed (the policy's adapters and snapshots, or with full fine-tuning
+    the transformer and its old/EMA copies: `FlowPolicy.is_trainable_state_key`); the frozen base weights are
+    re-loaded from the pretrained model. Beside the weights, `checkpoint["guardrl"]` holds the counters that
+    shape the rest of the run and every rank's RNG states, which is what makes resume exact.
+    """
+
+    def is_trainable_key(self, key: str) -> bool:
+        """Whether a key of the module's state_dict belongs in a checkpoint."""
+        prefix = "policy."
+        return key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix) :])
+
+    def check_checkpoint_state(self, saved: dict[str, torch.Tensor]) -> None:
+        """Loading is not strict (frozen weights are not saved), so check the trainable part here: a checkpoint of
+        another LoRA rank, target list or backbone would otherwise load partly and silently."""
+        expected = {
+            key: value.shape for key, value in self.state_dict().items() if self.is_trainable_key(key)
+        }
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        mismatched = sorted(
+            k for k in set(expected) & set(saved) if tuple(saved[k].shape) != tuple(expected[k])
+        )
+        if not (missing or unexpected or mismatched):
+            return
+
+        def show(keys):
+            return f"{len(keys)} (e.g. {keys[:2]})" if keys else "0"
+
+        detail = ""
+        if mismatched:
+            key = mismatched[0]
+            detail = f"; {key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(expected[key])}"
+        raise ValueError(
+            "ckpt_path: the checkpoint's trainable weights do not fit this model: missing "
+            f"{show(missing)}, unexpected {show(unexpected)}, shape-mismatched {show(mismatched)}{detail}. "
+            "Resume with the model.backbone and model.lora (rank, target_modules) the run was trained with."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from guardrl.rng import capture_rng_states_of_all_ranks
+
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if self.is_trainable_key(key)
+        }
+        checkpoint["guardrl"] = {
+            "num_iterations": self.num_iterations,
+            "stream_position": self.stream_position,
+            **self.skipped_updates.state_dict(),
+            "num_optimizer_steps": int(self.trainer.global_step) if self._trainer is not None else 0,
+            "rng": capture_rng_states_of_all_ranks(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "guardrl" not in checkpoint:
+            raise ValueError(
+                "ckpt_path: this checkpoint was not written by guardrl's GRPOModule (no 'guardrl' entry with "
+                "counters and RNG states); resume from a checkpoint of a guardrl run"
+            )
+        if (
+            "state_dict" in checkpoint
+        ):  # a sharded checkpoint's weights were checked and loaded by FSDP2Strategy
+            self.check_checkpoint_state(checkpoint["state_dict"])
+        state = checkpoint["guardrl"]
+        self.num_iterations = state["num_iterations"]
+        self.stream_position = state["stream_position"]
+        self.skipped_updates.load_state_dict(state)
+        self._rng_to_restore = state.get("rng")  # restored in on_train_start, after everything that draws
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_position"):
+            datamodule.start_position = self.stream_position
+
+    def stop_if_finished(self) -> None:
+        """At train start: a finished run resumed with the same budget (a requeue wrapper that always passes
+        --ckpt_path last) runs no iteration and rewrites no checkpoint; RunSummaryCallback says how to extend it."""
+        if self.max_iterations is None or self.num_iterations < self.max_iterations:
+            return
+        self.trainer.should_stop = True
+        if self.trainer.is_global_zero:
+            _log.warning(
+                "guardrl: the checkpoint is at iteration %d and model.max_iterations=%d: the run is complete, "
+                "nothing to do (raise --model.max_iterations to train further)",
+                self.num_iterations,
+                self.max_iterations,
+            )
+
+    def restore_rng_states(self) -> None:
+        """At train start, after everything else that may draw: this rank's RNG states from the checkpoint."""
+        from guardrl.rng import restore_rng_state_of_rank
+
+        if self._rng_to_restore is None:
+            return
+        restored = restore_rng_state_of_rank(self._rng_to_restore, self.global_rank, self.trainer.world_size)
+        if not restored and self.trainer.is_global_zero:
+            _log.warning(
+                "guardrl: the checkpoint holds RNG states of %d ranks but this run has %d; the global RNGs are not "
+                "restored (rollout noise does not depend on them; LoRA dropout does)",
+                len(self._rng_to_restore),
+                self.trainer.world_size,
+            )
+        self._rng_to_restore = None

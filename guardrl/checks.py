@@ -21,8 +21,8 @@ def check_group_size(group_size: int, option: str = "model.group_size (linked fr
     """A group-relative advantage compares each sample with the others of its prompt: it needs two or more."""
     if not (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 2):
         raise ValueError(
-            f"{option} must be an integer >= 2: a group-relative advantage compares each sample with the other "
-            f"samples of its prompt, so a group needs at least two; got {group_size!r}"
+            f"{option} must be an integer >= 2: a group-relative advantage compares each sample with the "
+            f"other samples of its prompt, so a group needs at least two; got {group_size!r}"
         )
 
 
@@ -41,22 +41,23 @@ def check_rewards(rewards: Sequence) -> None:
             other = first_of[name]
             raise ValueError(
                 f"model.rewards[{other}] ({type(rewards[other]).__name__}) and model.rewards[{index}] "
-                f"({type(reward).__name__}) are both named {name!r}: reward names must be distinct, since scores "
-                f"and logs (reward/<name>/mean) are kept by name; set init_args.name on one of them "
+                f"({type(reward).__name__}) are both named {name!r}: reward names must be distinct, since "
+                f"scores and logs (reward/<name>/mean) are kept by name; set init_args.name on one of them "
                 f"(e.g. name: {name}_{index})"
             )
         first_of[name] = index
     weights = [getattr(reward, "weight", 1.0) for reward in rewards]
     if all(weight == 0 for weight in weights):
         raise ValueError(
-            f"model.rewards: every reward has weight 0 ({', '.join(r.name for r in rewards)}): the total reward "
-            "is 0 for every sample and nothing would be learned; give at least one reward a non-zero weight"
+            f"model.rewards: every reward has weight 0 ({', '.join(r.name for r in rewards)}): the total "
+            "reward is 0 for every sample and nothing would be learned; give at least one reward a non-zero "
+            "weight"
         )
     for reward, weight in zip(rewards, weights):
         if weight == 0:
             warnings.warn(
-                f"model.rewards: {reward.name!r} has weight 0: it is scored and logged (reward/{reward.name}/mean) "
-                "but does not enter the total reward the policy is trained on",
+                f"model.rewards: {reward.name!r} has weight 0: it is scored and logged "
+                f"(reward/{reward.name}/mean) but does not enter the total reward the policy is trained on",
                 stacklevel=2,
             )
 
@@ -69,8 +70,9 @@ def check_batch_sizes(
     if prompts_per_batch % rollout_chunks:
         divisors = [d for d in range(1, prompts_per_batch + 1) if prompts_per_batch % d == 0]
         raise ValueError(
-            f"performance.rollout_chunks={rollout_chunks} must divide data.prompts_per_batch={prompts_per_batch} "
-            f"(a chunk holds whole prompt groups): allowed {divisors}"
+            f"performance.rollout_chunks={rollout_chunks} must divide "
+            f"data.prompts_per_batch={prompts_per_batch} (a chunk holds whole prompt groups): "
+            f"allowed {divisors}"
         )
     batch = prompts_per_batch * group_size
     minibatch = grpo.minibatch_size or batch
@@ -78,25 +80,25 @@ def check_batch_sizes(
         divisors = [d for d in range(1, batch + 1) if batch % d == 0]
         raise ValueError(
             f"grpo.minibatch_size={minibatch} must divide the rank's batch of {batch} samples "
-            f"(data.prompts_per_batch={prompts_per_batch} * data.group_size={group_size}): allowed {divisors} "
-            "or null (the whole batch)"
+            f"(data.prompts_per_batch={prompts_per_batch} * data.group_size={group_size}): "
+            f"allowed {divisors} or null (the whole batch)"
         )
     updates = grpo.num_inner_epochs * (batch // minibatch)
     if updates % grpo.gradient_accumulation_steps:
         divisors = [d for d in range(1, updates + 1) if updates % d == 0]
         raise ValueError(
             f"grpo.gradient_accumulation_steps={grpo.gradient_accumulation_steps} must divide the {updates} "
-            f"minibatch updates of an iteration (grpo.num_inner_epochs={grpo.num_inner_epochs} * {batch} samples "
-            f"/ grpo.minibatch_size={minibatch}): allowed {divisors}"
+            f"minibatch updates of an iteration (grpo.num_inner_epochs={grpo.num_inner_epochs} * "
+            f"{batch} samples / grpo.minibatch_size={minibatch}): allowed {divisors}"
         )
 
 
 def check_optimizer_for_strategy(optimizer, strategy: Strategy) -> None:
     """Refuse bitsandbytes (8-bit) optimizers under FSDP / FSDP2.
 
-    bitsandbytes keeps each parameter's quantized state as plain tensors and runs its kernels on plain tensors;
-    sharded strategies hand the optimizer DTensor (FSDP2) or flattened (FSDP) shards, and their sharded
-    checkpoints do not cover that state. guardrl does not shard 8-bit optimizer state (yet), so the
+    bitsandbytes keeps each parameter's quantized state as plain tensors and runs its kernels on plain
+    tensors; sharded strategies hand the optimizer DTensor (FSDP2) or flattened (FSDP) shards, and their
+    sharded checkpoints do not cover that state. guardrl does not shard 8-bit optimizer state (yet), so the
     combination is refused before the first step rather than failing inside a kernel or a checkpoint.
     """
     if isinstance(optimizer, LightningOptimizer):
@@ -108,7 +110,7 @@ def check_optimizer_for_strategy(optimizer, strategy: Strategy) -> None:
     ):
         raise ValueError(
             f"model.optimizer={module}.{optimizer_class.__qualname__} cannot be used with trainer.strategy="
-            f"{type(strategy).__name__}: guardrl does not shard 8-bit (bitsandbytes) optimizer state. Allowed: a "
-            "torch.optim optimizer such as torch.optim.AdamW, or the 8-bit one with trainer.strategy=ddp or a "
-            "single device"
+            f"{type(strategy).__name__}: guardrl does not shard 8-bit (bitsandbytes) optimizer state. "
+            "Allowed: a torch.optim optimizer such as torch.optim.AdamW, or the 8-bit one with "
+            "trainer.strategy=ddp or a single device"
         )

@@ -24,7 +24,8 @@ from peft.utils import get_peft_model_state_dict
 
 from guardrl.checkpointing import default_file_mode
 from guardrl.policy import FlowPolicy
-from guardrl.sharding import full_tensor, is_checkpoint, load_sharded_trainable_state
+from guardrl.dtensors import full_tensor
+from guardrl.sharding import is_checkpoint, load_sharded_trainable_state
 
 EXPORTABLE_WEIGHTS = ("policy", "ema")
 _ADAPTER = {"policy": "default", "ema": "ema"}
@@ -95,7 +96,7 @@ def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: s
         state = load_sharded_trainable_state(model, ckpt_path)
     else:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    model._check_checkpoint_state(state)
+    model.check_checkpoint_state(state)
     model.load_state_dict(state, strict=False)
     return export_lora(model.policy, out_dir, weights)
 

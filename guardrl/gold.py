@@ -5,7 +5,9 @@ sums with `dist_reduce_fx="sum"`, so `compute()` aggregates over every rank's ev
 
 `ImageDetail` is the stand-in for the tiny random-weight model, whose proxy is JPEG compressibility: a policy
 that games compressibility flattens its images, so the mean per-image pixel standard deviation falls while the
-proxy rises. `ToyPassRate` and `ToyOffPalette` adapt the toy world's gold metrics (guardrl/toy/gold.py).
+proxy rises. The toy world's gold metrics take the same (images, prompts) and are used as they are:
+`guardrl.toy.gold.VerifierPassRate` (`quantized: true` for the pass rate after colour quantization) and
+`guardrl.toy.gold.OffPaletteFraction`.
 """
 
 from __future__ import annotations
@@ -33,57 +35,3 @@ class ImageDetail(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)
-
-
-class ToyPassRate(Metric):
-    """The toy world's exact-verifier pass rate (guardrl.toy.gold.VerifierPassRate); higher is better."""
-
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, quantize: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
-        from guardrl.toy.gold import VerifierPassRate
-
-        self.inner = VerifierPassRate(quantize=quantize) if _takes_quantize() else VerifierPassRate()
-
-    def update(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
-        self.inner.update(images, list(prompts))
-
-    def compute(self) -> torch.Tensor:
-        return self.inner.compute()
-
-    def reset(self) -> None:
-        super().reset()
-        self.inner.reset()
-
-
-class ToyOffPalette(Metric):
-    """The toy world's off-palette pixel fraction (guardrl.toy.gold.OffPaletteFraction); lower is better."""
-
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        from guardrl.toy.gold import OffPaletteFraction
-
-        self.inner = OffPaletteFraction()
-
-    def update(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
-        self.inner.update(images)
-
-    def compute(self) -> torch.Tensor:
-        return self.inner.compute()
-
-    def reset(self) -> None:
-        super().reset()
-        self.inner.reset()
-
-
-def _takes_quantize() -> bool:
-    import inspect
-
-    from guardrl.toy.gold import VerifierPassRate
-
-    return "quantize" in inspect.signature(VerifierPassRate.__init__).parameters

@@ -9,9 +9,18 @@ from typing import Literal, Optional
 from guardrl.algorithm.advantages import STD_SCOPES
 from guardrl.algorithm.loss import CLIP_RANGE_UNITS
 from guardrl.algorithm.ratios import RATIO_VARIANTS, VARIANCE_NORMALIZED_VARIANTS
+from guardrl.algorithm.timesteps import TIMESTEP_SELECTIONS
 from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, SDE_TYPES
 
-TIMESTEP_SELECTIONS = ("random", "first")
+# The options' choices, derived from the registries that implement them: a new ratio variant (a function in
+# RATIO_VARIANTS) or SDE type is a choice of the parser, of `guardrl fit --help` and of guardrl.preflight with no
+# list to update here. (typing.Literal of a runtime tuple: what jsonargparse reads; mypy does not check this file.)
+RatioVariant = Literal[tuple(RATIO_VARIANTS)]  # type: ignore[valid-type]
+SdeType = Literal[tuple(SDE_TYPES)]  # type: ignore[valid-type]
+LogProbReduction = Literal[tuple(LOG_PROB_REDUCTIONS)]  # type: ignore[valid-type]
+ClipRangeUnit = Literal[tuple(CLIP_RANGE_UNITS)]  # type: ignore[valid-type]
+StdScope = Literal[tuple(STD_SCOPES)]  # type: ignore[valid-type]
+TimestepSelection = Literal[tuple(TIMESTEP_SELECTIONS)]  # type: ignore[valid-type]
 
 
 # The Literal types below are checked by the CLI's parser, but not when the options are built in Python, and
@@ -56,13 +65,13 @@ class SamplingOptions:
     distilled guidance embedding). 1.0 disables true CFG."""
     noise_level: float = 0.7
     """eta of the SDE (FlowGRPO: 0.7 for SD3.5, 0.9 for Flux; DanceGRPO: 0.3). Must be > 0 to train."""
-    sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    sde_type: SdeType = "flow_grpo"
     """Noise scale sigma_k: "flow_grpo" eta*sqrt(t/(1-t)); "dance_grpo" eta. Same score-corrected mean."""
     sde_window: Optional[tuple[int, int]] = None
     """Half-open range [start, end) of sampler step indices that use the SDE (and can be trained); the other
     steps are deterministic Euler steps. None: every step but the last, whose noise would land unaltered in
     the final image."""
-    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    log_prob_reduction: LogProbReduction = "mean"
     """"mean": log-probs averaged over latent elements (the public FlowGRPO/DanceGRPO form; clip ranges like
     1e-4 are in this unit). "sum": the exact Gaussian log-density of the step."""
     same_noise_per_group: bool = False
@@ -103,20 +112,18 @@ class SamplingOptions:
 class GRPOOptions:
     """The GRPO update (GRPO names for GRPO concepts)."""
 
-    ratio_variant: Literal["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"] = (
-        "grpo_guard"
-    )
+    ratio_variant: RatioVariant = "grpo_guard"
     """Which log-ratio is clipped and how each step's loss is weighted (SPEC.md; docs/math.md):
     flow_grpo (log r, 1), temp_reweight (log r, s), mean_revised (log r + ||dmu||^2/2s^2, 1),
     ratio_norm (-dmu.eps, 1), grpo_guard (-dmu.eps, 1/|dt|)."""
     clip_range: float = 2e-6
     """PPO clip c: the ratio is clipped to [1 - c, 1 + c], in `clip_range_unit`."""
-    clip_range_unit: Literal["log_prob", "per_sqrt_element"] = "log_prob"
+    clip_range_unit: ClipRangeUnit = "log_prob"
     """"log_prob": c is in the units of the computed log-ratio (per element with "mean" reduction, as in the
     reference configs). "per_sqrt_element": c is rescaled by sqrt(D) so it means the same at every resolution."""
     adv_clip_max: Optional[float] = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]; None: no clip."""
-    std_scope: Literal["group", "global"] = "group"
+    std_scope: StdScope = "group"
     """Divide advantages by each group's reward std ("group") or the std over all ranks' samples ("global")."""
     null_control: bool = False
     """Shuffle each group's advantages among its samples before the update: same update size and noise, no
@@ -138,7 +145,7 @@ class GRPOOptions:
     """Clip the total gradient norm before each optimizer step; None: no clipping."""
     num_train_timesteps: Optional[int] = None
     """How many of the SDE steps to train per iteration; None: all of them."""
-    timestep_selection: Literal["random", "first"] = "random"
+    timestep_selection: TimestepSelection = "random"
     """Which SDE steps when num_train_timesteps is set: a seeded random subset per iteration (DanceGRPO) or
     the first ones (FlowGRPO's timestep_fraction)."""
     old_policy_sync_every: int = 1

@@ -49,7 +49,8 @@ class PerformanceOptions:
     """Recompute the transformer's block activations in the backward pass instead of storing them (diffusers'
     `enable_gradient_checkpointing`): less memory in the update for about one more forward of compute."""
     compile: bool = False
-    """Compile the transformer with `torch.compile` (after the first iteration, which counts FLOPs eagerly)."""
+    """Compile the transformer with `torch.compile` (after the first iteration, which counts FLOPs
+    eagerly)."""
     compile_backend: str = "inductor"
     """torch.compile backend ("inductor"; "aot_eager" or "eager" to debug a compile problem)."""
     compile_mode: Optional[str] = None
@@ -73,7 +74,8 @@ class PerformanceOptions:
     throughput_window: int = 4
     """Iterations in the throughput / MFU window (the first iteration of a process is never in it)."""
     peak_flops: Optional[float] = None
-    """Peak FLOP/s of one device for MFU; None: Lightning's table for the GPU and compute dtype (none on CPU)."""
+    """Peak FLOP/s of one device for MFU; None: Lightning's table for the GPU and compute dtype (none on
+    CPU)."""
 
     def __post_init__(self) -> None:
         _require_int("performance.throughput_window", self.throughput_window, minimum=2)

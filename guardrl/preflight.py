@@ -136,20 +136,63 @@ def _option(annotation: Optional[ast.expr], module: str) -> Option:
     stripped = _strip_optional(annotation)
     optional, annotation = stripped is not annotation, stripped
     if isinstance(annotation, ast.Subscript) and _name(annotation.value) == "Literal":
-        elements = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
-        try:
-            return Option(
-                choices=tuple(ast.literal_eval(e) for e in elements) + ((None,) if optional else ())
-            )
-        except ValueError:
+        choices = _constant_names(module, annotation.slice)
+        if choices is None:
             return Option()
+        return Option(choices=choices + ((None,) if optional else ()))
     name = _name(annotation)
+    if name is not None and module.startswith("guardrl"):
+        alias = _module_level_value(module, name)  # `RatioVariant = Literal[tuple(RATIO_VARIANTS)]`
+        if alias is not None and isinstance(alias[1], ast.Subscript) and _name(alias[1].value) == "Literal":
+            literal = ast.Subscript(value=ast.Name("Optional"), slice=alias[1]) if optional else alias[1]
+            return _option(literal, alias[0])
     # An Optional[dataclass] is a class-type option for jsonargparse (it also takes class_path/init_args): open.
     if name is not None and module.startswith("guardrl") and not optional:
         found = _find_class(module, name)
         if found is not None and _is_dataclass(found[1]):
             return Option(children=_dataclass_fields(*found))
     return Option()
+
+
+def _module_level_value(module: str, name: str, depth: int = 0) -> Optional[tuple[str, ast.expr]]:
+    """(module, value) of a module-level `name = value` as seen from `module` (followed through imports)."""
+    tree = _parse(module)
+    if tree is None or depth > 4:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return module, value
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _module_level_value(node.module, alias.name, depth + 1)
+    return None
+
+
+def _constant_names(module: str, node: ast.expr) -> Optional[tuple]:
+    """The constants a Literal's argument stands for: `"a", "b"`, or `tuple(NAME)` / `NAME` where NAME is a
+    module-level tuple or dict of constants (a registry: its keys). None when it is anything else."""
+    if isinstance(node, ast.Call) and _name(node.func) in ("tuple", "list") and len(node.args) == 1:
+        node = node.args[0]
+    if isinstance(node, ast.Name):
+        found = _module_level_value(module, node.id)
+        if found is None:
+            return None
+        module, node = found
+        if isinstance(node, ast.Dict):
+            node = ast.Tuple(elts=[k for k in node.keys if k is not None])
+    elements = node.elts if isinstance(node, (ast.Tuple, ast.List)) else [node]
+    try:
+        return tuple(ast.literal_eval(e) for e in elements)
+    except ValueError:
+        return None
 
 
 def _is_dataclass(node: ast.ClassDef) -> bool:

@@ -74,7 +74,8 @@ def capture_rng_states_of_all_ranks() -> list[dict[str, Any]]:
 
 
 def restore_rng_state_of_rank(states: list[dict[str, Any]], rank: int, world_size: int) -> bool:
-    """Restore this rank's states; False (nothing restored) when the checkpoint came from another world size."""
+    """Restore this rank's states; False (nothing restored) when the checkpoint came from another world
+    size."""
     if len(states) != world_size:
         return False
     restore_rng_state(states[rank])

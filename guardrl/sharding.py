@@ -125,11 +125,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
         module = self.lightning_module
-        module._check_checkpoint_state(saved_model_tensors(str(path), device="meta"))
+        module.check_checkpoint_state(saved_model_tensors(str(path), device="meta"))
         model_state = {
             key: value
             for key, value in get_model_state_dict(self.model).items()
-            if module._is_trainable_key(key)
+            if module.is_trainable_key(key)
         }
         load({MODEL_KEY: model_state}, checkpoint_id=path)
         self.model.load_state_dict(model_state, strict=False)
@@ -268,7 +268,7 @@ def load_sharded_trainable_state(module, path: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint import load
 
     state = {
-        key: t for key, t in saved_model_tensors(path, device="cpu").items() if module._is_trainable_key(key)
+        key: t for key, t in saved_model_tensors(path, device="cpu").items() if module.is_trainable_key(key)
     }
     load({MODEL_KEY: state}, checkpoint_id=path)
     return state
@@ -322,21 +322,10 @@ def data_parallel_mesh(device_mesh):
     return device_mesh["data_parallel"]
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "full_tensor")
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on this rank (a collective for an FSDP2 DTensor; the tensor itself otherwise)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
-
-
 def shard_policy(policy, device_mesh, reshard_after_forward: Optional[bool] = True) -> dict[str, int]:
     """Shard the trained transformer, and with full fine-tuning its old / EMA / reference copies."""
     mesh = data_parallel_mesh(device_mesh)
     sharded = {"transformer": shard_transformer(policy.transformer, mesh, reshard_after_forward)}
-    for name in ("old_transformer", "ema_transformer", "reference_transformer"):
-        copy = getattr(policy, name, None)
-        if copy is not None:
-            sharded[name] = shard_transformer(copy, mesh, reshard_after_forward)
+    for name, copy in policy.transformer_copies().items():
+        sharded[f"{name}_transformer"] = shard_transformer(copy, mesh, reshard_after_forward)
     return sharded

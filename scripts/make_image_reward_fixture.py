@@ -7,7 +7,8 @@ This script does NOT run in guardrl's environment: the original's vendored BLIP 
 transformers 4.x and its package imports torchvision and timm 0.6.13. It ran in a throwaway venv:
 
     python -m venv /tmp/irvenv
-    /tmp/irvenv/bin/pip install torch==2.14.1 torchvision==0.29.1   # from this machine's wheel disk, run on CPU
+    /tmp/irvenv/bin/pip install torch==2.14.1 torchvision==0.29.1   # from this machine's wheel disk,
+                                                                    # run on CPU
     /tmp/irvenv/bin/pip install --no-deps image-reward==1.5 timm==0.6.13 fairscale==0.4.13
     /tmp/irvenv/bin/pip install transformers==4.40.2 safetensors pillow
     /tmp/irvenv/bin/python scripts/make_image_reward_fixture.py [--out tests/fixtures/image_reward]
@@ -20,8 +21,8 @@ What is the original's and what is patched, all in this file (nothing in site-pa
 
 1. Import: `import ImageReward` runs the package's __init__, which imports ReFL.py (diffusers, datasets,
    accelerate) and the CLIP/BLIP/Aesthetic baseline scorers (OpenAI's `clip`). None of them is involved in the
-   ImageReward model, so the two package modules `ImageReward` and `ImageReward.models` are registered as empty
-   namespace packages pointing at the installed folders; `ImageReward.ImageReward` (the model class, its
+   ImageReward model, so the two package modules `ImageReward` and `ImageReward.models` are registered as
+   empty namespace packages pointing at the installed folders; `ImageReward.ImageReward` (the model class, its
    `_transform`, `MLP`, `score`, `inference_rank`) and `ImageReward.models.BLIP.*` (blip_pretrain.py, blip.py,
    vit.py, med.py) are then imported and run unmodified.
 2. Vision size: `BLIP_Pretrain` calls `create_vit('large', 224)` (ViT-L/16: width 1024, 24 blocks). The name
@@ -30,8 +31,8 @@ What is the original's and what is patched, all in this file (nothing in site-pa
    2 heads); its width becomes the text encoder's `encoder_width`, as in the original.
 3. Tokenizer: the original's `init_tokenizer` does `BertTokenizer.from_pretrained('bert-base-uncased')` (the
    hub), then adds '[DEC]' as bos and '[ENC]' as an additional special token. The name `BertTokenizer` in
-   blip.py's namespace is replaced by a shim whose `from_pretrained` loads the fixture's small uncased WordPiece
-   vocabulary (tokenizer/vocab.txt, written here) instead; the rest of `init_tokenizer` runs as is.
+   blip.py's namespace is replaced by a shim whose `from_pretrained` loads the fixture's small uncased
+   WordPiece vocabulary (tokenizer/vocab.txt, written here) instead; the rest of `init_tokenizer` runs as is.
 4. Head size: `ImageReward.__init__` hard-codes `MLP(768)` (BERT-base width); after construction `model.mlp`
    is replaced by the original `MLP` class built for the tiny text width (32). Its inner layers
    (1024, 128, 64, 16, 1) are the original's.
@@ -150,8 +151,9 @@ MED_CONFIG = {  # BLIP's med_config.json layout (ImageReward's release: BERT-bas
 PROMPTS = [
     "a photo of a cat",
     "A RED car, parked on the street at night!",  # upper case, punctuation
+    # > 35 tokens
     "an old man sitting at a cafe table near the river, golden light on the water and boats under a blue sky "
-    "with clouds, painting of the city at sunset with flowers and trees in a large green garden",  # > 35 tokens
+    "with clouds, painting of the city at sunset with flowers and trees in a large green garden",
     "a zebra with two dogs",  # unknown words ([UNK]), a WordPiece split (dog ##s)
 ]
 
@@ -362,8 +364,8 @@ def main() -> None:
     print("spread (std over pairs):", float(scores.std()))
 
     expected = {
-        "about": "Written by scripts/make_image_reward_fixture.py with the original image-reward code; see its "
-        "docstring for the venv and the patches. Scores: the original's score(prompt, PIL image) "
+        "about": "Written by scripts/make_image_reward_fixture.py with the original image-reward code; "
+        "see its docstring for the venv and the patches. Scores: the original's score(prompt, PIL image) "
         "and inference_rank(prompt, [PIL images]).",
         "versions": {
             "image-reward": "1.5",
@@ -393,7 +395,8 @@ def main() -> None:
     }
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
-    # the full-size original's keys and shapes, for the test that the released layout maps onto guardrl's modules
+    # the full-size original's keys and shapes, for the test that the released layout maps onto guardrl's
+    # modules
     with tempfile.TemporaryDirectory() as tmp:
         released_med = dict(
             MED_CONFIG,

@@ -7,7 +7,8 @@ shapes learnable sooner? (docs/toy_model.md, "What was tried")
 `base` pretrains on the shipped world (boxes of 9-12 px anywhere); `grid` replaces the renderer's layout with
 boxes of 8 or 12 px at multiples of 4 (each box covers whole 4 x 4 patches), all else equal (seed, schedule,
 settings of guardrl.toy.pretrain). Each then prints the verifier's check rates on 32 prompts per kind, held
-out and train, ODE at CFG 2 and 4. About 20 minutes each for 1,500 steps on one thread (two at once on 2 cores).
+out and train, ODE at CFG 2 and 4. About 20 minutes each for 1,500 steps on one thread (two at once on 2
+cores).
 """
 
 import json

@@ -1,6 +1,7 @@
-"""What the FSDP2 tests pass to `guardrl fit` subprocesses: `ShardingProbe` (`--trainer.callbacks+=tests.
-sharding_probe.ShardingProbe`) records what each rank holds of the transformer and the trained policy's velocity
-on a fixed input; `SmoothReward` is a reward that is a smooth function of the pixels.
+"""What the FSDP2 tests pass to `guardrl fit` subprocesses: `ShardingProbe`
+(`--trainer.callbacks+=tests.sharding_probe.ShardingProbe`) records what each rank holds of the transformer
+and the trained policy's velocity on a fixed input; `SmoothReward` is a reward that is a smooth function of
+the pixels.
 
 Why a smooth reward: JPEG compressibility (the tiny configs' reward) is a step function of the pixels, so a
 float-level difference between two runs' weights can flip an image's JPEG size by a byte and move its group's
@@ -15,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from guardrl.rewards import Reward
-from guardrl.sharding import full_tensor
+from guardrl.dtensors import full_tensor
 
 PROBE_PROMPTS = ["a red circle", "a cat"]
 PROBE_T = 0.6

@@ -183,8 +183,9 @@ def test_ratio_terms_gradients_flow_through_mean_theta():
     (grad,) = torch.autograd.grad(terms.normalized_log_ratio.sum(), mean_theta)
     torch.testing.assert_close(grad, eps, rtol=0, atol=1e-14)
     terms = compute_ratio_terms(next_latents, mean_old, mean_theta, std, dt, "sum")
-    # d log r / d mu_theta = dmu/s^2 + eps/s: sample 0 [1,2]/0.25 + [0.5,-1]/0.5 = [4,8] + [1,-2] = [5, 6]
-    #                                        sample 1 [0.5,-0.5]/0.0625 + [1,2]/0.25 = [8,-8] + [4,8] = [12, 0]
+    # d log r / d mu_theta = dmu/s^2 + eps/s:
+    #   sample 0 [1,2]/0.25 + [0.5,-1]/0.5 = [4,8] + [1,-2] = [5, 6]
+    #   sample 1 [0.5,-0.5]/0.0625 + [1,2]/0.25 = [8,-8] + [4,8] = [12, 0]
     (grad,) = torch.autograd.grad(terms.raw_log_ratio.sum(), mean_theta)
     torch.testing.assert_close(grad, torch.tensor([[5.0, 6.0], [12.0, 0.0]], dtype=F64), rtol=0, atol=1e-12)
 
@@ -194,8 +195,9 @@ def test_ratio_terms_gradients_flow_through_mean_theta():
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_ratio_variants_are_exactly_the_five_of_the_ablation():
-    assert set(RATIO_VARIANTS) == {"flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"}
+def test_the_five_variants_of_the_ablation_are_registered():
+    # A subset check: a new variant is one more function in RATIO_VARIANTS, with no list to update here.
+    assert {"flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"} <= set(RATIO_VARIANTS)
 
 
 @pytest.mark.parametrize(
@@ -311,8 +313,10 @@ def test_group_advantages_constant_group_of_inexact_values_is_exactly_zero():
 def test_group_advantages_global_std():
     rewards = _t(1.0, 2.0, 3.0, 4.0, 4.0, 4.0)
     adv = group_advantages(rewards, group_size=3, std_scope="global", clip=None)
-    # global population std of all 6: mean 3, squares 4 + 1 + 0 + 1 + 1 + 1 = 8 -> sqrt(8/6) = 1.1547005383792515
-    # group 0 still centred on its own mean 2: A = [-1, 0, 1]/(1.1547005383792515 + 1e-4) = +-0.8659504102790668
+    # global population std of all 6: mean 3, squares 4 + 1 + 0 + 1 + 1 + 1 = 8
+    #   -> sqrt(8/6) = 1.1547005383792515
+    # group 0 still centred on its own mean 2: A = [-1, 0, 1]/(1.1547005383792515 + 1e-4)
+    #   = +-0.8659504102790668
     a = 1.0 / (math.sqrt(8.0 / 6.0) + 1e-4)
     assert a == pytest.approx(0.8659504102790668, abs=1e-15)
     torch.testing.assert_close(adv, _t(-a, 0.0, a, 0.0, 0.0, 0.0), rtol=1e-14, atol=0)
@@ -432,7 +436,8 @@ def test_clipped_policy_loss_batch_weights_mean_and_stats():
     assert stats.clipped_upper.tolist() == [True, False, True, False, False]
     assert stats.clipped_lower.tolist() == [False, True, False, True, False]
     # approx_kl = (r - 1) - log r = [e - 2, -0.5 + log 2, 0.5 - log 1.5, -0.5 + log 2, 0.1 - log 1.1]
-    #          = [0.7182818284590451, 0.1931471805599453, 0.0945348918918356, 0.1931471805599453, 0.0046898201956751]
+    #          = [0.7182818284590451, 0.1931471805599453, 0.0945348918918356, 0.1931471805599453,
+    #             0.0046898201956751]
     torch.testing.assert_close(
         stats.approx_kl,
         _t(

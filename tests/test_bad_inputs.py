@@ -26,7 +26,13 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 
-from guardrl.algorithm import clipped_policy_loss, compute_ratio_terms, effective_clip_range, group_advantages
+from guardrl.algorithm import (
+    RATIO_VARIANTS,
+    clipped_policy_loss,
+    compute_ratio_terms,
+    effective_clip_range,
+    group_advantages,
+)
 from guardrl.callbacks import RatioStatsCallback
 from guardrl.checkpointing import IterationCheckpoint
 from guardrl.checks import (
@@ -231,7 +237,8 @@ def dynamic_sigmas_without_seq_len(tmp_path):
 SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.0], dtype=torch.float64)
 NAN, INF = float("nan"), float("inf")
 FINITE_GT0, FINITE_GE0 = r"finite number > 0", r"finite number >= 0"
-VARIANTS = r"'flow_grpo', 'temp_reweight', 'mean_revised', 'ratio_norm', 'grpo_guard'"
+# The choices as messages list them, from the registry (a new variant needs no edit here).
+VARIANTS = re.escape(", ".join(map(repr, RATIO_VARIANTS)))
 S, G, F = SamplingOptions, GRPOOptions, FaultOptions
 
 # ---------------------------------------------------------------------------------------------- catalogue
@@ -261,11 +268,14 @@ CATALOGUE = [
     Case("cli-ckpt-path-missing", "cli", "resumes from a `--ckpt_path` that does not exist",
          cli("--ckpt_path", "TMP/missing.ckpt", run=True), r"ckpt_path|[Cc]heckpoint", r"missing\.ckpt",
          r"no such file|not found"),
-    Case("cli-misspelt-class-path", "cli", "misspells a class path (`--model.backbone guardrl.policy.TinySD3Backbon`)",
-         cli(**{"--model.backbone": "guardrl.policy.TinySD3Backbon"}), r"model\.backbone", r"TinySD3Backbon\b",
-         r"did you mean 'guardrl\.policy\.TinySD3Backbone'", SystemExit),
+    Case("cli-misspelt-class-path", "cli",
+         "misspells a class path (`--model.backbone guardrl.policy.TinySD3Backbon`)",
+         cli(**{"--model.backbone": "guardrl.policy.TinySD3Backbon"}), r"model\.backbone",
+         r"TinySD3Backbon\b", r"did you mean 'guardrl\.policy\.TinySD3Backbone'", SystemExit),
     Case("cli-ckpt-path-truncated", "cli", "resumes from a truncated checkpoint file",
-         lambda tmp_path: cli("--ckpt_path", write(tmp_path, "cut.ckpt", _truncated_checkpoint()), run=True)(tmp_path),
+         lambda tmp_path: cli(
+             "--ckpt_path", write(tmp_path, "cut.ckpt", _truncated_checkpoint()), run=True
+         )(tmp_path),
          r"ckpt_path", r"cut\.ckpt", r"not a readable guardrl checkpoint.*written by guardrl fit"),
     Case("cli-ckpt-path-random-bytes", "cli", "passes a file of random bytes as `--ckpt_path`",
          lambda tmp_path: cli("--ckpt_path", write(tmp_path, "noise.ckpt", bytes(range(256)) * 64),
@@ -274,8 +284,9 @@ CATALOGUE = [
     Case("cli-ckpt-path-not-guardrl", "cli", "passes another program's PyTorch file as `--ckpt_path`",
          lambda tmp_path: cli("--ckpt_path", _torch_file(tmp_path, "weights.pt"), run=True)(tmp_path),
          r"ckpt_path", r"weights\.pt", r"not a guardrl checkpoint.*written by guardrl fit"),
-    Case("cli-taken-version-folder", "cli", "starts a new run with `--trainer.logger.init_args.version` of an "
-         "existing run", _new_run_into_taken_version, r"trainer\.logger\.init_args\.version", r"=0\b",
+    Case("cli-taken-version-folder", "cli",
+         "starts a new run with `--trainer.logger.init_args.version` of an existing run",
+         _new_run_into_taken_version, r"trainer\.logger\.init_args\.version", r"=0\b",
          r"Leave the version unset.*--ckpt_path last"),
     Case("cli-nan-clip-range", "cli", "writes `.nan` for a float (`--model.grpo.clip_range .nan`)",
          cli(**{"--model.grpo.clip_range": ".nan"}), r"grpo\.clip_range", r"\bnan\b", FINITE_GT0),
@@ -333,8 +344,8 @@ CATALOGUE = [
     Case("grpo-clip-unit", "grpo", "passes clip_range_unit 'per_element' from Python",
          build(G, clip_range_unit="per_element"), r"grpo\.clip_range_unit", r"'per_element'",
          r"'log_prob', 'per_sqrt_element'"),
-    Case("grpo-adv-clip-zero", "grpo", "sets adv_clip_max 0", build(G, adv_clip_max=0.0), r"grpo\.adv_clip_max",
-         r"\b0\.0\b", r"finite number > 0 or null"),
+    Case("grpo-adv-clip-zero", "grpo", "sets adv_clip_max 0", build(G, adv_clip_max=0.0),
+         r"grpo\.adv_clip_max", r"\b0\.0\b", r"finite number > 0 or null"),
     Case("grpo-adv-clip-inf", "grpo", "sets adv_clip_max infinite (meaning no clip)",
          build(G, adv_clip_max=INF), r"grpo\.adv_clip_max", r"\binf\b", r"or null \(null: no clip\)"),
     Case("grpo-std-scope", "grpo", "passes std_scope 'batch' from Python", build(G, std_scope="batch"),
@@ -377,7 +388,8 @@ CATALOGUE = [
     Case("combo-train-timesteps-vs-window", "combinations", "trains more timesteps than the SDE window has",
          build(check_compatible, S(num_inference_steps=4), G(num_train_timesteps=5)),
          r"grpo\.num_train_timesteps", r"=5", r"<= 3 \(the SDE steps of sampling\.sde_window=\[0, 3\]\)"),
-    Case("combo-clip-range-units", "combinations", "sets a per_sqrt_element clip range that exceeds 1 with sum",
+    Case("combo-clip-range-units", "combinations",
+         "sets a per_sqrt_element clip range that exceeds 1 with sum",
          build(effective_clip_range, 0.1, "per_sqrt_element", "sum", 65536), r"grpo\.clip_range",
          r"clip_range=0\.1 .*'per_sqrt_element'.*'sum'.*D=65536", r"must be < 1"),
     Case("combo-minibatch-vs-batch", "combinations", "sets a minibatch_size that does not divide the batch",
@@ -437,17 +449,19 @@ CATALOGUE = [
          build(PerformanceOptions, compile=True, compile_backend="indcutor"), r"performance\.compile_backend",
          r"'indcutor'", r"available: .*inductor"),
     Case("performance-rollout-chunks-0", "module", "sets performance.rollout_chunks 0",
-         build(PerformanceOptions, rollout_chunks=0), r"performance\.rollout_chunks", r"\b0\b", r"integer >= 1"),
+         build(PerformanceOptions, rollout_chunks=0), r"performance\.rollout_chunks", r"\b0\b",
+         r"integer >= 1"),
     Case("performance-trajectory-dtype", "module", "stores trajectories in an unsupported dtype (`float8`)",
          build(PerformanceOptions, trajectory_dtype="float8"), r"performance\.trajectory_dtype", r"'float8'",
          r"'float32', 'bfloat16', 'float16'"),
     Case("performance-overlap-one-chunk", "module", "overlaps rewards with a single rollout chunk",
-         build(PerformanceOptions, overlap_rewards=True), r"performance\.overlap_rewards", r"rollout_chunks=1",
-         r"needs performance\.rollout_chunks >= 2"),
+         build(PerformanceOptions, overlap_rewards=True), r"performance\.overlap_rewards",
+         r"rollout_chunks=1", r"needs performance\.rollout_chunks >= 2"),
 
     # ----- data: the module's options and the prompt files
-    Case("data-group-size-1", "data", "sets data.group_size 1", build(PromptDataModule, "p.txt", group_size=1),
-         r"data\.group_size", r"\b1\b", r"integer >= 2 \(a group-relative advantage"),
+    Case("data-group-size-1", "data", "sets data.group_size 1",
+         build(PromptDataModule, "p.txt", group_size=1), r"data\.group_size", r"\b1\b",
+         r"integer >= 2 \(a group-relative advantage"),
     Case("data-prompts-per-batch-0", "data", "sets data.prompts_per_batch 0",
          build(PromptDataModule, "p.txt", prompts_per_batch=0), r"data\.prompts_per_batch", r"\b0\b",
          r"integer >= 1"),
@@ -511,7 +525,8 @@ CATALOGUE = [
          lambda t: SD3Backbone(str(t / "nope")).load(),
          r"model\.backbone\.init_args\.pretrained_model_name_or_path",
          r"nope", r"diffusers pipeline directory .* or a hub id"),
-    Case("backbone-not-diffusers", "backbone", "points the model path at a directory without model_index.json",
+    Case("backbone-not-diffusers", "backbone",
+         "points the model path at a directory without model_index.json",
          pipeline_dir(None), r"pretrained_model_name_or_path", r"pipe'", r"diffusers pipeline directory"),
     Case("backbone-wrong-pipeline", "backbone", "loads a Flux directory with SD3Backbone",
          pipeline_dir('{"_class_name": "FluxPipeline"}'), r"pretrained_model_name_or_path", r"FluxPipeline",
@@ -592,12 +607,13 @@ CATALOGUE = [
 
     # ----- library functions (sampling/ and algorithm/ called directly)
     Case("fn-sigmas-steps-0", "functions", "asks flow_match_sigmas for 0 steps",
-         lambda t: flow_match_sigmas(SimpleNamespace(config={}), 0), r"sampling\.num_inference_steps", r"\b0\b",
-         r">= 1"),
+         lambda t: flow_match_sigmas(SimpleNamespace(config={}), 0), r"sampling\.num_inference_steps",
+         r"\b0\b", r">= 1"),
     Case("fn-sigmas-seq-len", "functions", "asks a Flux-style schedule for sigmas without image_seq_len",
          dynamic_sigmas_without_seq_len, r"image_seq_len", r"None", r"backbone's image_seq_len\(\)"),
     Case("fn-noise-scales-nan", "functions", "calls noise_scales with eta NaN",
-         build(noise_scales, SIGMAS, NAN, "flow_grpo", [0]), r"sampling\.noise_level", r"\bnan\b", FINITE_GE0),
+         build(noise_scales, SIGMAS, NAN, "flow_grpo", [0]), r"sampling\.noise_level", r"\bnan\b",
+         FINITE_GE0),
     Case("fn-noise-scales-sde-type", "functions", "calls noise_scales with sde_type 'ddim'",
          build(noise_scales, SIGMAS, 0.5, "ddim", [0]), r"sampling\.sde_type", r"'ddim'",
          r"flow_grpo.*dance_grpo"),
@@ -627,7 +643,8 @@ CATALOGUE = [
          r"'per_element'",
          r"'log_prob', 'per_sqrt_element'"),
     Case("fn-clip-range-nan", "functions", "calls effective_clip_range with NaN",
-         build(effective_clip_range, NAN, "log_prob", "mean", 16), r"grpo\.clip_range", r"\bnan\b", FINITE_GT0),
+         build(effective_clip_range, NAN, "log_prob", "mean", 16), r"grpo\.clip_range", r"\bnan\b",
+         FINITE_GT0),
     Case("fn-loss-clip", "functions", "calls clipped_policy_loss with clip range 0",
          build(clipped_policy_loss, torch.zeros(2), torch.zeros(2), torch.ones(2), 0.0), r"grpo\.clip_range",
          r"0\.0", FINITE_GT0),

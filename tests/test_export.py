@@ -193,8 +193,8 @@ def test_exported_lora_in_a_stock_pipeline_gives_the_policys_velocity(kind, tmp_
 
 
 def test_toy_lora_exports_in_sd3_format_and_loads_into_a_fresh_toy_transformer(tmp_path):
-    # The toy model is not a diffusers pipeline; its transformer is an SD3Transformer2DModel, so the export uses
-    # SD3's LoRA format (ToyBackbone.lora_format_class) and every run's end-of-run export command works.
+    # The toy model is not a diffusers pipeline; its transformer is an SD3Transformer2DModel, so the export
+    # uses SD3's LoRA format (ToyBackbone.lora_format_class) and every run's end-of-run export command works.
     from guardrl.policy import FlowPolicy, LoraSpec
     from guardrl.toy import ToyBackbone
 

@@ -90,7 +90,8 @@ def test_relative_position_on_hand_worked_boxes():
     assert relative_position((0, 20, 10, 30), (0, 0, 10, 10)) == {"below"}
     # offset (-1.5, 0) is within 0.1 x (10 + 10) = 2 of the sizes: no relation at all
     assert relative_position((0, 0, 10, 10), (1.5, 0, 11.5, 10)) == set()
-    # (-12, -5): shrunk (-10, -3) / 13 = (-0.77, -0.23): left only; with threshold 0, (-0.92, -0.38): still left
+    # (-12, -5): shrunk (-10, -3) / 13 = (-0.77, -0.23): left only; with threshold 0, (-0.92, -0.38):
+    # still left
     assert relative_position((0, 0, 10, 10), (12, 5, 22, 15)) == {"left of"}
     assert relative_position((0, 0, 10, 10), (12, 5, 22, 15), position_threshold=0.0) == {"left of"}
     # (-6, -8): shrunk (-4, -6) / 10 = (-0.4, -0.6): above only; threshold 0 gives (-0.6, -0.8): both
@@ -121,7 +122,8 @@ def test_select_objects_thresholds_sorts_caps_and_optionally_suppresses():
     assert [d.score for d in counting["cup"]] == [0.95, 0.92] and "cat" not in counting
     capped = select_objects(found, "two_object", Thresholds(max_objects=1))
     assert [d.score for d in capped["cup"]] == [0.95]
-    # NMS at IoU 0.5: (1, 1, 10, 10) overlaps (0, 0, 9, 9) with IoU 81/119 = 0.68 and goes; so does the 0.5 twin
+    # NMS at IoU 0.5: (1, 1, 10, 10) overlaps (0, 0, 9, 9) with IoU 81/119 = 0.68 and goes; so does the 0.5
+    # twin
     nms = select_objects(found, "two_object", Thresholds(max_overlap=0.5))
     assert [d.score for d in nms["cup"]] == [0.95]
 
@@ -521,7 +523,8 @@ def test_geneval_loads_through_the_reward_server_loader(tiny_geneval):
 
 
 def test_geneval_served_by_the_reward_server_scores_as_it_does_in_process(tiny_geneval):
-    # what the GenEval recipes do: the reward server hosts GenEval, RemoteReward sends prompts and uint8 images
+    # what the GenEval recipes do: the reward server hosts GenEval, RemoteReward sends prompts and uint8
+    # images
     from guardrl.rewards.remote import RemoteReward, images_to_uint8
     from tests.test_reward_server import _free_port, _kill, _start_server
 

@@ -91,7 +91,8 @@ def test_scores_equal_the_original_code(rewards, images, expected):
     original = torch.tensor([row["score"] for row in expected["pairs"]])
     ours = _score_pairs(rewards["pil"], images, expected)
     assert (ours - original).abs().max() <= SCORE_ATOL, (ours - original).abs().max()
-    # the fixture is a meaningful test: the scores depend on the image and on the prompt well beyond the tolerance
+    # the fixture is a meaningful test: the scores depend on the image and on the prompt well beyond the
+    # tolerance
     grid = original.view(len(expected["prompts"]), len(images))
     assert (grid.max(1).values - grid.min(1).values).min() > 0.05  # per prompt, across images
     assert (grid.max(0).values - grid.min(0).values).min() > 0.05  # per image, across prompts
@@ -126,7 +127,8 @@ def test_constants_are_the_originals(expected):
 
 
 def test_pil_crop_equals_the_original_transform(expected):
-    # torchvision Resize(224, BICUBIC) + CenterCrop(224) on PIL images, as the original ran them: bit-identical
+    # torchvision Resize(224, BICUBIC) + CenterCrop(224) on PIL images, as the original ran them:
+    # bit-identical
     from PIL import Image
 
     for name, crop, size in zip(expected["images"], expected["crops"], expected["image_sizes"]):
@@ -150,8 +152,9 @@ def test_pil_preprocessing_equals_the_original(images, expected):
 
 
 def test_tensor_preprocessing_is_within_two_8bit_levels_of_the_original(images, expected):
-    # no resize (224 x 263, crop offset 19.5 -> torchvision rounds to 20): equal; with a resize (320 x 256 down,
-    # 150 x 181 up): PIL's fixed-point bicubic vs two float passes, measured max 2 levels, mean < 0.05 level
+    # no resize (224 x 263, crop offset 19.5 -> torchvision rounds to 20): equal; with a resize (320 x 256
+    # down, 150 x 181 up): PIL's fixed-point bicubic vs two float passes, measured max 2 levels, mean < 0.05
+    # level
     std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
     for image, crop, size in zip(images, expected["crops"], expected["image_sizes"]):
         ours = image_reward_preprocess(image[None])[0]
@@ -276,8 +279,8 @@ def test_key_mapping_covers_the_original_names():
 
 
 def test_messages_name_every_converted_key_by_its_original_name():
-    # mismatch messages translate BlipVisionModel / BlipTextModel / MLP names back: the round trip of every key
-    # of the released layout must give the key itself
+    # mismatch messages translate BlipVisionModel / BlipTextModel / MLP names back: the round trip of every
+    # key of the released layout must give the key itself
     with open(os.path.join(FIXTURE, "full_size_keys.json")) as f:
         keys = json.load(f)["keys"]
     state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}

@@ -89,7 +89,8 @@ def test_trajectory_cat_joins_chunks_along_the_batch():
 
 
 # A reward that, on its first call (chunk 0 of iteration 0), waits for chunk 1's rollout to start. Overlapped,
-# the main thread starts that rollout while the worker waits; serial, chunk 1 waits for this call: it times out.
+# the main thread starts that rollout while the worker waits; serial, chunk 1 waits for this call: it times
+# out.
 NEXT_ROLLOUT_STARTED = threading.Event()
 SAW_NEXT_ROLLOUT: list[bool] = []
 
@@ -113,10 +114,10 @@ def test_a_chunk_is_scored_while_the_next_chunk_samples(
     SAW_NEXT_ROLLOUT.clear()
     rollout = guardrl.module.GRPOModule._rollout
 
-    def recording_rollout(self, cond, batch_size, key):
-        if len(key) == 3 and key[2] == 1:  # chunk 1
+    def recording_rollout(self, cond, batch_size, chunk):
+        if chunk == 1:
             NEXT_ROLLOUT_STARTED.set()
-        return rollout(self, cond, batch_size, key)
+        return rollout(self, cond, batch_size, chunk)
 
     monkeypatch.setattr(guardrl.module.GRPOModule, "_rollout", recording_rollout)
     rewards = json.dumps(

@@ -1,10 +1,10 @@
 """Every published recipe (configs/sd35m/, configs/flux/) trains through `guardrl fit` from a diffusers
 pipeline directory on disk: tiny random-weight SD3 / Flux pipelines are built in code, saved with
-`save_pretrained`, and each recipe is overlaid on them. Kept from the recipe: the backbone class and its loading
-path, the sampler (steps, noise level, SDE type, guidance, SDE window), the ratio variant, clip range and unit,
-advantages, KL, LoRA rank/alpha/targets, optimizer. Shrunk: the model (tiny, float32), resolution, batch and
-accumulation, the devices (1 CPU), the reward (JPEG: the recipes' PickScore needs a hub download) and the
-prompts."""
+`save_pretrained`, and each recipe is overlaid on them. Kept from the recipe: the backbone class and its
+loading path, the sampler (steps, noise level, SDE type, guidance, SDE window), the ratio variant, clip range
+and unit, advantages, KL, LoRA rank/alpha/targets, optimizer. Shrunk: the model (tiny, float32), resolution,
+batch and accumulation, the devices (1 CPU), the reward (JPEG: the recipes' PickScore needs a hub download)
+and the prompts."""
 
 import glob
 import os

@@ -74,8 +74,8 @@ def runs(tmp_path_factory):
     fsdp = ("--config", "configs/strategy/fsdp.yaml")
     return {
         "ddp": _fit(root / "ddp", 3, "--trainer.strategy", "ddp"),
-        # compiled from its second iteration on (performance.compile; the eager backend runs the same kernels),
-        # so the comparisons below also cover torch.compile over fully_shard'ed blocks
+        # compiled from its second iteration on (performance.compile; the eager backend runs the same
+        # kernels), so the comparisons below also cover torch.compile over fully_shard'ed blocks
         "fsdp": _fit(
             root / "fsdp",
             3,

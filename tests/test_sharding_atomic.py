@@ -44,10 +44,10 @@ class _Unpicklable:
 class _Module:
     """The two things FSDP2Strategy.load_checkpoint asks of the GRPOModule."""
 
-    def _check_checkpoint_state(self, saved):
+    def check_checkpoint_state(self, saved):
         assert sorted(saved) == ["bias", "weight"]
 
-    def _is_trainable_key(self, key):
+    def is_trainable_key(self, key):
         return True
 
 
@@ -62,8 +62,8 @@ def _trained(version: int):
 
 
 def _save(path, version: int, **extra):
-    """Save what Lightning hands the strategy (sharded state dicts, counters) at `path`; returns the saved model
-    and optimizer."""
+    """Save what Lightning hands the strategy (sharded state dicts, counters) at `path`; returns the saved
+    model and optimizer."""
     model, optimizer = _trained(version)
     checkpoint = {
         "state_dict": get_model_state_dict(model),
@@ -99,7 +99,8 @@ def _entries(directory) -> list[str]:
 
 
 def _resolved_last(directory) -> tuple:
-    """What `--ckpt_path last` (checkpoint.dirpath set) and Lightning's ModelCheckpoint take for checkpoints."""
+    """What `--ckpt_path last` (checkpoint.dirpath set) and Lightning's ModelCheckpoint take for
+    checkpoints."""
     config = Namespace(checkpoint=Namespace(dirpath=str(directory)))
     lightning = ModelCheckpoint(dirpath=str(directory))._find_last_checkpoints(trainer=None)
     return _find_last_checkpoint(config, None), sorted(lightning)

@@ -1,5 +1,5 @@
-"""The toy benchmark: clip calibration arithmetic, and the quick mode end to end (all six runs, both clip modes)
-with well-formed, finite outputs."""
+"""The toy benchmark: clip calibration arithmetic, and the quick mode end to end (all six runs, both clip
+modes) with well-formed, finite outputs."""
 
 import csv
 import json

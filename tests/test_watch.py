@@ -81,7 +81,8 @@ def test_watch_fires_stops_and_keeps_the_best_gold_checkpoint(files, tmp_path, c
     assert series["watch/diverging"][watch.fired_at] == 1.0
     assert all(series["watch/diverging"][i] == 0.0 for i in range(watch.fired_at))
 
-    # The kept checkpoint is the best-gold state: the same weights as the periodic checkpoint of that iteration.
+    # The kept checkpoint is the best-gold state: the same weights as the periodic checkpoint of that
+    # iteration.
     directory = os.path.dirname(
         glob.glob(str(tmp_path / "runs" / "guardrl" / "version_0" / "checkpoints" / "best_gold.ckpt"))[0]
     )

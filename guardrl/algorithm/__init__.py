@@ -1,4 +1,5 @@
-"""Pure GRPO math: advantages, the five ratio variants, the clipped loss, the KL. No Lightning, no diffusers."""
+"""Pure GRPO math: advantages, the five ratio variants, the clipped loss, the KL. No Lightning, no
+diffusers."""
 
 from guardrl.algorithm.advantages import STD_SCOPES, group_advantages, shuffle_within_groups
 from guardrl.algorithm.loss import (

@@ -34,8 +34,8 @@ def group_advantages(
     if group_size < 2 or rewards_B.numel() % group_size != 0:
         raise ValueError(
             f"group_size={group_size} (data.group_size) must be >= 2 and divide the number of samples "
-            f"({rewards_B.numel()}): every prompt contributes exactly group_size samples, and a group-relative "
-            "advantage needs at least two of them"
+            f"({rewards_B.numel()}): every prompt contributes exactly group_size samples, and a "
+            "group-relative advantage needs at least two of them"
         )
     if std_scope not in STD_SCOPES:
         raise ValueError(f"std_scope (grpo.std_scope) must be one of {STD_SCOPES}, got {std_scope!r}")

@@ -40,7 +40,8 @@ def effective_clip_range(clip_range: float, unit: str, reduction: str, num_eleme
         )
     if reduction not in LOG_PROB_REDUCTIONS:
         raise ValueError(
-            f"log_prob_reduction (sampling.log_prob_reduction) must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}"
+            "log_prob_reduction (sampling.log_prob_reduction) must be one of "
+            f"{LOG_PROB_REDUCTIONS}, got {reduction!r}"
         )
     if not num_elements >= 1:
         raise ValueError(f"num_elements (latent elements per sample) must be >= 1, got {num_elements!r}")
@@ -55,8 +56,8 @@ def effective_clip_range(clip_range: float, unit: str, reduction: str, num_eleme
         # samples would never be clipped. Only the combination of the four settings shows this.
         raise ValueError(
             f"grpo.clip_range={clip_range!r} with grpo.clip_range_unit={unit!r}, sampling.log_prob_reduction="
-            f"{reduction!r} and D={num_elements} latent elements gives a clip range of {effective:g}: it must "
-            "be < 1, or the clip band [1 - c, 1 + c] has a lower end <= 0"
+            f"{reduction!r} and D={num_elements} latent elements gives a clip range of {effective:g}: it "
+            "must be < 1, or the clip band [1 - c, 1 + c] has a lower end <= 0"
         )
     return effective
 

@@ -11,7 +11,8 @@ clip. Every variant is one function `(RatioTerms) -> PolicyRatio`; the config pi
 RATIO_VARIANTS. A new variant is a new function here, never a copy of the training loop.
 
 The correction ||dmu||^2 / (2 s^2) is computed per sample (the paper's identity). The official release
-reduces it to one batch-wide scalar through `mean(dim=())`; that is unbiased over the batch but not per sample.
+reduces it to one batch-wide scalar through `mean(dim=())`; that is unbiased over the batch but not per
+sample.
 
 Reductions: with "sum" the terms are the exact Gaussian quantities; with "mean" (the public implementations'
 per-element mean) every term is divided by D, the number of latent elements.
@@ -66,8 +67,9 @@ def compute_ratio_terms(
     """
     if not bool((std_B > 0).all()):
         raise ValueError(
-            "the importance ratio needs a Gaussian step with a variance term (s > 0 on every trained step); got "
-            f"s = {std_B.tolist()}: train only SDE steps (sampling.sde_window) with sampling.noise_level > 0"
+            "the importance ratio needs a Gaussian step with a variance term (s > 0 on every trained step); "
+            f"got s = {std_B.tolist()}: train only SDE steps (sampling.sde_window) with "
+            "sampling.noise_level > 0"
         )
     s = _per_sample(std_B.to(mean_theta.dtype), mean_theta)
     noise = (next_latents - mean_old) / s  # eps, exactly as drawn by the rollout (up to rounding)

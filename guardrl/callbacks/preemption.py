@@ -30,9 +30,9 @@ class GracefulShutdown(Callback):
     def __init__(self, signals: Optional[list[str]] = None, requeue_on_slurm: bool = True) -> None:
         """
         Args:
-            signals: signal names that request a checkpoint-and-exit (default SIGTERM, SIGUSR1 and SIGINT; SLURM's
-                `--signal=USR1@120` sends SIGUSR1 ahead of the time limit, schedulers send SIGTERM on preemption,
-                Ctrl-C sends SIGINT).
+            signals: signal names that request a checkpoint-and-exit (default SIGTERM, SIGUSR1 and SIGINT;
+                SLURM's `--signal=USR1@120` sends SIGUSR1 ahead of the time limit, schedulers send SIGTERM on
+                preemption, Ctrl-C sends SIGINT).
             requeue_on_slurm: after the checkpoint, `scontrol requeue $SLURM_JOB_ID` when running under SLURM.
         """
         names = ["SIGTERM", "SIGUSR1", "SIGINT"] if signals is None else list(signals)
@@ -40,8 +40,8 @@ class GracefulShutdown(Callback):
         for name in names:
             if name not in valid or name in ("SIGKILL", "SIGSTOP"):
                 raise ValueError(
-                    f"graceful_shutdown.signals: {name!r} is not a signal that can be caught; use names such as "
-                    "'SIGTERM', 'SIGUSR1', 'SIGUSR2', 'SIGINT'"
+                    f"graceful_shutdown.signals: {name!r} is not a signal that can be caught; use names "
+                    "such as 'SIGTERM', 'SIGUSR1', 'SIGUSR2', 'SIGINT'"
                 )
         self.signals = names
         self.requeue_on_slurm = requeue_on_slurm

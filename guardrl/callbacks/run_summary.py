@@ -281,7 +281,8 @@ class RunSummaryCallback(Callback):
         checkpoint = find_iteration_checkpoint(trainer)
         last = None
         if checkpoint is not None:
-            # last_model_path is empty when this session saved nothing (a finished run resumed): what is on disk.
+            # last_model_path is empty when this session saved nothing (a finished run resumed): what is on
+            # disk.
             candidate = checkpoint.last_model_path or os.path.join(checkpoint.dirpath or "", "last.ckpt")
             last = candidate if os.path.exists(candidate) else None
         lines = end_summary_lines(

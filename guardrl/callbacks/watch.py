@@ -31,7 +31,6 @@ from torchmetrics import Metric
 
 from guardrl.data.prompts import check_prompt_file, iter_prompt_file
 from guardrl.logs import write_scalars
-from guardrl.sampling import sample_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class OverOptimizationWatch(Callback):
         """
         Args:
             eval_prompts: held-out prompts (.txt or .jsonl), never trained on; read whole (an evaluation set).
-            gold: gold metrics (e.g. guardrl.gold.ImageDetail, guardrl.gold.ToyPassRate).
+            gold: gold metrics (e.g. guardrl.gold.ImageDetail, guardrl.toy.gold.VerifierPassRate).
             every_n_iterations: evaluation cadence in GRPO iterations (also evaluates before the first one).
             samples_per_prompt: images per prompt, each from its own fixed seed.
             max_prompts: use only the first this many prompts.
@@ -70,7 +69,8 @@ class OverOptimizationWatch(Callback):
         for metric in gold:
             if not isinstance(metric, Metric) or getattr(metric, "higher_is_better", None) is None:
                 raise ValueError(
-                    f"watch.gold: {type(metric).__name__} must be a torchmetrics Metric with higher_is_better set"
+                    f"watch.gold: {type(metric).__name__} must be a torchmetrics Metric with "
+                    "higher_is_better set"
                 )
         if not isinstance(every_n_iterations, int) or every_n_iterations < 1:
             raise ValueError(f"watch.every_n_iterations must be an integer >= 1, got {every_n_iterations!r}")
@@ -119,22 +119,9 @@ class OverOptimizationWatch(Callback):
         prompts = [p for p in prompts for _ in range(self.samples_per_prompt)]
         if not prompts:
             return torch.zeros(0), []
-        backbone = module.backbone
-        guidance = module.sampling.guidance_scale
-        use_cfg = backbone.uses_true_cfg and guidance > 1.0
-        cond = backbone.encode_prompts(prompts, with_negative=use_cfg)
         generator = torch.Generator(device=module.device).manual_seed(self.seed + rank)
-        noise = backbone.initial_noise(len(prompts), generator, module.device)
-        scales = module.noise_scales if self.sampler == "sde" else torch.zeros_like(module.noise_scales)
-        with module.policy.use_weights("policy") as transformer:
-
-            def velocity_fn(latents, t, k):
-                return backbone.velocity(latents, t, cond, guidance, transformer)
-
-            trajectory = sample_rollouts(
-                velocity_fn, noise, module.sigmas, scales, module.sampling.log_prob_reduction, generator
-            )
-        return backbone.decode(trajectory.final_latents), prompts
+        noise = module.backbone.initial_noise(len(prompts), generator, module.device)
+        return module.sample(prompts, noise, self.sampler, generator), prompts
 
     def _evaluate(self, trainer: L.Trainer, module, iteration: int) -> None:
         images, prompts = self._images(module)
@@ -184,8 +171,8 @@ class OverOptimizationWatch(Callback):
             self.fired_at = iteration
             if trainer.is_global_zero:
                 log.warning(
-                    "guardrl: over-optimization at iteration %d: the proxy rose by %.4g since iteration %d while "
-                    "gold/average fell by %.4g (tolerance %.4g)%s",
+                    "guardrl: over-optimization at iteration %d: the proxy rose by %.4g since iteration %d "
+                    "while gold/average fell by %.4g (tolerance %.4g)%s",
                     iteration,
                     gain,
                     self.best["iteration"],

@@ -35,14 +35,15 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if not _is_int(group_size) or group_size < 2:
             raise ValueError(
-                f"data.group_size must be an integer >= 2 (a group-relative advantage compares each sample with the "
-                f"other samples of its prompt, so a group needs at least two), got {group_size!r}"
+                "data.group_size must be an integer >= 2 (a group-relative advantage compares each sample "
+                f"with the other samples of its prompt, so a group needs at least two), got {group_size!r}"
             )
         if not _is_int(prompts_per_batch) or prompts_per_batch < 1:
             raise ValueError(f"data.prompts_per_batch must be an integer >= 1, got {prompts_per_batch!r}")
         if not _is_int(shuffle_buffer_size) or shuffle_buffer_size < 0:
             raise ValueError(
-                f"data.shuffle_buffer_size must be an integer >= 0 (0: file order), got {shuffle_buffer_size!r}"
+                "data.shuffle_buffer_size must be an integer >= 0 (0: file order), "
+                f"got {shuffle_buffer_size!r}"
             )
         if not isinstance(prompt_field, str) or not prompt_field:
             raise ValueError(
@@ -69,14 +70,14 @@ class PromptDataModule(L.LightningDataModule):
         found = count_prompts(self.train_prompts, self.prompt_field, limit=max(world_size, 1))
         if found == 0:
             raise ValueError(
-                f"data.train_prompts={self.train_prompts!r} contains no prompt (empty, or only blank lines): it "
-                "needs at least one non-blank line"
+                f"data.train_prompts={self.train_prompts!r} contains no prompt (empty, or only blank "
+                "lines): it needs at least one non-blank line"
             )
         if found < world_size:
             raise ValueError(
                 f"data.train_prompts={self.train_prompts!r} has {found} prompt(s) for {world_size} ranks "
-                "(trainer.devices * trainer.num_nodes): it needs at least as many prompts as there are ranks, "
-                "since every group stays on one rank"
+                "(trainer.devices * trainer.num_nodes): it needs at least as many prompts as there are "
+                "ranks, since every group stays on one rank"
             )
 
     def train_dataloader(self) -> DataLoader:

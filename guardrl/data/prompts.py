@@ -57,12 +57,13 @@ def iter_prompt_file(
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
-                # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not prompt text.
+                # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not prompt
+                # text.
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                    "line): prompt files must be UTF-8 (re-save the file as UTF-8)"
+                    f"{option}={path!r}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                    f"{e.start} of the line): prompt files must be UTF-8 (re-save the file as UTF-8)"
                 ) from None
             if not line:
                 continue
@@ -73,8 +74,8 @@ def iter_prompt_file(
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"{option}={path!r}: line {line_number} is not valid JSON ({e.msg}): a .jsonl file holds one "
-                    "JSON object per line"
+                    f"{option}={path!r}: line {line_number} is not valid JSON ({e.msg}): a .jsonl file "
+                    "holds one JSON object per line"
                 ) from None
             if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
                 if not isinstance(record, dict):
@@ -89,8 +90,8 @@ def iter_prompt_file(
                 )
             if not record[prompt_field].strip():
                 raise ValueError(
-                    f"{option}={path!r}: line {line_number} has an empty {prompt_field!r}: every JSON line must "
-                    "hold a non-empty prompt"
+                    f"{option}={path!r}: line {line_number} has an empty {prompt_field!r}: every JSON line "
+                    "must hold a non-empty prompt"
                 )
             yield record[prompt_field]
 
@@ -99,7 +100,8 @@ class PromptStream(IterableDataset):
     """Endless stream of `PromptBatch`es for one rank.
 
     Rank r of W takes the prompts whose index in the (shuffled) pass satisfies i % W == r, so every group
-    lives on one rank. Each batch holds `prompts_per_batch` distinct prompts, each repeated `group_size` times.
+    lives on one rank. Each batch holds `prompts_per_batch` distinct prompts, each repeated `group_size`
+    times.
     """
 
     def __init__(
@@ -149,8 +151,9 @@ class PromptStream(IterableDataset):
                     yield epoch, index, prompt
             if not found:
                 raise ValueError(
-                    f"data.train_prompts={self.path!r} has no prompt for rank {self.rank} of {self.world_size}: "
-                    "it needs at least as many prompts as there are ranks (trainer.devices * trainer.num_nodes)"
+                    f"data.train_prompts={self.path!r} has no prompt for rank {self.rank} of "
+                    f"{self.world_size}: it needs at least as many prompts as there are ranks "
+                    "(trainer.devices * trainer.num_nodes)"
                 )
             epoch += 1
 

@@ -16,13 +16,14 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
 
+from guardrl.dtensors import is_sharded
 from guardrl.policy.backbones import FlowBackbone
 from guardrl.policy.lora import LoraSpec
-from guardrl.sharding import is_sharded
 
 WEIGHT_SETS = ("policy", "old", "reference", "ema")
 _ADAPTER_OF = {"policy": "default", "old": "old", "ema": "ema"}
@@ -101,6 +102,30 @@ class FlowPolicy(nn.Module):
     def transformer(self) -> nn.Module:
         return self.backbone.transformer
 
+    def transformer_copies(self) -> dict[str, nn.Module]:
+        """Full fine-tuning's whole copies of the transformer that exist ("old", "ema", "reference"); empty with
+        LoRA, where the snapshots are adapters of the one transformer."""
+        names = {"old": "old_transformer", "ema": "ema_transformer", "reference": "reference_transformer"}
+        return {
+            key: getattr(self, attr) for key, attr in names.items() if getattr(self, attr, None) is not None
+        }
+
+    def enable_gradient_checkpointing(self) -> None:
+        """performance.gradient_checkpointing: only the trained transformer (the copies run without grad, where
+        checkpointing does nothing)."""
+        transformer = self.transformer
+        if not getattr(transformer, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"performance.gradient_checkpointing=true: {type(transformer).__name__} does not support "
+                "gradient checkpointing (diffusers' _supports_gradient_checkpointing is false); set it to false"
+            )
+        transformer.enable_gradient_checkpointing()
+
+    def compile_transformers(self, backend: str, mode: Optional[str]) -> None:
+        """torch.compile the transformer and every copy of it (nn.Module.compile, in place)."""
+        for module in [self.transformer, *self.transformer_copies().values()]:
+            module.compile(backend=backend, mode=mode)
+
     # ----- parameter bookkeeping
     def _adapter_params(self, adapter: str) -> dict[str, nn.Parameter]:
         marker = f".{adapter}."
@@ -116,11 +141,7 @@ class FlowPolicy(nn.Module):
             raise ValueError(f"weight set must be one of policy/old/ema, got {which!r}")
         if self.lora is not None:
             return self._adapter_params(_ADAPTER_OF[which])
-        module = {
-            "policy": self.transformer,
-            "old": getattr(self, "old_transformer", None),
-            "ema": getattr(self, "ema_transformer", None),
-        }[which]
+        module = self.transformer if which == "policy" else self.transformer_copies().get(which)
         if module is None:
             raise ValueError(f"weight set {which!r} does not exist in this policy")
         return dict(module.named_parameters())
@@ -185,12 +206,7 @@ class FlowPolicy(nn.Module):
         if self.lora is None:
             if which == "reference" and not self.keep_reference:
                 raise ValueError("full fine-tuning without keep_reference has no reference weights")
-            yield {
-                "policy": self.transformer,
-                "old": getattr(self, "old_transformer", None),
-                "ema": getattr(self, "ema_transformer", None),
-                "reference": getattr(self, "reference_transformer", None),
-            }[which]
+            yield self.transformer if which == "policy" else self.transformer_copies()[which]
             return
         transformer = self.transformer
         if which == "policy":  # the active adapter already; no switch, no flag churn

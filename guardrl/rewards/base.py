@@ -28,8 +28,8 @@ class Reward(nn.Module):
         # A NaN or infinite weight would turn every total reward, and so every advantage, into NaN.
         if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
             raise ValueError(
-                f"reward {self.name!r}: weight (model.rewards[...].init_args.weight) must be a finite number, "
-                f"got {weight!r}"
+                f"reward {self.name!r}: weight (model.rewards[...].init_args.weight) must be a finite "
+                f"number, got {weight!r}"
             )
         self.weight = weight
 
@@ -45,8 +45,8 @@ class Reward(nn.Module):
             )
         if len(prompts) != images.shape[0]:
             raise ValueError(
-                f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts; it needs one prompt "
-                "per image"
+                f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts; it needs one "
+                "prompt per image"
             )
         rewards = self.score(images, prompts)
         if not isinstance(rewards, torch.Tensor):

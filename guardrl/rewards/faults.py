@@ -15,9 +15,10 @@ from guardrl.rewards.jpeg import JpegCompressibility
 
 class FaultInjectionReward(Reward):
     """JPEG compressibility, except on chosen calls (0-based, counted per process): NaN scores (on the samples
-    `nan_samples`, default all of them), an exception, or a sleep. With `noise_std` > 0 it is also stochastic, drawing from the global torch, numpy
-    and Python generators, as user rewards may (random crops, sampled captions); a resumed run must restore
-    all three to score like the uninterrupted one. Not for training anything real."""
+    `nan_samples`, default all of them), an exception, or a sleep. With `noise_std` > 0 it is also
+    stochastic, drawing from the global torch, numpy and Python generators, as user rewards may (random
+    crops, sampled captions); a resumed run must restore all three to score like the uninterrupted one. Not
+    for training anything real."""
 
     def __init__(
         self,

@@ -83,7 +83,8 @@ def instance_detections(
     probs = class_logits.float().softmax(-1)[:, :-1]
     num_classes = probs.shape[1]
     top_scores, top = probs.flatten().topk(min(max_per_image, probs.numel()), sorted=True)
-    # Per query, once (a query can be picked for several classes): its binary mask and mean probability inside.
+    # Per query, once (a query can be picked for several classes): its binary mask and mean probability
+    # inside.
     binary = masks > 0
     mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     return [

@@ -22,10 +22,10 @@ The original (PyPI `image-reward` 1.5, `ImageReward/ImageReward.py` and its vend
   aesthetic head, so `AestheticMLP` is reused;
 * score: `(mlp - 0.16717362830052426) / 1.0333394966054072`.
 
-Here the ViT is transformers' `BlipVisionModel` and the text encoder `BlipTextModel` (transformers' own port of
-med.py, with cross-attention layers when `is_decoder=True` in its config, called with `is_decoder=False` for
-the bidirectional mask). The released checkpoint `ImageReward.pt` (hub: THUDM/ImageReward) is a plain state
-dict under the original names (`blip.visual_encoder.*`, `blip.text_encoder.*`, `blip.vision_proj.*`,
+Here the ViT is transformers' `BlipVisionModel` and the text encoder `BlipTextModel` (transformers' own port
+of med.py, with cross-attention layers when `is_decoder=True` in its config, called with `is_decoder=False`
+for the bidirectional mask). The released checkpoint `ImageReward.pt` (hub: THUDM/ImageReward) is a plain
+state dict under the original names (`blip.visual_encoder.*`, `blip.text_encoder.*`, `blip.vision_proj.*`,
 `blip.text_proj.*`, `mlp.layers.*`); `convert_state_dict` maps it onto these modules (`vision_proj`,
 `text_proj` and the `position_ids` buffer are not used by the score and are dropped).
 
@@ -121,7 +121,8 @@ def _prefix_pattern(prefix: str) -> str:
 
 
 def _rename(name: str, rules: list[tuple[str, str, str]]) -> str | None:
-    """`name` with the first rule whose source prefix (and allowed suffix) matches renamed; None if none does."""
+    """`name` with the first rule whose source prefix (and allowed suffix) matches renamed; None if none
+    does."""
     for source, target, suffix in rules:
         match = re.fullmatch(_prefix_pattern(source) + f"(?P<rest>{suffix})", name)
         if match:
@@ -375,8 +376,8 @@ class ImageReward(Reward):
             "med_config",
             med_config,
             RELEASED_MED_CONFIG,
-            "a path to a med_config.json file, a dict, or None (the med_config.json beside the checkpoint, else "
-            "the released BERT-base)",
+            "a path to a med_config.json file, a dict, or None (the med_config.json beside the checkpoint, "
+            "else the released BERT-base)",
         )
         required = [
             "vocab_size",
@@ -447,8 +448,9 @@ class ImageReward(Reward):
             raise self._error(
                 f"checkpoint={path!r} does not match the ImageReward architecture: "
                 + describe_mismatch(missing, unexpected, shapes)
-                + "expected the original key names (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*) "
-                "of the released ImageReward.pt, with med_config and vision_config giving its sizes"
+                + "expected the original key names (blip.visual_encoder.*, blip.text_encoder.*, "
+                "mlp.layers.*) of the released ImageReward.pt, with med_config and vision_config giving its "
+                "sizes"
             )
         vision.load_state_dict({k: v.float() for k, v in parts[0].items()}, strict=True, assign=True)
         text.load_state_dict({k: v.float() for k, v in parts[1].items()}, strict=True, assign=True)

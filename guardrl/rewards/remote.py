@@ -109,7 +109,8 @@ def _decode_png(item: Any, index: int, max_pixels: int) -> np.ndarray:
     try:
         data = base64.b64decode(item, validate=True)
         if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
-            # The IHDR chunk's size, before PIL opens anything (its own bomb check raises only above 2x its limit).
+            # The IHDR chunk's size, before PIL opens anything (its own bomb check raises only above 2x its
+            # limit).
             _check_pixels(*struct.unpack(">II", data[16:24]), max_pixels)
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(image.width, image.height, max_pixels)
@@ -117,7 +118,8 @@ def _decode_png(item: Any, index: int, max_pixels: int) -> np.ndarray:
     except ImagesTooLarge:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # UnidentifiedImageError (not an image), OSError (truncated), binascii.Error (bad base64: a ValueError)
+        # UnidentifiedImageError (not an image), OSError (truncated), binascii.Error (bad base64: a
+        # ValueError)
         raise ValueError(
             f"'images.data[{index}]' is not a readable PNG ({type(error).__name__}: {error})"
         ) from None

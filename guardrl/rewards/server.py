@@ -12,8 +12,8 @@ packages; a 7B VLM judge wants its own GPUs). The wire format is typed and pickl
 Serve (loopback by default; a token, when set, is required as `Authorization: Bearer <token>`):
 
     python -m guardrl.rewards.server --reward guardrl.rewards.JpegCompressibility --port 8765 \
-        [--init-args '{"quality": 95}'] [--host 127.0.0.1] [--token-env GUARDRL_REWARD_TOKEN] [--max-batch-size 4] \
-        [--max-request-mb 256] [--max-pixels 16777216]
+        [--init-args '{"quality": 95}'] [--host 127.0.0.1] [--token-env GUARDRL_REWARD_TOKEN] \
+        [--max-batch-size 4] [--max-request-mb 256] [--max-pixels 16777216]
 
 Bad requests get a 4xx with a message, never a 500: a body that is not JSON or a payload that is malformed
 (bad base64, not a PNG, a truncated PNG) 400; a body over `--max-request-mb` or an image over `--max-pixels`
@@ -154,9 +154,9 @@ async def _send_error(send, status: int, detail: str) -> None:
 
 
 class _RequestBodyMiddleware:
-    """ASGI middleware for POST /predict: a body over `max_bytes` gets 413 (from its Content-Length, or while it
-    arrives), one that is not JSON 400; LitServe would answer both with a bare 500. The checked body is then
-    handed on unchanged."""
+    """ASGI middleware for POST /predict: a body over `max_bytes` gets 413 (from its Content-Length, or while
+    it arrives), one that is not JSON 400; LitServe would answer both with a bare 500. The checked body is
+    then handed on unchanged."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app

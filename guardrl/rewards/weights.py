@@ -10,8 +10,8 @@ import torch
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .pth/.pt/.bin read with `torch.load(weights_only=True)` (tensors
-    only, no pickled code); a {"state_dict": ...} wrapper is unwrapped."""
+    """A state dict from .safetensors, or from .pth/.pt/.bin read with `torch.load(weights_only=True)`
+    (tensors only, no pickled code); a {"state_dict": ...} wrapper is unwrapped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path!r} (expected a .pth or .safetensors state dict)")
     if path.endswith(".safetensors"):
@@ -46,7 +46,8 @@ def few(keys, n: int = 5) -> str:
 
 
 def describe_mismatch(missing, unexpected, shapes) -> str:
-    """'N missing keys: ...; N unexpected keys: ...; N tensors of other shapes: ...; ' (empty parts left out)."""
+    """'N missing keys: ...; N unexpected keys: ...; N tensors of other shapes: ...; ' (empty parts left
+    out)."""
     return (
         (f"{len(missing)} missing keys: {few(missing)}; " if missing else "")
         + (f"{len(unexpected)} unexpected keys: {few(unexpected)}; " if unexpected else "")
@@ -55,8 +56,8 @@ def describe_mismatch(missing, unexpected, shapes) -> str:
 
 
 def resolve_weights_file(checkpoint, names: tuple[str, ...], error: Callable[[str], Exception]) -> str:
-    """A released weights file from a reward's `checkpoint` option: the file itself, a directory holding one of
-    `names`, or a hub id ("name" or "owner/name") whose repo holds `names[0]`. Anything else that does not
+    """A released weights file from a reward's `checkpoint` option: the file itself, a directory holding one
+    of `names`, or a hub id ("name" or "owner/name") whose repo holds `names[0]`. Anything else that does not
     exist is a wrong path, raised as `error(message)` naming the option and what was tried."""
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
         raise error(

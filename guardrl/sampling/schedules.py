@@ -11,7 +11,11 @@ import math
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+# From its defining module rather than `from diffusers import ...`: the same class at runtime, but a type
+# checker resolves diffusers' lazy top-level name to the torch-less placeholder class in
+# diffusers.utils.dummy_pt_objects, which has no `config` or `from_config`.
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
 from guardrl.sampling.sde import SDE_TYPES
 
@@ -42,8 +46,8 @@ def flow_match_sigmas(
     if sched.config.use_dynamic_shifting:
         if image_seq_len is None:
             raise ValueError(
-                "image_seq_len (image tokens) is required for a dynamically shifted (Flux-style) schedule, got None: "
-                "pass the backbone's image_seq_len()"
+                "image_seq_len (image tokens) is required for a dynamically shifted (Flux-style) schedule, "
+                "got None: pass the backbone's image_seq_len()"
             )
         # FluxPipeline passes these sigmas and lets the scheduler shift them by mu.
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)

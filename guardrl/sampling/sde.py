@@ -4,9 +4,9 @@ Notation (SPEC.md section 1): x_t = (1 - t) x_0 + t * noise, the model predicts 
 dt = t_next - t < 0. A stochastic step is x_next = mu + s * eps with eps ~ N(0, I), s = sigma_k sqrt(|dt|).
 
 The mean. The reverse-time SDE with diffusion coefficient sigma_k (Song et al. 2021, "Score-Based Generative
-Modeling through SDEs", eq. 6) keeps the marginals of the flow ODE when its drift is v - sigma_k^2 / 2 * score.
-For rectified flow the score is -(x - (1 - t) x0_hat) / t^2 with x0_hat = x - t v, i.e.
-score = -(x + (1 - t) v) / t, so the Euler-Maruyama mean is
+Modeling through SDEs", eq. 6) keeps the marginals of the flow ODE when its drift is
+v - sigma_k^2 / 2 * score. For rectified flow the score is -(x - (1 - t) x0_hat) / t^2 with
+x0_hat = x - t v, i.e. score = -(x + (1 - t) v) / t, so the Euler-Maruyama mean is
 
     mu = x + [v + sigma_k^2 / (2 t) * (x + (1 - t) v)] * dt.
 
@@ -44,7 +44,8 @@ def reduce_elements(values_B: torch.Tensor, reduction: str) -> torch.Tensor:
     """Sum or average over every non-batch dim: (B, ...) -> (B,)."""
     if reduction not in LOG_PROB_REDUCTIONS:
         raise ValueError(
-            f"log_prob_reduction (sampling.log_prob_reduction) must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}"
+            "log_prob_reduction (sampling.log_prob_reduction) must be one of "
+            f"{LOG_PROB_REDUCTIONS}, got {reduction!r}"
         )
     dims = tuple(range(1, values_B.ndim))
     if not dims:

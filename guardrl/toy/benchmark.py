@@ -57,11 +57,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from guardrl.algorithm.ratios import RATIO_VARIANTS
 from guardrl.toy.files import write_json_atomic
 from guardrl.toy.gold import GOLD_DIRECTIONS, average_gold, gold_metrics
 from guardrl.toy.render import render_batch
 
-VARIANTS = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard", "null_control")
+# Every registered ratio variant and the null control; each runs configs/toy/<name>.yaml.
+VARIANTS = (*RATIO_VARIANTS, "null_control")
 CLIP_MODES = ("published", "matched")
 GOLD_NAMES = tuple(GOLD_DIRECTIONS)
 EVAL_COLUMNS = ("iteration", "split", "sampler", "proxy", *GOLD_NAMES, "images")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from guardrl.sampling.rollout import sample_rollouts
+from guardrl.rollouts import sample_trajectory
 from guardrl.sampling.schedules import noise_scales
 from guardrl.toy.files import write_json_atomic
 from guardrl.toy.gold import gold_metrics
@@ -88,14 +88,12 @@ def generate(
             ]
         )
         cond = backbone.encode_prompts(batch_prompts, with_negative=use_cfg)
-
-        def velocity_fn(latents, t, k):
-            return backbone.velocity(latents, t, cond, guidance_scale, transformer)
-
         generator = torch.Generator().manual_seed(
             int(np.random.SeedSequence([sde_seed, b]).generate_state(1)[0])
         )
-        trajectory = sample_rollouts(velocity_fn, noise, sigmas, scales, "mean", generator=generator)
+        trajectory = sample_trajectory(
+            backbone, transformer, cond, noise, sigmas, scales, guidance_scale, "mean", generator
+        )
         out.append(backbone.decode(trajectory.final_latents))
     return torch.cat(out)
 

@@ -179,7 +179,9 @@ class OffPaletteFraction(Metric):
         self.add_state("num_off", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_pixels", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: torch.Tensor) -> None:
+    def update(self, images: torch.Tensor, prompts: Sequence[str | PromptSpec] = ()) -> None:
+        """`prompts` is not read: it is accepted so that this metric fits OverOptimizationWatch's `gold` list,
+        which calls every gold metric with (images, prompts)."""
         _, distance_NHW = nearest_palette(as_image_batch(images))
         # written as "not within" so that NaN pixels count as off-palette
         self.num_off += int((~(distance_NHW <= self.distance)).sum())
