@@ -95,9 +95,9 @@ class IterationCheckpoint(ModelCheckpoint):
             dirpath: where checkpoints go; None: `<log dir>/checkpoints` of the run's logger version.
             filename: name pattern of the periodic checkpoints (`{iteration}` gives `iteration=12.ckpt`).
             every_n_iterations: save after every this many GRPO iterations (and always when training stops).
-            every_n_minutes: also save after the first iteration that ends at least this many minutes after the
-                last save (rank zero's clock decides for all ranks), so an unplanned kill of a large run costs
-                minutes, not `every_n_iterations` iterations; None: iterations only.
+            every_n_minutes: also save after the first iteration that ends at least this many minutes
+                after the last save (rank zero's clock decides for all ranks), so an unplanned kill of a
+                large run costs minutes, not `every_n_iterations` iterations; None: iterations only.
             save_last: also keep `last.ckpt`, the newest state (what `--ckpt_path last` resumes from).
             save_top_k: periodic checkpoints kept: -1 all, 1 the newest (with monitor, the best k).
             monitor: a logged scalar to rank checkpoints by (e.g. `reward/mean` with mode max); None: by time.
@@ -118,8 +118,8 @@ class IterationCheckpoint(ModelCheckpoint):
             )
         if monitor is None and save_top_k not in (-1, 0, 1):
             raise ValueError(
-                f"checkpoint.save_top_k={save_top_k} needs checkpoint.monitor to rank by; without a monitor use "
-                "-1 (keep all), 0 (only last.ckpt) or 1 (the newest)"
+                f"checkpoint.save_top_k={save_top_k} needs checkpoint.monitor to rank by; without a monitor "
+                "use -1 (keep all), 0 (only last.ckpt) or 1 (the newest)"
             )
         super().__init__(
             dirpath=dirpath,
@@ -142,9 +142,10 @@ class IterationCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        # The state training starts from is on disk already (a fresh run's iteration 0 is never saved; a resumed
-        # run's is its checkpoint): a run that stops before another iteration finishes must not rewrite it. The
-        # restored `last_iteration_saved` cannot say so: it was captured before its own save finished.
+        # The state training starts from is on disk already (a fresh run's iteration 0 is never saved; a
+        # resumed run's is its checkpoint): a run that stops before another iteration finishes must not
+        # rewrite it. The restored `last_iteration_saved` cannot say so: it was captured before its own save
+        # finished.
         self._last_iteration_saved = getattr(pl_module, "num_iterations", 0)
         self._last_save_time = time.monotonic()
 
@@ -186,8 +187,9 @@ class IterationCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = -1
         self._save_topk_checkpoint(trainer, candidates)
         self._last_global_step_saved = -1
-        # After the periodic file, so that last.ckpt records it as the newest (Lightning's order). A kill between
-        # the two writes leaves last.ckpt one save older: resuming then repeats those iterations, exactly.
+        # After the periodic file, so that last.ckpt records it as the newest (Lightning's order). A kill
+        # between the two writes leaves last.ckpt one save older: resuming then repeats those iterations,
+        # exactly.
         self._save_last_checkpoint(trainer, candidates)
         self._last_iteration_saved = iteration
         self._last_save_time = time.monotonic()
@@ -216,10 +218,10 @@ class TrainableStateCheckpointing:
     """The checkpoint format of GRPOModule (a mixin of it; FSDP2Strategy and `guardrl.export` use the public
     methods too).
 
-    A checkpoint keeps only what training changed (the policy's adapters and snapshots, or with full fine-tuning
-    the transformer and its old/EMA copies: `FlowPolicy.is_trainable_state_key`); the frozen base weights are
-    re-loaded from the pretrained model. Beside the weights, `checkpoint["guardrl"]` holds the counters that
-    shape the rest of the run and every rank's RNG states, which is what makes resume exact.
+    A checkpoint keeps only what training changed (the policy's adapters and snapshots, or with full
+    fine-tuning the transformer and its old/EMA copies: `FlowPolicy.is_trainable_state_key`); the frozen base
+    weights are re-loaded from the pretrained model. Beside the weights, `checkpoint["guardrl"]` holds the
+    counters that shape the rest of the run and every rank's RNG states, which is what makes resume exact.
     """
 
     def is_trainable_key(self, key: str) -> bool:
@@ -228,8 +230,8 @@ class TrainableStateCheckpointing:
         return key.startswith(prefix) and self.policy.is_trainable_state_key(key[len(prefix) :])
 
     def check_checkpoint_state(self, saved: dict[str, torch.Tensor]) -> None:
-        """Loading is not strict (frozen weights are not saved), so check the trainable part here: a checkpoint of
-        another LoRA rank, target list or backbone would otherwise load partly and silently."""
+        """Loading is not strict (frozen weights are not saved), so check the trainable part here: a
+        checkpoint of another LoRA rank, target list or backbone would otherwise load partly and silently."""
         expected = {
             key: value.shape for key, value in self.state_dict().items() if self.is_trainable_key(key)
         }
@@ -289,14 +291,15 @@ class TrainableStateCheckpointing:
 
     def stop_if_finished(self) -> None:
         """At train start: a finished run resumed with the same budget (a requeue wrapper that always passes
-        --ckpt_path last) runs no iteration and rewrites no checkpoint; RunSummaryCallback says how to extend it."""
+        --ckpt_path last) runs no iteration and rewrites no checkpoint; RunSummaryCallback says how to extend
+        it."""
         if self.max_iterations is None or self.num_iterations < self.max_iterations:
             return
         self.trainer.should_stop = True
         if self.trainer.is_global_zero:
             _log.warning(
-                "guardrl: the checkpoint is at iteration %d and model.max_iterations=%d: the run is complete, "
-                "nothing to do (raise --model.max_iterations to train further)",
+                "guardrl: the checkpoint is at iteration %d and model.max_iterations=%d: the run is "
+                "complete, nothing to do (raise --model.max_iterations to train further)",
                 self.num_iterations,
                 self.max_iterations,
             )
@@ -310,8 +313,8 @@ class TrainableStateCheckpointing:
         restored = restore_rng_state_of_rank(self._rng_to_restore, self.global_rank, self.trainer.world_size)
         if not restored and self.trainer.is_global_zero:
             _log.warning(
-                "guardrl: the checkpoint holds RNG states of %d ranks but this run has %d; the global RNGs are not "
-                "restored (rollout noise does not depend on them; LoRA dropout does)",
+                "guardrl: the checkpoint holds RNG states of %d ranks but this run has %d; the global RNGs "
+                "are not restored (rollout noise does not depend on them; LoRA dropout does)",
                 len(self._rng_to_restore),
                 self.trainer.world_size,
             )

@@ -1,9 +1,9 @@
 """The `guardrl` console script.
 
-It checks the command line and config files first (guardrl.preflight: standard library and PyYAML, about 0.3 s)
-and only then imports torch and Lightning (8-14 s on 2 cores) for the full parser and the run, so a misspelt
-option or a missing file is reported at once. User errors raised later (a bad value, an unreadable checkpoint, a
-full disk) print one short message instead of a traceback; GUARDRL_DEBUG=1 shows the traceback.
+It checks the command line and config files first (guardrl.preflight: standard library and PyYAML, about
+0.3 s) and only then imports torch and Lightning (8-14 s on 2 cores) for the full parser and the run, so a
+misspelt option or a missing file is reported at once. User errors raised later (a bad value, an unreadable
+checkpoint, a full disk) print one short message instead of a traceback; GUARDRL_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def console_main() -> None:
 
 def short_error(error: BaseException) -> str:
     """What the console prints for a user error: the message (which names the option, the value and what is
-    allowed) and where it was raised, instead of 12-80 traceback frames. Exit status 1 (sys.exit with a string);
-    GUARDRL_DEBUG=1 shows the whole traceback."""
+    allowed) and where it was raised, instead of 12-80 traceback frames. Exit status 1 (sys.exit with a
+    string); GUARDRL_DEBUG=1 shows the whole traceback."""
     import traceback
 
     frames = traceback.extract_tb(error.__traceback__)

@@ -1,5 +1,5 @@
-"""FSDP2 DTensor helpers that need no Lightning (guardrl/sharding.py has the strategy; the policy and the update
-only need to read whole values)."""
+"""FSDP2 DTensor helpers that need no Lightning (guardrl/sharding.py has the strategy; the policy and the
+update only need to read whole values)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from guardrl.algorithm.timesteps import TIMESTEP_SELECTIONS
 from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, SDE_TYPES
 
 # The options' choices, derived from the registries that implement them: a new ratio variant (a function in
-# RATIO_VARIANTS) or SDE type is a choice of the parser, of `guardrl fit --help` and of guardrl.preflight with no
-# list to update here. (typing.Literal of a runtime tuple: what jsonargparse reads; mypy does not check this file.)
+# RATIO_VARIANTS) or SDE type is a choice of the parser, of `guardrl fit --help` and of guardrl.preflight with
+# no list to update here. (typing.Literal of a runtime tuple: what jsonargparse reads; mypy does not check
+# this file.)
 RatioVariant = Literal[tuple(RATIO_VARIANTS)]  # type: ignore[valid-type]
 SdeType = Literal[tuple(SDE_TYPES)]  # type: ignore[valid-type]
 LogProbReduction = Literal[tuple(LOG_PROB_REDUCTIONS)]  # type: ignore[valid-type]
@@ -24,8 +25,8 @@ TimestepSelection = Literal[tuple(TIMESTEP_SELECTIONS)]  # type: ignore[valid-ty
 
 
 # The Literal types below are checked by the CLI's parser, but not when the options are built in Python, and
-# the parser takes YAML's .nan and .inf as floats: these checks hold for both ways in. Messages name the option
-# as a config writes it, say what is allowed and show the value.
+# the parser takes YAML's .nan and .inf as floats: these checks hold for both ways in. Messages name the
+# option as a config writes it, say what is allowed and show the value.
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -120,14 +121,17 @@ class GRPOOptions:
     """PPO clip c: the ratio is clipped to [1 - c, 1 + c], in `clip_range_unit`."""
     clip_range_unit: ClipRangeUnit = "log_prob"
     """"log_prob": c is in the units of the computed log-ratio (per element with "mean" reduction, as in the
-    reference configs). "per_sqrt_element": c is rescaled by sqrt(D) so it means the same at every resolution."""
+    reference configs). "per_sqrt_element": c is rescaled by sqrt(D) so it means the same at every
+    resolution."""
     adv_clip_max: Optional[float] = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]; None: no clip."""
     std_scope: StdScope = "group"
-    """Divide advantages by each group's reward std ("group") or the std over all ranks' samples ("global")."""
+    """Divide advantages by each group's reward std ("group") or the std over all ranks' samples
+    ("global")."""
     null_control: bool = False
     """Shuffle each group's advantages among its samples before the update: same update size and noise, no
-    reward signal. The control run of an over-optimization study (what drift alone does to the gold metrics)."""
+    reward signal. The control run of an over-optimization study (what drift alone does to the gold
+    metrics)."""
     kl_beta: float = 0.0
     """Weight of the KL to the reference (base) policy, KL = ||mu_theta - mu_ref||^2 / (2 s^2) in the units of
     log_prob_reduction (nats per element for "mean")."""
@@ -149,9 +153,11 @@ class GRPOOptions:
     """Which SDE steps when num_train_timesteps is set: a seeded random subset per iteration (DanceGRPO) or
     the first ones (FlowGRPO's timestep_fraction)."""
     old_policy_sync_every: int = 1
-    """Copy the policy into the old-policy snapshot every this many iterations (1: fully on-policy rollouts)."""
+    """Copy the policy into the old-policy snapshot every this many iterations (1: fully on-policy
+    rollouts)."""
     ema_decay: Optional[float] = None
-    """Keep an EMA of the trained weights with this decay, updated after every optimizer step; None: no EMA."""
+    """Keep an EMA of the trained weights with this decay, updated after every optimizer step; None: no
+    EMA."""
     log_step_grad_norms: bool = True
     """Log grad/norm_t{k}, the gradient norm each denoising step contributes (costs one gradient copy)."""
 
@@ -163,8 +169,9 @@ class GRPOOptions:
             # The band [1 - c, 1 + c] would start at or below 0, where no ratio can go: negative-advantage
             # samples would never be clipped. A value this large is almost always a unit mistake.
             raise ValueError(
-                f"grpo.clip_range={self.clip_range!r} with grpo.clip_range_unit='log_prob' must be < 1: the clip "
-                f"band [1 - c, 1 + c] would have a lower end <= 0 (published values: 1e-4 FlowGRPO, 2e-6 GRPO-Guard)"
+                f"grpo.clip_range={self.clip_range!r} with grpo.clip_range_unit='log_prob' must be < 1: the "
+                "clip band [1 - c, 1 + c] would have a lower end <= 0 (published values: 1e-4 FlowGRPO, "
+                "2e-6 GRPO-Guard)"
             )
         _require_number(
             "grpo.adv_clip_max",
@@ -202,8 +209,8 @@ def check_compatible(sampling: SamplingOptions, grpo: GRPOOptions) -> None:
     if sampling.noise_level == 0:
         if grpo.ratio_variant in VARIANCE_NORMALIZED_VARIANTS:
             raise ValueError(
-                f"grpo.ratio_variant={grpo.ratio_variant!r} (RatioNorm) needs a Gaussian step with a variance "
-                "term, but sampling.noise_level=0 makes every step a deterministic ODE step: set "
+                f"grpo.ratio_variant={grpo.ratio_variant!r} (RatioNorm) needs a Gaussian step with a "
+                "variance term, but sampling.noise_level=0 makes every step a deterministic ODE step: set "
                 "sampling.noise_level > 0 (e.g. 0.7)"
             )
         raise ValueError(
@@ -236,7 +243,8 @@ class FaultOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.max_consecutive_nonfinite, int) or self.max_consecutive_nonfinite < 1:
             raise ValueError(
-                f"faults.max_consecutive_nonfinite must be an integer >= 1, got {self.max_consecutive_nonfinite!r}"
+                "faults.max_consecutive_nonfinite must be an integer >= 1, got "
+                f"{self.max_consecutive_nonfinite!r}"
             )
         if not isinstance(self.reward_max_attempts, int) or self.reward_max_attempts < 1:
             raise ValueError(

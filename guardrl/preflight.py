@@ -1,20 +1,21 @@
 """What `guardrl fit` checks before it imports torch and Lightning.
 
 Importing Lightning takes 8-14 s on a 2-core machine, and the full parser needs it (it reads the signatures of
-GRPOModule, the data module, the Trainer and the callbacks). A misspelt option, a choice that does not exist or a
-config file that is missing should not cost that wait, so the console script first runs `check` here, with the
-standard library and PyYAML only (about 0.1 s):
+GRPOModule, the data module, the Trainer and the callbacks). A misspelt option, a choice that does not exist
+or a config file that is missing should not cost that wait, so the console script first runs `check` here,
+with the standard library and PyYAML only (about 0.1 s):
 
 - the subcommand is `fit`;
 - every `--config` file exists, is readable, is YAML and holds a mapping;
 - every option named in a config file or on the command line exists, down to the option groups whose shape is
-  known (GRPOModule's arguments and its option dataclasses, the data module, the Trainer, the forced callbacks);
+  known (GRPOModule's arguments and its option dataclasses, the data module, the Trainer, the forced
+  callbacks);
 - every option typed `Literal[...]` holds one of its choices.
 
 The known options are read from the classes' source code with `ast` (no import), so they cannot drift from the
 classes; tests/test_preflight.py checks them against the full parser. What this cannot know (anything below a
-`class_path`, a `**kwargs`, a value's type) is left to the full parser, which still checks everything: preflight
-only ever refuses what the full parser would refuse too.
+`class_path`, a `**kwargs`, a value's type) is left to the full parser, which still checks everything:
+preflight only ever refuses what the full parser would refuse too.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _parse(module: str) -> Optional[ast.Module]:
 
 
 def _find_class(module: str, name: str, depth: int = 0) -> Optional[tuple[str, ast.ClassDef]]:
-    """The class `name` as seen from `module`: defined there, or imported there (followed through re-exports)."""
+    """The class `name` as seen from `module`: defined there, or imported there (followed through
+    re-exports)."""
     tree = _parse(module)
     if tree is None or depth > 4:
         return None
@@ -146,7 +148,8 @@ def _option(annotation: Optional[ast.expr], module: str) -> Option:
         if alias is not None and isinstance(alias[1], ast.Subscript) and _name(alias[1].value) == "Literal":
             literal = ast.Subscript(value=ast.Name("Optional"), slice=alias[1]) if optional else alias[1]
             return _option(literal, alias[0])
-    # An Optional[dataclass] is a class-type option for jsonargparse (it also takes class_path/init_args): open.
+    # An Optional[dataclass] is a class-type option for jsonargparse (it also takes
+    # class_path/init_args): open.
     if name is not None and module.startswith("guardrl") and not optional:
         found = _find_class(module, name)
         if found is not None and _is_dataclass(found[1]):
@@ -270,7 +273,8 @@ def _check_key(path: Sequence[str], value: Any, source: str, check_value: bool =
             group = ".".join(path[:i])
             allowed = f"; {group or 'fit'} accepts: {', '.join(sorted(level))}" if not close else ""
             raise PreflightError(
-                f"option {key!r} ({source}) does not exist{hint}{allowed} (`guardrl fit --help` lists every option)"
+                f"option {key!r} ({source}) does not exist{hint}{allowed} "
+                "(`guardrl fit --help` lists every option)"
             )
         option = level[part]
         if i == len(path) - 1:
@@ -358,7 +362,8 @@ def check(argv: Sequence[str]) -> None:
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].rstrip("+")
             value, has_value = _cli_value(rest, i)
-            # A whole group given on the command line (`--model.grpo '{...}'` or a file) is the parser's to read.
+            # A whole group given on the command line (`--model.grpo '{...}'` or a file) is the parser's
+            # to read.
             _check_key(
                 key.split("."), value, "command line", check_value=has_value and not isinstance(value, dict)
             )

@@ -1,7 +1,8 @@
 """Sampling and scoring images with a model: the one place that turns a backbone, a set of weights and encoded
 prompts into a `velocity_fn` for `guardrl.sampling.sample_rollouts`, and the one weighted reward sum.
 
-    sample_trajectory   noise -> Trajectory, with the given transformer weights (rollout, watch, toy evaluation)
+    sample_trajectory   noise -> Trajectory, with the given transformer weights (rollout, watch, toy
+                        evaluation)
     score_images        images -> (total, per reward): every reward with the run's retries and timeout
     rollout_and_score   a rank's batch in chunks of whole groups, each scored (optionally in a worker thread
                         while the next one samples)
@@ -78,9 +79,9 @@ def rollout_and_score(
     phase: Callable[[str], Any] = lambda name: contextlib.nullcontext(),
 ) -> tuple[Trajectory, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Rollout, decode and reward of a rank's batch in `chunks` chunks of whole groups (performance.
-    rollout_chunks); with `overlap` (performance.overlap_rewards) each chunk is scored in a worker thread while
-    the next one samples. `rollout(cond_of_chunk, chunk_size, chunk_index)` samples one chunk. Returns the joined
-    trajectory, images, total rewards and per-reward scores, in batch order."""
+    rollout_chunks); with `overlap` (performance.overlap_rewards) each chunk is scored in a worker thread
+    while the next one samples. `rollout(cond_of_chunk, chunk_size, chunk_index)` samples one chunk. Returns
+    the joined trajectory, images, total rewards and per-reward scores, in batch order."""
     size = len(prompts) // chunks
     spans = [slice(c * size, (c + 1) * size) for c in range(chunks)]
     # One worker: chunks are scored in order, and a reward never runs twice at once.

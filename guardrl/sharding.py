@@ -6,8 +6,8 @@
 
 `FSDP2Strategy` is Lightning's `ModelParallelStrategy` with the mesh guardrl wants: every process data
 parallel (data_parallel_size = nodes x devices), no tensor parallelism; Lightning's own "auto" would make
-the devices of a node tensor-parallel. A plain ModelParallelStrategy with tensor_parallel_size 1 works the same
-(docs/scale.md). Why per block: FSDP2 all-gathers one `fully_shard` unit's
+the devices of a node tensor-parallel. A plain ModelParallelStrategy with tensor_parallel_size 1 works the
+same (docs/scale.md). Why per block: FSDP2 all-gathers one `fully_shard` unit's
 parameters at a time, so a block is the granule of peak memory; the root unit holds what is left (patch and
 time embeddings, norms, the output projection). With LoRA the adapters live inside the blocks' linear layers,
 so the policy, old-policy and EMA adapters shard with their block, in float32 even when the base is bf16
@@ -56,8 +56,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         for fixed in ("data_parallel_size", "tensor_parallel_size"):
             if fixed in kwargs:
                 raise ValueError(
-                    f"trainer.strategy.{fixed}: FSDP2Strategy sets it (all processes data parallel, no tensor "
-                    "parallelism); use lightning.pytorch.strategies.ModelParallelStrategy to choose the mesh"
+                    f"trainer.strategy.{fixed}: FSDP2Strategy sets it (all processes data parallel, "
+                    "no tensor parallelism); "
+                    "use lightning.pytorch.strategies.ModelParallelStrategy to choose the mesh"
                 )
         super().__init__(
             data_parallel_size="auto",
@@ -76,10 +77,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     ) -> None:
         """Write a sharded checkpoint so that `filepath` always holds a complete one, the previous or the new.
 
-        Lightning writes the shards straight into `filepath`, so a kill midway leaves a half-written directory in
-        place of the previous checkpoint. Here every rank writes into `.<name>.writing` beside it, and once all
-        have finished rank 0 swaps it in (`swap_in`). The barriers keep ranks from writing into a directory
-        rank 0 is still clearing, and from returning before the swap. Single-file checkpoints
+        Lightning writes the shards straight into `filepath`, so a kill midway leaves a half-written directory
+        in place of the previous checkpoint. Here every rank writes into `.<name>.writing` beside it, and once
+        all have finished rank 0 swaps it in (`swap_in`). The barriers keep ranks from writing into a
+        directory rank 0 is still clearing, and from returning before the swap. Single-file checkpoints
         (save_distributed_checkpoint False) go through Lightning and the CheckpointIO (AtomicCheckpointIO).
         """
         if not self._save_distributed_checkpoint:
@@ -95,8 +96,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("FSDP2Strategy.save_checkpoint: swapped")
 
     def remove_checkpoint(self, filepath) -> None:
-        """Remove a checkpoint (ModelCheckpoint dropping an old top-k one), with the leftovers of an interrupted
-        write of it, which no later save of that name would clear."""
+        """Remove a checkpoint (ModelCheckpoint dropping an old top-k one), with the leftovers of an
+        interrupted write of it, which no later save of that name would clear."""
         super().remove_checkpoint(filepath)
         if self.is_global_zero:
             remove_path(writing_path(Path(filepath)))
@@ -105,10 +106,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a sharded checkpoint that holds only the trainable state.
 
-        guardrl's checkpoints leave out the frozen base weights (GRPOModule.on_save_checkpoint), and Lightning's
-        loader asks torch.distributed.checkpoint for the whole model, which then fails on the first frozen key.
-        This loads exactly the trainable keys (after checking them against the checkpoint, with the same error
-        as a single-file resume), then the optimizer state, and returns the rest (counters, RNG states, loops).
+        guardrl's checkpoints leave out the frozen base weights (GRPOModule.on_save_checkpoint), and
+        Lightning's loader asks torch.distributed.checkpoint for the whole model, which then fails on the
+        first frozen key. This loads exactly the trainable keys (after checking them against the checkpoint,
+        with the same error as a single-file resume), then the optimizer state, and returns the rest
+        (counters, RNG states, loops).
         """
         path = Path(self.broadcast(str(checkpoint_path)))
         if self.is_global_zero:
@@ -158,7 +160,8 @@ def is_checkpoint(path: str) -> bool:
 
 
 def writing_path(path: Path) -> Path:
-    """Where a sharded checkpoint is written before it is swapped in (same directory: a rename stays atomic)."""
+    """Where a sharded checkpoint is written before it is swapped in (same directory: a rename stays
+    atomic)."""
     return path.with_name(f".{path.name}{WRITING_SUFFIX}")
 
 
@@ -174,8 +177,9 @@ def is_temporary(path: str) -> bool:
 
 def prepare_write(path: Path) -> None:
     """Rank 0, before the ranks write: finish a swap a killed run left half done (so its old checkpoint is not
-    deleted below as a leftover), then clear what a killed save left: a partial `.writing` (it may hold another
-    world size's shard files, which would otherwise end up in the new checkpoint) and a stale `.previous`."""
+    deleted below as a leftover), then clear what a killed save left: a partial `.writing` (it may hold
+    another world size's shard files, which would otherwise end up in the new checkpoint) and a stale
+    `.previous`."""
     restore_interrupted_swap(path)
     remove_path(writing_path(path))
     remove_path(previous_path(path))
@@ -231,8 +235,8 @@ def _libc():
 
 def restore_interrupted_swap(path) -> None:
     """Undo a `swap_in` killed between its two renames: `path` missing, the old checkpoint complete in
-    `.<name>.previous`. The new one in `.writing` is not trusted (the swap never took effect) and is cleared by
-    the next save. Several processes of one job may call this at once: only one rename succeeds."""
+    `.<name>.previous`. The new one in `.writing` is not trusted (the swap never took effect) and is cleared
+    by the next save. Several processes of one job may call this at once: only one rename succeeds."""
     path = Path(path)
     previous = previous_path(path)
     if os.path.lexists(path) or not (previous / DISTRIBUTED_METADATA).is_file():
@@ -276,7 +280,8 @@ def load_sharded_trainable_state(module, path: str) -> dict[str, torch.Tensor]:
 
 def saved_model_tensors(path: str, device: str) -> dict[str, torch.Tensor]:
     """Empty tensors of the shapes and dtypes the sharded checkpoint holds for the module, by state_dict key
-    ("meta": to check keys and shapes without memory; "cpu": buffers for torch.distributed.checkpoint to fill)."""
+    ("meta": to check keys and shapes without memory; "cpu": buffers for torch.distributed.checkpoint to
+    fill)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     return {
@@ -293,8 +298,8 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
         blocks.extend(getattr(transformer, name, None) or [])
     if not blocks:
         raise ValueError(
-            f"{type(transformer).__name__} has none of {BLOCK_LISTS}: guardrl does not know its blocks, so it "
-            "cannot shard it with FSDP2"
+            f"{type(transformer).__name__} has none of {BLOCK_LISTS}: guardrl does not know its blocks, "
+            "so it cannot shard it with FSDP2"
         )
     return blocks
 
@@ -316,8 +321,9 @@ def data_parallel_mesh(device_mesh):
     tensor_parallel = device_mesh["tensor_parallel"].size()
     if tensor_parallel != 1:
         raise ValueError(
-            f"trainer.strategy.tensor_parallel_size={tensor_parallel}: guardrl shards the transformer with FSDP2 "
-            "only (no tensor-parallel plan); allowed: 1, with data_parallel_size = the number of devices"
+            f"trainer.strategy.tensor_parallel_size={tensor_parallel}: "
+            "guardrl shards the transformer with FSDP2 only (no tensor-parallel plan); "
+            "allowed: 1, with data_parallel_size = the number of devices"
         )
     return device_mesh["data_parallel"]
 

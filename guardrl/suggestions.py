@@ -1,5 +1,5 @@
-"""Closest-name suggestions for parser errors. Standard library only: `guardrl.preflight` uses these before torch
-and Lightning are imported, and the full parser (`guardrl.cli`) uses the same ones after."""
+"""Closest-name suggestions for parser errors. Standard library only: `guardrl.preflight` uses these before
+torch and Lightning are imported, and the full parser (`guardrl.cli`) uses the same ones after."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Iterable
 
 
 def unknown_keys(message: str) -> list[str]:
-    """The dotted keys a jsonargparse error message says it does not know (command-line flags and config files)."""
+    """The dotted keys a jsonargparse error message says it does not know (command-line flags and config
+    files)."""
     keys = []
     if "unrecognized arguments:" in message:
         keys += re.findall(r"--([\w.]+)", message.split("unrecognized arguments:", 1)[1])
@@ -41,8 +42,8 @@ _MISSING_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
 
 
 def did_you_mean_class(message: str) -> str:
-    """A parser error about a misspelt class_path (`module 'guardrl.policy' has no attribute 'TinySD3Backbon'`),
-    with the closest public names of that module suggested."""
+    """A parser error about a misspelt class_path (`module 'guardrl.policy' has no attribute
+    'TinySD3Backbon'`), with the closest public names of that module suggested."""
     import importlib
 
     match = _MISSING_ATTRIBUTE.search(message)

@@ -119,7 +119,8 @@ def test_what_the_full_parser_accepts_passes(args):
     [
         (
             ["fit", "--config", QUICKSTART, "--model.grpo.clip_rnge", "1e-4"],
-            "option 'model.grpo.clip_rnge' (command line) does not exist; did you mean 'model.grpo.clip_range'",
+            "option 'model.grpo.clip_rnge' (command line) does not exist; "
+            "did you mean 'model.grpo.clip_range'",
         ),
         (
             ["fit", "--config", QUICKSTART, "--trainer.max_step=3"],
@@ -131,8 +132,8 @@ def test_what_the_full_parser_accepts_passes(args):
         ),
         (
             ["fit", "--config", QUICKSTART, "--model.grpo.ratio_variant", "grpo_gaurd"],
-            "model.grpo.ratio_variant must be one of 'flow_grpo', 'temp_reweight', 'mean_revised', 'ratio_norm', "
-            "'grpo_guard'; got 'grpo_gaurd' (command line)",
+            "model.grpo.ratio_variant must be one of 'flow_grpo', 'temp_reweight', 'mean_revised', "
+            "'ratio_norm', 'grpo_guard'; got 'grpo_gaurd' (command line)",
         ),
         (["fit", "--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
         (["fitt", "--config", QUICKSTART], "unknown subcommand 'fitt' (did you mean 'fit'?)"),
@@ -199,7 +200,8 @@ def test_an_empty_config_file_and_a_bom_pass(tmp_path):
 
 
 def test_annotation_forms():
-    """Optional[Literal] also takes null; Optional[dataclass] is a class-type option to jsonargparse (open)."""
+    """Optional[Literal] also takes null; Optional[dataclass] is a class-type option to jsonargparse
+    (open)."""
     import ast
 
     from guardrl.preflight import _option
@@ -232,8 +234,8 @@ def _console(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_console_script_refuses_before_importing_torch_or_lightning():
-    """The mechanism behind "a mistake is reported within about 0.3 s" (8-14 s is Lightning's import alone on 2
-    cores): the console exits with the parser's status 2 and neither torch nor Lightning was imported."""
+    """The mechanism behind "a mistake is reported within about 0.3 s" (8-14 s is Lightning's import alone on
+    2 cores): the console exits with the parser's status 2 and neither torch nor Lightning was imported."""
     result = _console("fit", "--config", "configs/quickstart.yaml", "--model.grpo.clip_rnge", "1e-4")
     assert result.returncode == 2, result.stderr
     assert "guardrl fit: error: option 'model.grpo.clip_rnge' (command line) does not exist" in result.stderr

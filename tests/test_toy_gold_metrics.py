@@ -1,6 +1,6 @@
 """The toy world's gold metrics as OverOptimizationWatch uses them (`update(images, prompts)`, class_path in a
-config), replacing the wrappers guardrl.gold.ToyPassRate / ToyOffPalette had: one of them passed `quantize=True`
-to a class that takes `quantized` and silently computed the strict pass rate."""
+config), replacing the wrappers guardrl.gold.ToyPassRate / ToyOffPalette had: one of them passed
+`quantize=True` to a class that takes `quantized` and silently computed the strict pass rate."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def test_clean_renders_pass_both_ways_and_are_on_palette(renders):
 
 
 def test_quantized_differs_from_strict_where_colours_drift(renders):
-    """+0.4 on the red channel moves pixels past the verifier's 0.35 colour tolerance: 8 of these 16 renders fail
-    the strict check (measured), while quantizing to the nearest palette colour first restores all 16."""
+    """+0.4 on the red channel moves pixels past the verifier's 0.35 colour tolerance: 8 of these 16 renders
+    fail the strict check (measured), while quantizing to the nearest palette colour first restores all 16."""
     shifted = (renders + 0.4 * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)).clamp(0, 1)
     strict = _computed(VerifierPassRate(), shifted)
     quantized = _computed(VerifierPassRate(quantized=True), shifted)

@@ -144,7 +144,8 @@ class FlowBackbone(nn.Module):
             raise ValueError(f"{OPTION}.resolution must be an integer >= 16 (pixels), got {resolution!r}")
         if not _is_int(max_sequence_length) or max_sequence_length < 1:
             raise ValueError(
-                f"{OPTION}.max_sequence_length must be an integer >= 1 (T5 tokens), got {max_sequence_length!r}"
+                f"{OPTION}.max_sequence_length must be an integer >= 1 (T5 tokens), got "
+                f"{max_sequence_length!r}"
             )
         if not _is_int(prompt_cache_size) or prompt_cache_size < 0:
             raise ValueError(
@@ -183,8 +184,8 @@ class FlowBackbone(nn.Module):
             lower = self.resolution // multiple * multiple
             nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
             raise ValueError(
-                f"{OPTION}.resolution={self.resolution} is not allowed for this model: it must be a multiple of "
-                f"{multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
+                f"{OPTION}.resolution={self.resolution} is not allowed for this model: it must be a "
+                f"multiple of {multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
                 f"x{self.latent_patch_multiple}), e.g. {nearest}"
             )
 
@@ -193,15 +194,15 @@ class FlowBackbone(nn.Module):
         option = f"{OPTION}.pretrained_model_name_or_path"
         if not path:
             raise ValueError(
-                f"{type(self).__name__}: {option} is required (a local diffusers pipeline directory or a hub id), "
-                f"got {path!r}"
+                f"{type(self).__name__}: {option} is required (a local diffusers pipeline directory or a "
+                f"hub id), got {path!r}"
             )
         if os.path.exists(path):
             self._check_pipeline_directory(path, option)
         elif _looks_like_local_path(path):
             raise ValueError(
-                f"{option}={path!r}: no such directory; it must be a diffusers pipeline directory (as written by "
-                "`save_pretrained`) or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
+                f"{option}={path!r}: no such directory; it must be a diffusers pipeline directory (as "
+                "written by `save_pretrained`) or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
             )
         # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
         dtype_key = "dtype" if _DIFFUSERS_VERSION >= (0, 42) else "torch_dtype"
@@ -213,16 +214,17 @@ class FlowBackbone(nn.Module):
             # A misspelt hub id, a gated model without a token, or no network: diffusers says which.
             reason = str(e).rstrip(".")
             raise ValueError(
-                f"{option}={path!r} could not be loaded as a hub id: {reason}. It must be a diffusers pipeline "
-                "directory or a hub id that is cached locally or reachable (HF_HUB_OFFLINE=1 allows only cached ones)"
+                f"{option}={path!r} could not be loaded as a hub id: {reason}. It must be a diffusers "
+                "pipeline directory or a hub id that is cached locally or reachable (HF_HUB_OFFLINE=1 "
+                "allows only cached ones)"
             ) from e
 
     def _check_pipeline_directory(self, path: str, option: str) -> None:
         index = os.path.join(path, "model_index.json")
         if not os.path.isdir(path) or not os.path.isfile(index):
             raise ValueError(
-                f"{option}={path!r} is a local path without model_index.json: it must be a diffusers pipeline "
-                "directory (as written by `save_pretrained`)"
+                f"{option}={path!r} is a local path without model_index.json: it must be a diffusers "
+                "pipeline directory (as written by `save_pretrained`)"
             )
         try:
             with open(index, encoding="utf-8") as f:
@@ -299,8 +301,9 @@ class FlowBackbone(nn.Module):
         unique = list(dict.fromkeys(prompts + ([""] if with_negative else [])))
         missing = [p for p in unique if p not in self._prompt_cache]
         # One prompt per forward: a text encoder's output depends (by an ulp) on the batch it runs in, and
-        # which prompts are missing depends on the cache's history, which a resumed run does not share. Encoding
-        # alone keeps every embedding independent of history, so a resumed run is bitwise the straight run.
+        # which prompts are missing depends on the cache's history, which a resumed run does not share.
+        # Encoding alone keeps every embedding independent of history, so a resumed run is bitwise the
+        # straight run.
         if missing:
             truncated = 0
             with (
@@ -336,8 +339,8 @@ class FlowBackbone(nn.Module):
         if first:
             _log.warning(
                 "guardrl: a prompt is longer than the text encoders take (CLIP: 77 tokens; T5: "
-                "model.backbone.init_args.max_sequence_length=%s) and was truncated; said once per run, the count "
-                "is in %s.truncated_prompts",
+                "model.backbone.init_args.max_sequence_length=%s) and was truncated; said once per run, the "
+                "count is in %s.truncated_prompts",
                 self.max_sequence_length,
                 type(self).__name__,
             )

@@ -36,7 +36,8 @@ class LoraSpec:
             raise ValueError(f"lora.rank must be an integer >= 1 (e.g. 32), got {self.rank!r}")
         if not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(
-                f"lora.alpha must be a finite number > 0 (the update is scaled by alpha / rank), got {self.alpha!r}"
+                "lora.alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
+                f"{self.alpha!r}"
             )
         if (
             isinstance(self.target_modules, str)
@@ -44,20 +45,22 @@ class LoraSpec:
             or not all(isinstance(m, str) and m for m in self.target_modules)
         ):
             raise ValueError(
-                "lora.target_modules must be a non-empty list of module names (e.g. [to_q, to_k, to_v, to_out.0]), "
+                "lora.target_modules must be a non-empty list of module names (e.g. [to_q, to_k, to_v, "
+                "to_out.0]), "
                 f"got {self.target_modules!r}"
             )
         if not (_is_number(self.dropout) and self.dropout == 0.0):
             raise ValueError(
-                "lora.dropout must be 0: the policy runs in eval mode so that the update recomputes exactly the "
-                f"rollout's mean (ratio 1 on-policy), so a LoRA dropout would never be applied; got {self.dropout!r}"
+                "lora.dropout must be 0: the policy runs in eval mode so that the update recomputes exactly "
+                "the rollout's mean (ratio 1 on-policy), so a LoRA dropout would never be applied; got "
+                f"{self.dropout!r}"
             )
         if self.init not in LORA_INITS:
             # Inits that move base weights into the adapter (pissa, olora, ...) would change what "adapters
             # disabled" means, and the reference policy is the model with adapters disabled.
             raise ValueError(
-                f"lora.init must be one of {LORA_INITS} (inits that keep B = 0, so the policy starts as the base "
-                f"model and the reference is the base model), got {self.init!r}"
+                f"lora.init must be one of {LORA_INITS} (inits that keep B = 0, so the policy starts as the "
+                f"base model and the reference is the base model), got {self.init!r}"
             )
 
     def to_peft_config(self) -> LoraConfig:

@@ -103,21 +103,22 @@ class FlowPolicy(nn.Module):
         return self.backbone.transformer
 
     def transformer_copies(self) -> dict[str, nn.Module]:
-        """Full fine-tuning's whole copies of the transformer that exist ("old", "ema", "reference"); empty with
-        LoRA, where the snapshots are adapters of the one transformer."""
+        """Full fine-tuning's whole copies of the transformer that exist ("old", "ema", "reference"); empty
+        with LoRA, where the snapshots are adapters of the one transformer."""
         names = {"old": "old_transformer", "ema": "ema_transformer", "reference": "reference_transformer"}
         return {
             key: getattr(self, attr) for key, attr in names.items() if getattr(self, attr, None) is not None
         }
 
     def enable_gradient_checkpointing(self) -> None:
-        """performance.gradient_checkpointing: only the trained transformer (the copies run without grad, where
-        checkpointing does nothing)."""
+        """performance.gradient_checkpointing: only the trained transformer (the copies run without grad,
+        where checkpointing does nothing)."""
         transformer = self.transformer
         if not getattr(transformer, "_supports_gradient_checkpointing", False):
             raise ValueError(
                 f"performance.gradient_checkpointing=true: {type(transformer).__name__} does not support "
-                "gradient checkpointing (diffusers' _supports_gradient_checkpointing is false); set it to false"
+                "gradient checkpointing (diffusers' _supports_gradient_checkpointing is false); "
+                "set it to false"
             )
         transformer.enable_gradient_checkpointing()
 

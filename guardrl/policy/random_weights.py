@@ -1,9 +1,9 @@
 """Backbones with the published SD3.5-Medium and FLUX.1-dev shapes and random weights (nothing downloaded).
 
 What they are for: measuring the speed and memory of a real-size run on your own GPUs before fetching any
-weights (`bench/gpu_bench.py` runs a GRPO iteration on them; docs/benchmarks.md), and testing a multi-GPU launch
-end to end. Only the shapes matter for speed and memory, so the transformer and the VAE are built from the
-configs the released models ship with (diffusers' `transformer/config.json`, `vae/config.json` and
+weights (`bench/gpu_bench.py` runs a GRPO iteration on them; docs/benchmarks.md), and testing a multi-GPU
+launch end to end. Only the shapes matter for speed and memory, so the transformer and the VAE are built from
+the configs the released models ship with (diffusers' `transformer/config.json`, `vae/config.json` and
 `scheduler/scheduler_config.json`), and the text encoders are not built at all: a prompt's embeddings are
 random tensors of the real shapes, a fixed function of the prompt text (as a run with a warm prompt cache sees
 them; T5-XXL alone would be 9.5 GB to initialise for nothing). The images they make are noise, and any reward

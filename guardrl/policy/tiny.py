@@ -126,9 +126,10 @@ def _t5_text_encoder(d_model: int, tokenizer, seed: int) -> T5EncoderModel:
 
 def _tiny_vae(latent_channels: int, seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
-    # 4 blocks give vae_scale_factor 8, as in the real SD3 and Flux VAEs. scaling_factor 1.5035 is a transposition
-    # of SD3's 1.5305; it only scales this random VAE's latents, and the tiny-model numbers in the docs and tests
-    # were measured with it, so it stays (random_weights.SD35_MEDIUM_VAE has the published value).
+    # 4 blocks give vae_scale_factor 8, as in the real SD3 and Flux VAEs. scaling_factor 1.5035 is a
+    # transposition of SD3's 1.5305; it only scales this random VAE's latents, and the tiny-model numbers in
+    # the docs and tests were measured with it, so it stays (random_weights.SD35_MEDIUM_VAE has the published
+    # value).
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -155,7 +156,8 @@ def _eval(pipe):
 
 
 def make_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2) -> StableDiffusion3Pipeline:
-    """An SD3 pipeline with ~79k transformer parameters (~150k with text encoders and VAE); 128 px images from 4 x 16 x 16 latents."""
+    """An SD3 pipeline with ~79k transformer parameters (~150k with text encoders and VAE); 128 px images from
+    4 x 16 x 16 latents."""
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer = make_clip_tokenizer(os.path.join(tmp, "clip"))
     t5_tokenizer = make_t5_tokenizer()

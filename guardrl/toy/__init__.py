@@ -10,8 +10,10 @@
     backbone ToyBackbone, the pretrained toy model behind guardrl's FlowBackbone interface
     pretrain rectified-flow pretraining of the toy model (python -m guardrl.toy.pretrain)
     evaluate pass rates per kind and gold metrics of a toy model (python -m guardrl.toy.evaluate)
-    proxy    ToyProxyReward, the learned and hackable proxy reward (python -m guardrl.toy.proxy train|evaluate|hack)
-    benchmark every ratio variant + a null control, proxy and gold over iterations (python -m guardrl.toy.benchmark)
+    proxy    ToyProxyReward, the learned and hackable proxy reward
+             (python -m guardrl.toy.proxy train|evaluate|hack)
+    benchmark every ratio variant + a null control, proxy and gold over iterations
+             (python -m guardrl.toy.benchmark)
     learning does it train? every variant + a null control on three rewards (python -m guardrl.toy.learning)
     rewards  ToyColorShare, a rule-based reward: the share of pixels in the prompt's colours
 

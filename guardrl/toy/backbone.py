@@ -24,7 +24,8 @@ class ToyBackbone(FlowBackbone):
 
     pipeline_class = None  # not a diffusers pipeline: components are loaded by `load_toy_model`
     # Its transformer is a diffusers SD3Transformer2DModel: SD3's LoRA format holds it, and
-    # `SD3Transformer2DModel.load_lora_adapter(dir, prefix="transformer", use_safetensors=True)` loads it back.
+    # `SD3Transformer2DModel.load_lora_adapter(dir, prefix="transformer", use_safetensors=True)` loads it
+    # back.
     lora_format_class = StableDiffusion3Pipeline
 
     def __init__(
@@ -39,7 +40,8 @@ class ToyBackbone(FlowBackbone):
         Args:
             weights_path: a directory written by `python -m guardrl.toy.pretrain --out DIR`; None loads the
                 weights shipped in guardrl/toy/weights/.
-            resolution: image size in pixels; must be the size the model was trained at (32 for the shipped one).
+            resolution: image size in pixels; must be the size the model was trained at (32 for the shipped
+                one).
             torch_dtype: dtype of the transformer and text encoder.
             shift: the sigma schedule's shift (FlowMatchEulerDiscreteScheduler; 1.0 = linear, as pretrained).
         """

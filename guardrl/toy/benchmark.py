@@ -14,12 +14,13 @@ each for every seed and both clip-range modes:
 
     published   the published clip ranges carried to the toy's size in the resolution-independent unit
                 (`per_sqrt_element`: FlowGRPO's 1e-4 for the raw-ratio variants, GRPO-Guard's 2e-6 for the
-                normalised ones, both per-element-mean values at SD3.5-M 512 px, D = 65,536), as in the configs
+                normalised ones, both per-element-mean values at SD3.5-M 512 px, D = 65,536), as in
+                the configs
     matched     a clip range per variant that clips the same share of samples as flow_grpo clips at its
                 published value. Calibrated once per seed: a short pilot run of every variant without
                 clipping records its log-ratios; the share flow_grpo's published c clips there is the target
-                (or --match-share), and each variant gets the c whose band leaves that share outside. The shares the real runs
-                then clip are reported next to the results.
+                (or --match-share), and each variant gets the c whose band leaves that share outside. The
+                shares the real runs then clip are reported next to the results.
 
 Every `eval_every` iterations (and before the first) the policy samples fixed evaluation sets (per kind
 `per_kind` prompts, train and held-out splits, ODE and SDE, fixed seeds) scored by the proxy and the gold
@@ -59,14 +60,18 @@ from lightning.pytorch.callbacks import Callback
 
 from guardrl.algorithm.ratios import RATIO_VARIANTS
 from guardrl.toy.files import write_json_atomic
-from guardrl.toy.gold import GOLD_DIRECTIONS, average_gold, gold_metrics
+from guardrl.toy.gold import CHECKS, GOLD_DIRECTIONS, average_gold, gold_metrics_with_errors
 from guardrl.toy.render import render_batch
 
 # Every registered ratio variant and the null control; each runs configs/toy/<name>.yaml.
 VARIANTS = (*RATIO_VARIANTS, "null_control")
 CLIP_MODES = ("published", "matched")
 GOLD_NAMES = tuple(GOLD_DIRECTIONS)
-EVAL_COLUMNS = ("iteration", "split", "sampler", "proxy", *GOLD_NAMES, "images")
+CHECK_NAMES = tuple(f"check_{check}" for check in CHECKS)
+# Every value with its standard error (`<name>_se`, guardrl.toy.gold.gold_metrics_with_errors). `proxy` is the
+# run's reward; `learned_proxy` the learned proxy's log-probability form, recorded whatever the reward.
+MEASURED = ("proxy", "learned_proxy", *GOLD_NAMES, *CHECK_NAMES)
+EVAL_COLUMNS = ("iteration", "split", "sampler", *(c for n in MEASURED for c in (n, f"{n}_se")), "images")
 RATIO_COLUMNS = (
     "iteration",
     "step",
@@ -83,18 +88,40 @@ RATIO_COLUMNS = (
 NO_CLIP = 0.5
 
 
+# The proxy the benchmark optimizes. The learned proxy (guardrl.toy.proxy) does not move within a CPU budget:
+# three pilots (docs/toy_benchmark.md) at lr 3e-3 and 1e-3, in its log-probability and mean-probability forms,
+# left flow_grpo at or below its start while the null control's drift lowered it. The colour share (the share
+# of pixels within the verifier's tolerance of the prompt's colours) rises fast (docs/learning.md) and is
+# hackable the way a proxy should be for this question: painting more of the frame in the prompt's colours
+# raises it while the counts, shapes, positions and realism the gold metrics measure are free to fall.
+PROXY_REWARD = '[{"class_path": "guardrl.toy.rewards.ToyColorShare"}]'
+
+
 @dataclasses.dataclass
 class Budget:
     """What every run gets; the same for all variants (nothing is tuned per variant)."""
 
-    iterations: int = 200
-    eval_every: int = 10
-    per_kind: int = 128  # evaluation prompts per kind per split: 512 images per (split, sampler)
+    iterations: int = 64
+    eval_every: int = 16
+    per_kind: int = 32  # evaluation prompts per kind per split: 128 images per (split, sampler)
     calibration_iterations: int = 4
+    samplers: tuple = ("sde", "ode")
     overrides: dict = dataclasses.field(default_factory=dict)  # extra `guardrl fit` options, e.g. batch size
 
 
-FULL = Budget()
+# The learning benchmark's budget (docs/learning.md), which moves the colour share 3-10x the null control's
+# drift in 32 iterations: lr 3e-3, 4 prompts x 8 samples, 2 optimizer steps per iteration on 4 of the 9 SDE
+# steps (the same random subset for every variant of a seed).
+FULL = Budget(
+    overrides={
+        "--model.rewards": PROXY_REWARD,
+        "--model.optimizer.init_args.lr": "3e-3",
+        "--data.prompts_per_batch": "4",
+        "--data.group_size": "8",
+        "--model.grpo.minibatch_size": "16",
+        "--model.grpo.num_train_timesteps": "4",
+    }
+)
 # Seconds to minutes on a CPU: a smaller batch and sampler, same code paths.
 QUICK = Budget(
     iterations=2,
@@ -102,6 +129,7 @@ QUICK = Budget(
     per_kind=1,
     calibration_iterations=1,
     overrides={
+        "--model.rewards": PROXY_REWARD,
         "--data.prompts_per_batch": "2",
         "--data.group_size": "4",
         "--model.grpo.minibatch_size": "4",
@@ -149,6 +177,7 @@ class BenchmarkRecorder(Callback):
         self.keep_log_ratios = keep_log_ratios
         self.log_ratios: list[torch.Tensor] = []  # per sample, every step and update (calibration pilots)
         self._real: dict[str, torch.Tensor] = {}
+        self._learned = None
         os.makedirs(directory, exist_ok=True)
         self.eval_path = os.path.join(directory, "evaluations.csv")
         self.ratio_path = os.path.join(directory, "ratios.csv")
@@ -198,6 +227,13 @@ class BenchmarkRecorder(Callback):
             )
         _append_csv(self.ratio_path, RATIO_COLUMNS, rows)
 
+    def _learned_proxy(self):
+        if self._learned is None:
+            from guardrl.toy.proxy import ToyProxyReward
+
+            self._learned = ToyProxyReward()
+        return self._learned
+
     def _real_images(self, split: str, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         if split not in self._real:  # reference renders for the realism distance, other seeds than the noise
             self._real[split] = render_batch(prompts, [s + 1_000_000 for s in seeds])
@@ -225,17 +261,18 @@ class BenchmarkRecorder(Callback):
                         scales=module.noise_scales.cpu(),
                     )
                 proxy, _ = module.score(images.to(module.device), prompts)
-                gold = gold_metrics(images, prompts, self._real_images(split, prompts, seeds))
-                rows.append(
-                    {
-                        "iteration": iteration,
-                        "split": split,
-                        "sampler": sampler,
-                        "proxy": float(proxy.double().mean()),
-                        **gold,
-                        "images": len(prompts),
-                    }
+                learned = self._learned_proxy()(images, prompts)
+                row = {"iteration": iteration, "split": split, "sampler": sampler, "images": len(prompts)}
+                for name, values in (("proxy", proxy), ("learned_proxy", learned)):
+                    values = values.double()
+                    row[name] = float(values.mean())
+                    row[f"{name}_se"] = float(values.std() / len(values) ** 0.5)
+                row.update(
+                    gold_metrics_with_errors(
+                        images, prompts, self._real_images(split, prompts, seeds), seed=iteration
+                    )
                 )
+                rows.append(row)
         _append_csv(self.eval_path, EVAL_COLUMNS, rows)
 
 
@@ -322,6 +359,7 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
         eval_every=iterations + 1 if pilot else budget.eval_every,
         per_kind=budget.per_kind,
         splits=() if pilot else ("heldout", "train"),
+        samplers=budget.samplers,
         keep_log_ratios=pilot,
     )
     cli.trainer.callbacks.append(recorder)
@@ -470,6 +508,7 @@ def run_benchmark(
     configs: str = "configs/toy",
     jobs: int = 1,
     match_share: Optional[float] = None,
+    published_seeds: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
     for name, values, allowed in (
         ("--variants", variants, VARIANTS),
@@ -489,8 +528,6 @@ def run_benchmark(
     os.makedirs(out, exist_ok=True)
     start = time.monotonic()
     specs = []
-    if "published" in clip_modes:
-        specs += [RunSpec(v, s, "published") for s in seeds for v in variants]
     calibration = None
     if "matched" in clip_modes:
         from guardrl.toy.backbone import ToyBackbone
@@ -503,6 +540,10 @@ def run_benchmark(
         specs += [
             RunSpec(v, s, "matched", calibration["clip_range"][f"{v}-s{s}"]) for s in seeds for v in variants
         ]
+    if "published" in clip_modes:
+        # After the matched runs (the main comparison), and by default for fewer seeds (--published-seeds).
+        seeds_published = seeds if published_seeds is None else published_seeds
+        specs += [RunSpec(v, s, "published") for s in seeds_published for v in variants]
     summaries = _run_many(specs, budget, configs, out, jobs)
     report = write_report(out, budget)
     report.update(wall_s=round(time.monotonic() - start, 1), runs=summaries, calibration=calibration)
@@ -513,9 +554,9 @@ def run_benchmark(
 
 # ---------------------------------------------------------------------------------------------- report
 def collect(out: str) -> tuple[list[dict], list[dict]]:
-    """(evaluation rows, ratio rows) of every finished run, with variant / clip_mode / seed and, per evaluation
-    row, Average(gold) against that run's iteration-0 evaluation of the same split and sampler (the shipped
-    model, so it scores 1.00)."""
+    """(evaluation rows, ratio rows) of every finished run, with variant / clip_mode / seed and, per
+    evaluation row, Average(gold) against that run's iteration-0 evaluation of the same split and sampler (the
+    shipped model, so it scores 1.00)."""
     evaluations, ratios = [], []
     for done in sorted(glob.glob(os.path.join(out, "runs", "*", "done.json"))):
         with open(done) as f:
@@ -797,6 +838,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", type=_number_list, default=[0, 1, 2])
     parser.add_argument("--clip-modes", default=",".join(CLIP_MODES))
+    parser.add_argument(
+        "--published-seeds",
+        type=_number_list,
+        default=[0],
+        help="seeds of the published-clip mode (default 0; the matched mode runs every --seeds)",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="GRPO iterations per run")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--per-kind", type=int, default=None, help="evaluation prompts per kind and split")
@@ -835,6 +882,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.configs,
         args.jobs,
         args.match_share,
+        args.published_seeds,
     )
     print(open(report["table"]).read())
     print(f"results: {report['results']}\nplots: {', '.join(report['plots'])}\nwall: {report['wall_s']} s")

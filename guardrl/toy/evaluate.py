@@ -63,8 +63,8 @@ def generate(
     transformer: torch.nn.Module | None = None,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1]. Image i starts from `initial_noise` of seed i alone, so it does not depend
-    on the batch; the SDE noise of batch b comes from a generator seeded with (sde_seed, b).
+    """Images (N, 3, H, W) in [0, 1]. Image i starts from `initial_noise` of seed i alone, so it does not
+    depend on the batch; the SDE noise of batch b comes from a generator seeded with (sde_seed, b).
 
     `transformer` samples with other weights than the backbone's (a policy under training); `scales` replaces
     the SDE noise scales per step (a run's own `noise_scales`), used when `sde` is true.
@@ -146,7 +146,8 @@ def evaluate_set(
 def choose_cfg(
     backbone, per_kind: int = 32, grid: Sequence[float] = CFG_GRID, num_steps: int = 10
 ) -> tuple[float, dict]:
-    """The CFG scale with the best kind-balanced ODE pass rate on TRAINING prompts (ties: the smaller scale)."""
+    """The CFG scale with the best kind-balanced ODE pass rate on TRAINING prompts (ties: the smaller
+    scale)."""
     scores = {}
     for w in grid:
         scores[w] = evaluate_set(
@@ -251,7 +252,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--record",
         action="store_true",
-        help="store the chosen CFG scale and the table's rows under 'evaluation' in the weights' toy_model.json",
+        help=(
+            "store the chosen CFG scale and the table's rows under 'evaluation' in the weights' "
+            "toy_model.json"
+        ),
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

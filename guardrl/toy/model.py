@@ -41,7 +41,8 @@ def toy_vocabulary() -> list[str]:
 
 
 def default_transformer_config() -> dict:
-    """SD3Transformer2DModel arguments of the shipped model (pixel space, 32 x 32, patch 4: 64 image tokens)."""
+    """SD3Transformer2DModel arguments of the shipped model (pixel space, 32 x 32, patch 4: 64 image
+    tokens)."""
     return dict(
         sample_size=32,
         patch_size=4,
@@ -97,8 +98,8 @@ class ToyTextEncoder(nn.Module):
         self.pooled_proj = nn.Linear(config.width, config.pooled_dim)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, max_length) word ids; case, repeated spaces and a final period are ignored; unknown words map to
-        <unk>, and words past max_length are dropped. "" is all padding (the null prompt)."""
+        """(B, max_length) word ids; case, repeated spaces and a final period are ignored; unknown words map
+        to <unk>, and words past max_length are dropped. "" is all padding (the null prompt)."""
         unk = self.index[UNK]
         ids = torch.zeros(len(prompts), self.config.max_length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -183,8 +184,9 @@ def load_toy_model(
     for path in (weights, config_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"toy model weights_path={directory!r} has no {os.path.basename(path)}: it must be a directory "
-                "written by `python -m guardrl.toy.pretrain --out DIR` (or None for the shipped weights)"
+                f"toy model weights_path={directory!r} has no {os.path.basename(path)}: it must be a "
+                "directory written by `python -m guardrl.toy.pretrain --out DIR` (or None for the shipped "
+                "weights)"
             )
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)

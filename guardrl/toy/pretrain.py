@@ -93,7 +93,8 @@ class TrainingData:
 
 
 def flow_matching_loss(transformer, text_encoder, prompts, x0, generator, mean=0.0, std=1.0) -> torch.Tensor:
-    """Rectified-flow MSE at logit-normal t; the transformer is called exactly as guardrl's SD3 path calls it."""
+    """Rectified-flow MSE at logit-normal t; the transformer is called exactly as guardrl's SD3 path calls
+    it."""
     batch = x0.shape[0]
     t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
     eps = torch.randn(x0.shape, generator=generator)
@@ -272,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cond_dropout=args.cond_dropout,
     )
     print(
-        f"done: {summary['steps_done']} steps in {summary['wall_s']} s ({summary['steps_per_minute']} steps/min); "
+        f"done: {summary['steps_done']} steps in {summary['wall_s']} s "
+        f"({summary['steps_per_minute']} steps/min); "
         f"weights in {args.out}"
     )
 

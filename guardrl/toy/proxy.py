@@ -273,10 +273,11 @@ def total_reward(heads: dict[str, torch.Tensor], targets: PromptTargets) -> torc
 
 
 def mean_probability(heads: dict[str, torch.Tensor], targets: PromptTargets) -> torch.Tensor:
-    """(B,) in [0, 1]: the mean, over the prompt's own checks (the total count, each named combination's count,
-    the relation if any), of the probability the proxy gives it. The same heads as `total_reward`, with light
-    tails: a check the image fails completely costs at most 1/n instead of tens of nats, so a group's
-    advantages follow the checks a policy can actually move rather than its worst image (docs/toy_proxy.md)."""
+    """(B,) in [0, 1]: the mean, over the prompt's own checks (the total count, each named combination's
+    count, the relation if any), of the probability the proxy gives it. The same heads as `total_reward`, with
+    light tails: a check the image fails completely costs at most 1/n instead of tens of nats, so a group's
+    advantages follow the checks a policy can actually move rather than its worst image
+    (docs/toy_proxy.md)."""
     rows = torch.arange(targets.total.shape[0], device=targets.total.device)
     total = heads["total_logits"].softmax(-1)[rows, targets.total]
     counts = heads["count_logits"].softmax(-1).gather(-1, targets.count.unsqueeze(-1)).squeeze(-1)

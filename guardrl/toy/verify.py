@@ -301,7 +301,8 @@ def run_verifier_checks(
 
     clean/*            pass rate of renders against their own prompt, strict and quantized
     mismatch/random    acceptance of each render against a random other prompt whose objects differ
-    mismatch/near      acceptance against every `near_misses` prompt (one attribute changed); _prompts: how many
+    mismatch/near      acceptance against every `near_misses` prompt (one attribute changed);
+                       _prompts: how many
     noise_<std>/*      pass rate after adding Gaussian noise of that std per channel, clamped to [0, 1]
     """
     specs = sample_specs(num_images, seed)
