@@ -801,9 +801,14 @@ def write_report(out: str, budget: Budget | None = None) -> dict[str, Any]:
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     plots = plot_report(evaluations, ratios, out)
+    from guardrl.toy.benchmark_answer import answer_markdown
+
+    with open(os.path.join(out, "answer.md"), "w") as f:
+        f.write(answer_markdown(evaluations, [m for m in MEASURED if m != "proxy"] + ["proxy"]) + "\n")
     return {
         "results": os.path.join(out, "results.csv"),
         "table": os.path.join(out, "table.md"),
+        "answer": os.path.join(out, "answer.md"),
         "plots": plots,
         "budget": dataclasses.asdict(budget) if budget else None,
     }
