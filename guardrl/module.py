@@ -11,8 +11,8 @@
 Only the iteration lives here. Everything backbone-specific is behind `FlowBackbone` and `FlowPolicy`
 (adapters, snapshots, compile); the math is in sampling/ and algorithm/; sampling and scoring images in
 rollouts.py; non-finite handling in faults.py; the checkpoint format in checkpointing.py
-(`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual optimization, because one iteration
-takes several optimizer steps.
+(`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual optimization, because one
+iteration takes several optimizer steps.
 """
 
 from __future__ import annotations
@@ -264,8 +264,8 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
 
     @torch.no_grad()
     def _rollout(self, cond, batch_size: int, chunk: int) -> Trajectory:
-        # Noise stream (iteration, rank) unchunked, (iteration, rank, chunk) chunked: per rank; the update's step
-        # choices are not.
+        # Noise stream (iteration, rank) unchunked, (iteration, rank, chunk) chunked: per rank; the update's
+        # step choices are not.
         chunked = self.performance.rollout_chunks > 1
         generator = self._generator(self.num_iterations, self.global_rank, *((chunk,) if chunked else ()))
         if self.sampling.same_noise_per_group:
@@ -296,8 +296,8 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         weights: str = "policy",
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] of `prompts` from `noise` (B, ...) with the run's sampler (sigmas,
-        guidance; "sde": the training SDE, its noise from `generator`; "ode": Euler on every step) and one weight
-        set of the policy. The one way callbacks and benchmarks sample from a run."""
+        guidance; "sde": the training SDE, its noise from `generator`; "ode": Euler on every step) and one
+        weight set of the policy. The one way callbacks and benchmarks sample from a run."""
         if sampler not in ("sde", "ode"):
             raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
         use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
@@ -323,8 +323,9 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         )
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and timeout,
-        the total their weighted sum. The one way the run, its callbacks and the benchmarks score images."""
+        """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and
+        timeout, the total their weighted sum. The one way the run, its callbacks and the benchmarks score
+        images."""
         return score_images(self.rewards, images, prompts, self.faults)
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:

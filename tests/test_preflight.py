@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from guardrl.algorithm import RATIO_VARIANTS
 from guardrl.preflight import GROUP_CLASSES, PreflightError, check, known_keys, known_options
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,20 +62,23 @@ def test_known_options_match_the_full_parser():
     assert set(GROUP_CLASSES) <= {k.split(".")[0] for k in parser}
 
 
-def test_choices_come_from_the_literals():
+def test_choices_come_from_the_registries():
+    """Read from the source through options.py's aliases (`RatioVariant = Literal[tuple(RATIO_VARIANTS)]`), so
+    they are the registries' keys, in order, and the parser's Literals."""
+    import typing
+
+    from guardrl.algorithm import CLIP_RANGE_UNITS, RATIO_VARIANTS
+    from guardrl.options import GRPOOptions
+    from guardrl.sampling.sde import SDE_TYPES
+
     grpo = known_options()["model"].children["grpo"].children
-    assert grpo["ratio_variant"].choices == (
-        "flow_grpo",
-        "temp_reweight",
-        "mean_revised",
-        "ratio_norm",
-        "grpo_guard",
+    assert grpo["ratio_variant"].choices == tuple(RATIO_VARIANTS)
+    assert {"flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"} <= set(RATIO_VARIANTS)
+    assert grpo["ratio_variant"].choices == typing.get_args(
+        typing.get_type_hints(GRPOOptions)["ratio_variant"]
     )
-    assert grpo["clip_range_unit"].choices == ("log_prob", "per_sqrt_element")
-    assert known_options()["model"].children["sampling"].children["sde_type"].choices == (
-        "flow_grpo",
-        "dance_grpo",
-    )
+    assert grpo["clip_range_unit"].choices == CLIP_RANGE_UNITS == ("log_prob", "per_sqrt_element")
+    assert known_options()["model"].children["sampling"].children["sde_type"].choices == SDE_TYPES
     assert grpo["clip_range"].choices is None
 
 
@@ -132,8 +136,8 @@ def test_what_the_full_parser_accepts_passes(args):
         ),
         (
             ["fit", "--config", QUICKSTART, "--model.grpo.ratio_variant", "grpo_gaurd"],
-            "model.grpo.ratio_variant must be one of 'flow_grpo', 'temp_reweight', 'mean_revised', "
-            "'ratio_norm', 'grpo_guard'; got 'grpo_gaurd' (command line)",
+            f"model.grpo.ratio_variant must be one of {', '.join(map(repr, RATIO_VARIANTS))}; "
+            "got 'grpo_gaurd' (command line)",
         ),
         (["fit", "--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
         (["fitt", "--config", QUICKSTART], "unknown subcommand 'fitt' (did you mean 'fit'?)"),
