@@ -150,3 +150,17 @@ def test_recorder_on_resume_drops_rows_past_the_checkpoint_and_redoes_a_missing_
     _append_csv(recorder.eval_path, EVAL_COLUMNS, _truncate)
     recorder.on_train_start(None, SimpleNamespace(num_iterations=2))
     assert evaluated == [2]
+
+
+def test_a_run_stopped_before_its_budget_is_not_marked_done(tmp_path, monkeypatch):
+    """A run that SIGTERM/Ctrl-C stops (GracefulShutdown ends fit early) must not get done.json: it was once
+    marked finished at iteration 1, and the benchmark went on to the next run."""
+    import lightning.pytorch as pl
+
+    from guardrl.toy.benchmark import RunSpec, run_one
+
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: None)  # stops before iteration 1
+    spec = RunSpec("flow_grpo", 0, "published")
+    with pytest.raises(RuntimeError, match=r"flow_grpo-published-s0: stopped after 0 of 2 iterations"):
+        run_one(spec, QUICK, os.path.join(REPO_ROOT, "configs", "toy"), str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "runs", spec.name, "done.json"))

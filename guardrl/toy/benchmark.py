@@ -366,6 +366,13 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
     last = sorted(glob.glob(os.path.join(directory, "**", "last.ckpt"), recursive=True))
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last[0] if last and not pilot else None)
+    if cli.model.num_iterations < iterations:
+        # Stopped by a signal (GracefulShutdown saved last.ckpt): not done. Raising stops the whole benchmark,
+        # and the next command resumes this run instead of skipping it as finished.
+        raise RuntimeError(
+            f"{spec.name}: stopped after {cli.model.num_iterations} of {iterations} iterations; run the same "
+            "command again to resume it"
+        )
     summary = {
         "run": spec.name,
         **dataclasses.asdict(spec),
