@@ -13,15 +13,12 @@ See docs/reliability.md for resuming and docs/analysis.md for reading the logs.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, set_parsing_settings
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -33,13 +30,16 @@ from guardrl.callbacks import (
     RatioStatsCallback,
     RunSummaryCallback,
 )
+from guardrl.compat import check_lightning_cli_hooks
 from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
-from guardrl.suggestions import did_you_mean
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
-from guardrl.sharding import DISTRIBUTED_METADATA, is_checkpoint
+from guardrl.runs import describe_run, refuse_taken_run_folder, resolve_resume
+from guardrl.runs import find_last_checkpoint as _find_last_checkpoint  # noqa: F401 - re-exported, below
+from guardrl.suggestions import did_you_mean
 
-log = logging.getLogger(__name__)
+# The run-folder logic lives in guardrl/runs.py (shared with guardrl/export.py, which never imports this
+# module). _find_last_checkpoint stays importable from here under its old name: tests/test_sharding_atomic.py.
 
 
 class _Parser(LightningArgumentParser):
@@ -79,7 +79,8 @@ class GuardRLCLI(LightningCLI):
         parser.add_lightning_class_args(RatioStatsCallback, "ratio_stats")
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulShutdown, "graceful_shutdown")
-        # After the ones above: callbacks run in this order, and the bar shows this iteration's clip fractions.
+        # After the ones above: callbacks run in this order, and the bar shows this iteration's clip
+        # fractions.
         parser.add_lightning_class_args(ImageGridCallback, "image_grid")
         parser.add_lightning_class_args(RunSummaryCallback, "run_summary")
         parser.add_lightning_class_args(GRPOProgressBar, "progress_bar")
@@ -135,9 +136,10 @@ class RunConfigSaver(SaveConfigCallback):
 
     `--ckpt_path last` fills in the checkpoint, the logger's version and TensorBoard's purge_step; a config
     saved with them would make the next `guardrl fit --config <that file> --model.optimizer.init_args.lr 1e-2`
-    silently resume the old run in its own folder (and rewrite its files). They are left out here: a fit from a
-    saved config starts a new version, and resuming is asked for on the command line. When a resumed run's
-    options differ from the saved ones, the previous file is kept as `config.<k>.yaml` (nothing is lost)."""
+    silently resume the old run in its own folder (and rewrite its files). They are left out here
+    (runs.describe_run): a fit from a saved config starts a new version, and resuming is asked for on the
+    command line. When a resumed run's options differ from the saved ones, the previous file is kept as
+    `config.<k>.yaml` (nothing is lost)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.already_saved:
@@ -159,165 +161,24 @@ class RunConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-def describe_run(config: Namespace) -> Namespace:
-    """The config without what binds it to one run folder: ckpt_path, the logger's version and purge_step."""
-    config = config.clone()
-    if "ckpt_path" in config:
-        config["ckpt_path"] = None
-    logger = _tensorboard_logger_args(config)
-    if logger is not None:
-        for key in ("version", "purge_step"):
-            if key in logger:
-                logger[key] = None
-    return config
-
-
-def refuse_taken_run_folder(config: Namespace) -> None:
-    """A new (not resumed) run must not write into a folder that holds another run: with an explicit logger
-    version pointing at an existing run, Lightning would append to its events, rewrite its config.yaml and
-    replace its checkpoints."""
-    if config.get("ckpt_path") is not None:
-        return
-    logger = _tensorboard_logger_args(config)
-    if logger is None or logger.get("version") is None:
-        return
-    version = logger.get("version")
-    folder = os.path.join(_run_dir(logger), version if isinstance(version, str) else f"version_{version}")
-    taken = [name for name in ("config.yaml", "checkpoints") if os.path.exists(os.path.join(folder, name))]
-    if taken:
-        raise ValueError(
-            f"trainer.logger.init_args.version={version!r}: {folder} holds another run ({', '.join(taken)}); a new "
-            "run there would overwrite it. Leave the version unset (a new run gets the next free version_N), or "
-            "resume that run with --ckpt_path last"
-        )
-
-
-def resolve_resume(config: Namespace) -> None:
-    """`--ckpt_path last` and resuming into the run's own directory.
-
-    Lightning resolves "last" in the checkpoint directory of the *new* logger version, where there is none, and
-    starts over. Here "last" means the newest `last.ckpt` of this run name (or of checkpoint.dirpath), and the
-    logger reuses the version folder the checkpoint lives in, with TensorBoard told to drop the events the
-    interrupted run wrote after its checkpoint (purge_step), so every curve has one value per iteration.
-    """
-    ckpt_path: Optional[str] = config.get("ckpt_path")
-    if ckpt_path is None:
-        return
-    logger = _tensorboard_logger_args(config)
-    if ckpt_path == "last":
-        ckpt_path = _find_last_checkpoint(config, logger)
-        config["ckpt_path"] = ckpt_path
-        if ckpt_path is None:
-            return
-        log.warning("guardrl: --ckpt_path last resolved to %s", ckpt_path)
-    elif not is_checkpoint(ckpt_path):
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl (a directory with "
-            f"{DISTRIBUTED_METADATA} under FSDP2), or 'last' for the newest last.ckpt of this run"
-        )
-    iterations = _iterations_in(ckpt_path)  # also refuses a file that is not a readable guardrl checkpoint
-    if logger is None:
-        return
-    version = _version_of(ckpt_path, logger)
-    if version is not None and logger.get("version") is None:
-        logger["version"] = version
-    if version is not None and logger.get("version") == version:
-        logger["purge_step"] = iterations
-
-
-def _tensorboard_logger_args(config: Namespace) -> Optional[Namespace]:
-    logger = config.get("trainer.logger")
-    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-        return logger.init_args
-    return None
-
-
-def _run_dir(logger: Namespace) -> str:
-    return os.path.join(logger.get("save_dir") or "runs", logger.get("name") or "")
-
-
-def _find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Optional[str]:
-    dirpath = config.get("checkpoint.dirpath")
-    if dirpath:
-        candidates = [os.path.join(dirpath, "last.ckpt")]
-        where = dirpath
-    elif logger is not None:
-        pattern = os.path.join(_run_dir(logger), "version_*", "checkpoints", "last.ckpt")
-        # Every version's checkpoint folder, not only those holding a last.ckpt: a sharded one whose replacement
-        # was killed between its two renames is missing until is_checkpoint below restores it.
-        folders = glob.glob(os.path.dirname(pattern))
-        candidates = sorted(
-            (os.path.join(folder, "last.ckpt") for folder in folders),
-            key=lambda p: _version_number(p) or -1,
-            reverse=True,
-        )
-        where = pattern
-    else:
-        raise ValueError(
-            "ckpt_path='last' needs checkpoint.dirpath or a TensorBoardLogger (trainer.logger) to know where the "
-            "run's checkpoints are"
-        )
-    found = next((p for p in candidates if is_checkpoint(p)), None)
-    if found is None:
-        log.warning("guardrl: --ckpt_path last: no checkpoint at %s; starting a fresh run", where)
-    return found
-
-
-_VERSION_DIR = re.compile(r"^version_(\d+)$")
-
-
-def _version_number(ckpt_path: str) -> Optional[int]:
-    match = _VERSION_DIR.match(os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))))
-    return int(match.group(1)) if match else None
-
-
-def _version_of(ckpt_path: str, logger: Namespace) -> Optional[int]:
-    """N when the checkpoint is `<save_dir>/<name>/version_N/checkpoints/*.ckpt` of this logger."""
-    version_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-    if os.path.dirname(version_dir) != os.path.abspath(_run_dir(logger)):
-        return None
-    return _version_number(ckpt_path)
-
-
-def _iterations_in(ckpt_path: str) -> int:
-    """The checkpoint's GRPO iteration count; a ValueError naming the file when it is not a readable guardrl
-    checkpoint (truncated, another format, another program's): torch's own message would advise
-    weights_only=False, which must never be the answer to a damaged file."""
-    path = os.path.join(ckpt_path, DISTRIBUTED_METADATA) if os.path.isdir(ckpt_path) else ckpt_path
-    try:
-        # mmap: reads the small counters without pulling the weights into memory.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read means the same thing to the user
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r} is not a readable guardrl checkpoint ({type(error).__name__}: {reason}); it "
-            "may be truncated or another program's file. Pass a .ckpt written by guardrl fit, or 'last' for the "
-            "newest complete last.ckpt of this run"
-        ) from None
-    if not isinstance(checkpoint, dict) or "guardrl" not in checkpoint:
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r} is not a guardrl checkpoint (no 'guardrl' entry with counters and RNG "
-            "states); pass a .ckpt written by guardrl fit, or 'last' for the newest last.ckpt of this run"
-        )
-    return int(checkpoint["guardrl"].get("num_iterations", 0))
-
-
-# Third-party warnings that every guardrl run triggers on purpose and that say nothing to act on; silenced here,
-# at their one source, instead of teaching users to ignore warnings.
+# Third-party warnings that every guardrl run triggers on purpose and that say nothing to act on; silenced
+# here, at their one source, instead of teaching users to ignore warnings.
 EXPECTED_WARNINGS = (
     # The frozen base model, text encoders, VAE and rewards run in eval mode by design (GRPOModule keeps the
     # policy in eval mode so that the update recomputes the rollout's mean exactly).
     r"Found \d+ module\(s\) in eval mode at the start of training",
-    # Lightning 2.6's own use of a torch.utils._pytree name deprecated in torch 2.13; nothing a user can change.
+    # Lightning 2.6's own use of a torch.utils._pytree name deprecated in torch 2.13; nothing a user can
+    # change.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # guardrl's own programmatic callers (python -m guardrl.export, the benchmarks) pass `args` on purpose while
+    # guardrl's own programmatic callers (the benchmarks, the toy learning runs) pass `args` on purpose while
     # their process has its own command line; Lightning's warning would dump the whole 4 KB config.
     r"LightningCLI's args parameter is intended to run from within Python",
 )
 
 
 def _drop_log_message(logger_name: str, prefix: str) -> None:
-    """Lightning's advertisement for its cloud logger at every start (rank_zero_info) says nothing about the run."""
+    """Lightning's advertisement for its cloud logger at every start (rank_zero_info) says nothing about the
+    run."""
     logger = logging.getLogger(logger_name)
     if not any(getattr(f, "guardrl_prefix", None) == prefix for f in logger.filters):
 
@@ -331,6 +192,7 @@ def _drop_log_message(logger_name: str, prefix: str) -> None:
 def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
     import warnings
 
+    check_lightning_cli_hooks()  # the private hooks GuardRLCLI overrides still exist (guardrl/compat.py)
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     _drop_log_message("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging")
@@ -343,8 +205,9 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> GuardRLCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
-        # Resuming into the run's own directory rewrites config.yaml (keeping a differing previous one) instead
-        # of refusing to start; a new run into a taken folder is refused earlier (refuse_taken_run_folder).
+        # Resuming into the run's own directory rewrites config.yaml (keeping a differing previous one)
+        # instead of refusing to start; a new run into a taken folder is refused earlier
+        # (refuse_taken_run_folder).
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
     )

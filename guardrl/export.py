@@ -23,8 +23,9 @@ import yaml
 from peft.utils import get_peft_model_state_dict
 
 from guardrl.checkpointing import default_file_mode
-from guardrl.policy import FlowPolicy
 from guardrl.dtensors import full_tensor
+from guardrl.policy import FlowPolicy
+from guardrl.runs import build_model
 from guardrl.sharding import is_checkpoint, load_sharded_trainable_state
 
 EXPORTABLE_WEIGHTS = ("policy", "ema")
@@ -76,8 +77,6 @@ def export_lora(policy: FlowPolicy, out_dir: str, weights: str = "policy") -> st
 
 def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: str = "policy") -> str:
     """Rebuild the run's model from its saved config.yaml, load the checkpoint's trainable state, export."""
-    from guardrl.cli import main
-
     if not is_checkpoint(ckpt_path):
         raise ValueError(f"--ckpt={ckpt_path!r}: no such file (or sharded checkpoint directory with meta.pt)")
     if not os.path.isfile(config):
@@ -86,11 +85,12 @@ def export_from_checkpoint(config: str, ckpt_path: str, out_dir: str, weights: s
         )
     with open(config) as f:
         settings = yaml.safe_load(f)
-    # The saved config is the `fit` subcommand's; building the classes alone takes no fit-only keys.
-    for fit_only in ("ckpt_path", "weights_only"):
-        settings.pop(fit_only, None)
-    cli = main(settings, run=False)
-    model = cli.model
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"--config={config!r}: not a run's config (use the config.yaml in the run's version folder)"
+        )
+    # Only the model is built (guardrl/runs.py): no trainer, logger, data or callbacks.
+    model = build_model(settings)
     model.configure_model()
     if os.path.isdir(ckpt_path):
         state = load_sharded_trainable_state(model, ckpt_path)

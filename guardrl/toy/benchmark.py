@@ -811,7 +811,8 @@ def write_report(out: str, budget: Budget | None = None) -> dict[str, Any]:
     from guardrl.toy.benchmark_answer import answer_markdown
 
     with open(os.path.join(out, "answer.md"), "w") as f:
-        f.write(answer_markdown(evaluations, [m for m in MEASURED if m != "proxy"] + ["proxy"]) + "\n")
+        in_order = sorted(evaluations, key=lambda e: VARIANTS.index(e["variant"]))  # rows in VARIANTS order
+        f.write(answer_markdown(in_order, [m for m in MEASURED if m != "proxy"] + ["proxy"]) + "\n")
     return {
         "results": os.path.join(out, "results.csv"),
         "table": os.path.join(out, "table.md"),

@@ -95,10 +95,12 @@ def _fmt(x: float) -> str:
 def metric_table(
     evaluations: Sequence[dict], metric: str, clip_mode: str, split: str, sampler: str
 ) -> list[str]:
+    """One metric's table; rows in the order the variants first appear in `evaluations`."""
     changes = run_changes(evaluations, metric, clip_mode, split, sampler)
     if not changes:
         return []
-    variants = [v for v in _variant_order(evaluations) if any(k[0] == v for k in changes)]
+    order = list(dict.fromkeys(e["variant"] for e in evaluations))
+    variants = [v for v in order if any(k[0] == v for k in changes)]
     arrow = "↑" if BETTER.get(metric) == "higher" else "↓"
     lines = [
         f"### {metric} ({arrow} better): {split} prompts, {sampler.upper()}",
@@ -129,13 +131,6 @@ def metric_table(
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def _variant_order(evaluations: Sequence[dict]) -> list[str]:
-    from guardrl.toy.benchmark import VARIANTS
-
-    present = {e["variant"] for e in evaluations}
-    return [v for v in VARIANTS if v in present]
 
 
 def answer_markdown(evaluations: Sequence[dict], metrics: Sequence[str]) -> str:
