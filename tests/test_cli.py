@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
+from guardrl.algorithm import VARIANCE_NORMALIZED_VARIANTS
 from guardrl.cli import main
 from tests.conftest import REPO_ROOT
+from tests.published_recipes import MODELS
+from tests.published_recipes import RECIPES as PUBLISHED_RECIPES
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True))
 
@@ -53,10 +56,18 @@ def test_toy_configs_differ_only_in_variant_clip_range_and_null_control():
     assert configs["null_control"]["model"]["grpo"]["null_control"] is True
     assert configs["null_control"]["model"]["grpo"]["ratio_variant"] == "flow_grpo"
     assert sum(c["model"]["grpo"]["null_control"] for c in configs.values()) == 1
-    # The published clip ranges x sqrt(65,536) (per_sqrt_element): FlowGRPO's 1e-4, GRPO-Guard's 2e-6.
+    # The published clip ranges (log_prob unit, per-element-mean log-probs of SD3.5-M at 512 px) times
+    # sqrt(D), D = 16 latent channels x (512 / 8)^2 = 65,536, for the per_sqrt_element unit: FlowGRPO's for
+    # the raw-ratio variants and the control, GRPO-Guard's for the normalised ones.
+    flow_grpo = PUBLISHED_RECIPES["sd35m/flow_grpo_geneval.yaml"]
+    grpo_guard = PUBLISHED_RECIPES["sd35m/grpo_guard_geneval.yaml"]
+    side = flow_grpo["model.backbone.init_args.resolution"].value // MODELS["sd35m"]["vae_scale_factor"].value
+    sqrt_d = (MODELS["sd35m"]["vae.latent_channels"].value * side**2) ** 0.5
+    assert sqrt_d == 256.0
     for name, config in configs.items():
-        published = 2e-6 if config["model"]["grpo"]["ratio_variant"] in ("ratio_norm", "grpo_guard") else 1e-4
-        assert config["model"]["grpo"]["clip_range"] == pytest.approx(published * 256, rel=1e-3), name
+        normalised = config["model"]["grpo"]["ratio_variant"] in VARIANCE_NORMALIZED_VARIANTS
+        published = (grpo_guard if normalised else flow_grpo)["model.grpo.clip_range"].value
+        assert config["model"]["grpo"]["clip_range"] == pytest.approx(published * sqrt_d, rel=1e-3), name
         assert config["model"]["grpo"]["clip_range_unit"] == "per_sqrt_element"
 
 
@@ -116,6 +127,7 @@ def _run_guardrl(args, cwd, timeout=300):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_readme_command_runs_and_writes_the_documented_events(tmp_path):
     result = _run_guardrl(
         [
@@ -160,6 +172,7 @@ def test_readme_command_runs_and_writes_the_documented_events(tmp_path):
     assert glob.glob(os.path.join(version_dir, "checkpoints", "*.ckpt"))
 
 
+@pytest.mark.slow
 def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp_path):
     # The README's first command with two iterations instead of thirty (same config, same code path); that it
     # learns in thirty is shown in docs/learning.md and tested in tests/test_learning.py.
@@ -188,6 +201,7 @@ def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp
     assert os.path.isfile(os.path.join(version_dir, "checkpoints", "last.ckpt"))
 
 
+@pytest.mark.slow
 def test_print_config_and_misspelt_keys(tmp_path):
     printed = _run_guardrl(
         ["fit", "--config", "configs/tiny/flow_grpo.yaml", "--print_config"], cwd=REPO_ROOT
@@ -203,6 +217,7 @@ def test_print_config_and_misspelt_keys(tmp_path):
     assert "clip_rnage" in misspelt.stderr
 
 
+@pytest.mark.slow
 def test_installed_console_script_exits_zero_after_a_run(tmp_path):
     # setuptools' wrapper does sys.exit(entry_point()): a returned object would be exit status 1.
     script = shutil.which("guardrl")
@@ -232,29 +247,24 @@ def test_installed_console_script_exits_zero_after_a_run(tmp_path):
     assert glob.glob(str(tmp_path / "tiny_grpo_guard" / "version_0" / "checkpoints" / "last.ckpt"))
 
 
-# What the published recipes must say (sources in each config's comments).
-RECIPE_VALUES = {
-    "sd35m/flow_grpo_geneval.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.04, std="global"),
-    "sd35m/flow_grpo_ocr.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.04, std="global"),
-    "sd35m/flow_grpo_pickscore.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.01, std="global"),
-    "sd35m/grpo_guard_geneval.yaml": dict(variant="grpo_guard", clip=2e-6, lr=1e-4, kl=0.0, std="group"),
-    "sd35m/grpo_guard_ocr.yaml": dict(variant="grpo_guard", clip=2e-6, lr=1e-4, kl=0.0, std="group"),
-    "sd35m/grpo_guard_pickscore.yaml": dict(variant="grpo_guard", clip=4e-6, lr=1e-4, kl=0.0, std="group"),
-    "flux/dance_grpo_pickscore.yaml": dict(variant="flow_grpo", clip=1e-4, lr=3e-4, kl=0.0, std="group"),
-    "flux/grpo_guard_pickscore.yaml": dict(variant="grpo_guard", clip=4e-6, lr=1e-4, kl=0.0, std="group"),
-}
+def _option(config: dict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        value = value[key]
+    return value
 
 
-def test_every_recipe_has_its_expected_values():
+def test_every_recipe_has_its_published_numbers():
     assert sorted(os.path.relpath(c, os.path.join(REPO_ROOT, "configs")) for c in RECIPES) == sorted(
-        RECIPE_VALUES
+        PUBLISHED_RECIPES
     )
 
 
-@pytest.mark.parametrize("name", sorted(RECIPE_VALUES))
-def test_published_recipe_parses_and_is_consistent(name, monkeypatch, capsys):
-    """Parsed by the real CLI (types, class paths and every init arg checked, nothing loaded), then checked
-    against the recipe's numbers and the batch arithmetic an iteration needs."""
+@pytest.mark.parametrize("name", sorted(PUBLISHED_RECIPES))
+def test_published_recipe_parses_and_matches_its_sources(name, monkeypatch, capsys):
+    """Parsed by the real CLI (types, class paths and every init arg checked, nothing loaded), checked for the
+    batch arithmetic an iteration needs, then compared with its sources' numbers (tests/published_recipes.py:
+    FlowGRPO's, GRPO-Guard's and DanceGRPO's published settings, each with its citation)."""
     import yaml
 
     from guardrl.checks import check_batch_sizes
@@ -265,17 +275,20 @@ def test_published_recipe_parses_and_is_consistent(name, monkeypatch, capsys):
         main(["fit", "--config", os.path.join("configs", name), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    model, data, expected = config["model"], config["data"], RECIPE_VALUES[name]
+    model, data = config["model"], config["data"]
     grpo = GRPOOptions(**model["grpo"])
     sampling = SamplingOptions(**model["sampling"])
     check_compatible(sampling, grpo)
     check_batch_sizes(grpo, data["prompts_per_batch"], data["group_size"])
-    assert grpo.ratio_variant == expected["variant"] and grpo.clip_range == expected["clip"]
-    assert grpo.kl_beta == expected["kl"] and grpo.std_scope == expected["std"]
-    assert model["optimizer"]["init_args"]["lr"] == expected["lr"]
-    backbone = model["backbone"]["init_args"]["pretrained_model_name_or_path"]
-    assert backbone in ("stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev")
-    # FlowGRPO and GRPO-Guard take 2 optimizer steps per rollout batch; DanceGRPO's LoRA script 1.
     samples = data["prompts_per_batch"] * data["group_size"]
     steps = grpo.num_inner_epochs * (samples // grpo.minibatch_size) // grpo.gradient_accumulation_steps
-    assert steps == (1 if "dance" in name else 2)
+    published = PUBLISHED_RECIPES[name]
+    assert len(published) >= 10
+    for option, row in published.items():
+        value = steps if option == "optimizer_steps_per_iteration" else _option(config, option)
+        if option.endswith("target_modules"):
+            value = sorted(value)
+        if isinstance(row.value, float):
+            assert value == pytest.approx(row.value, rel=1e-12, abs=0), f"{option}={value!r}; {row.source}"
+        else:
+            assert value == row.value, f"{option}={value!r}; {row.source}"

@@ -91,6 +91,7 @@ def test_color_share_counts_only_the_prompts_colours():
     assert prompt_color_share(image, ["a green triangle"]).tolist() == [0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_mode_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "learning")

@@ -20,7 +20,7 @@ from guardrl.rewards import (
     TrOCRRecognizer,
 )
 from guardrl.rewards.clip_rewards import clip_preprocess, to_pil_images
-from guardrl.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, hps_preprocess
+from guardrl.rewards.hps import hps_preprocess
 from guardrl.rewards.ocr import levenshtein, ocr_score, quoted_text
 
 WORDS = [
@@ -245,15 +245,52 @@ def test_tensor_resize_is_within_two_8bit_levels_of_pil(reference, height, width
     assert levels.mean() <= 0.1
 
 
+def _ramp(height, width, axis):
+    """(1, 3, height, width) images whose value at index k along `axis` (-1 columns, -2 rows) is k / 255."""
+    k = torch.arange(height if axis == -2 else width, dtype=torch.float32) / 255
+    shape = (1, 1, -1, 1) if axis == -2 else (1, 1, 1, -1)
+    return k.view(shape).expand(1, 3, height, width)
+
+
 def test_hps_preprocessing_is_resize_center_crop_normalise():
-    images = smooth_and_noise(40, 64)
-    ours = hps_preprocess(images, image_size=32)
-    quantised = (images * 255).round() / 255
-    resized = F.interpolate(quantised, size=(32, 51), mode="bicubic", align_corners=False, antialias=True)
-    left = round((51 - 32) / 2.0)  # torchvision's CenterCrop rounds the offset (10; transformers floors: 9)
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(ours, (resized[..., :, left : left + 32] - mean) / std, atol=1e-6, rtol=0)
+    # Hand-worked on inputs whose result is known without resizing code. Normalisation: (x - mean) / std with
+    # OpenAI CLIP's mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258, 0.27577711).
+    #
+    # 1. Crop only: a 32 x 43 column ramp (column k = k/255). The shortest edge is already 32: no resize.
+    #    Center crop offset = round((43 - 32) / 2) = round(5.5) = 6 (torchvision rounds; transformers would
+    #    floor: 5): output columns 0 and 31 hold input columns 6 and 37.
+    #    channel 0, column 0: (6/255 - 0.48145466) / 0.26862954 = (0.02352941 - 0.48145466) / 0.26862954
+    #                         = -1.7046720;  column 31: (37/255 - 0.48145466) / 0.26862954 = -1.2521207
+    #    channel 2, column 0: (0.02352941 - 0.40821073) / 0.27577711 = -1.3948994
+    out = hps_preprocess(_ramp(32, 43, -1), image_size=32)
+    assert out.shape == (1, 3, 32, 32)
+    assert out[0, 0, :, 0].tolist() == pytest.approx([-1.7046720] * 32, abs=1e-6)
+    assert out[0, 0, :, 31].tolist() == pytest.approx([-1.2521207] * 32, abs=1e-6)
+    assert out[0, 2, 17, 0].item() == pytest.approx(-1.3948994, abs=1e-6)
+    # 2. The same along rows: 47 x 32, row k = k/255; top offset round(15 / 2) = round(7.5) = 8 (floor: 7):
+    #    channel 0, row 0: (8/255 - 0.48145466) / 0.26862954 = (0.03137255 - 0.48145466) / 0.26862954
+    #                      = -1.6754751
+    out = hps_preprocess(_ramp(47, 32, -2), image_size=32)
+    assert out[0, 0, 0, :].tolist() == pytest.approx([-1.6754751] * 32, abs=1e-6)
+    # 3. Resize of a constant: 40 x 64 of 51/255 = 0.2 (8-bit exact). Shortest edge 40 -> 32, long edge
+    #    int(32 * 64 / 40) = 51, crop to 32 x 32. An interpolation's weights sum to 1, so every pixel stays
+    #    0.2:
+    #    (0.2 - 0.48145466) / 0.26862954 = -1.0477428, (0.2 - 0.4578275) / 0.26130258 = -0.9867009,
+    #    (0.2 - 0.40821073) / 0.27577711 = -0.7549964
+    out = hps_preprocess(torch.full((1, 3, 40, 64), 0.2), image_size=32)
+    for channel, expected in enumerate([-1.0477428, -0.9867009, -0.7549964]):
+        torch.testing.assert_close(out[0, channel], torch.full((32, 32), expected), atol=1e-6, rtol=0)
+    # 4. Resize geometry: a 64 x 64 column ramp halved to 32 x 32 (no crop). With align_corners=False, output
+    #    column i samples input position 2i + 0.5, and a symmetric, normalised kernel reproduces a linear ramp
+    #    where it lies wholly inside the image (the antialiased bicubic reaches 4 input columns each side:
+    #    i = 2..29), so column i = (2i + 0.5) / 255, e.g. i = 10: 20.5/255 = 0.08039216 ->
+    #    (0.08039216 - 0.48145466) / 0.26862954 = -1.4929948; i = 27: 54.5/255 -> -0.9966483;
+    #    i = 2: 4.5/255 -> -1.7265696. (align_corners=True would sample i * 63/31 instead: column 10 would
+    #    be 20.32/255.)
+    out = hps_preprocess(_ramp(64, 64, -1), image_size=32)
+    assert out.shape == (1, 3, 32, 32)
+    for column, expected in ((2, -1.7265696), (10, -1.4929948), (27, -0.9966483)):
+        assert out[0, 0, :, column].tolist() == pytest.approx([expected] * 32, abs=1e-5), column
 
 
 # ---------------------------------------------------------------- PickScore and CLIPScore
@@ -436,21 +473,40 @@ def test_trocr_recognizer_loads_a_local_vision_encoder_decoder(tiny_dirs):
 
 
 def test_hps_loads_through_the_reward_server_loader():
-    # HPSv21 runs on transformers' CLIP (no open_clip); tests/test_hps.py checks it against the original code
-    # on the tiny fixture used here
+    # HPSv21 runs on transformers' CLIP (no open_clip); tests/test_hps.py checks it in depth against the
+    # original code. Here: the reward the server's loader builds scores the fixture's 16 (prompt, image) pairs
+    # as the ORIGINAL hpsv2 code did (`hpsv2.img_score.score`, pinned in expected.json by
+    # scripts/make_hps_fixture.py; e.g. prompt 0 on images 0 and 2: 0.4907 and 0.6849). The pinned scores
+    # differ by more than 0.02 across images and 0.1 across prompts (test_hps.py), far beyond the 1e-5 here.
     import json
     import os
+
+    import numpy as np
+    from PIL import Image
 
     from guardrl.rewards.server import load_reward
 
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "hps")
     with open(os.path.join(fixture, "expected.json")) as f:
-        tiny = json.load(f)["model_config"]
-    init_args = {"checkpoint": fixture, "base": os.path.join(fixture, "tokenizer"), "model_config": tiny}
+        expected = json.load(f)
+    init_args = {
+        "checkpoint": fixture,
+        "base": os.path.join(fixture, "tokenizer"),
+        "model_config": expected["model_config"],
+    }
     reward = load_reward("guardrl.rewards.HPSv21", init_args)
     assert isinstance(reward, HPSv21)
-    scores = reward(smooth_and_noise(48, 64), PROMPTS[:2])
-    assert scores.shape == (2,) and bool(((scores >= -1) & (scores <= 1)).all())
+    checked = 0
+    for index, name in enumerate(expected["images"]):
+        array = np.asarray(Image.open(os.path.join(fixture, name)).convert("RGB"))
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+        rows = [row for row in expected["pairs"] if row["image"] == index]
+        scores = reward(
+            image[None].expand(len(rows), -1, -1, -1), [expected["prompts"][r["prompt"]] for r in rows]
+        )
+        torch.testing.assert_close(scores, torch.tensor([r["score"] for r in rows]), atol=1e-5, rtol=0)
+        checked += len(rows)
+    assert checked == len(expected["pairs"]) >= 16
 
 
 def test_model_rewards_load_through_the_reward_server_loader(tiny_dirs):

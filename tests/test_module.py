@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from guardrl.algorithm import RATIO_VARIANTS
 from guardrl.cli import main
 from tests.conftest import tiny_fit_args
 
@@ -57,9 +58,7 @@ def test_learning_happens_in_the_lora_adapter_only(prompt_file, tmp_path):
     assert cli.trainer.global_step == 4
 
 
-@pytest.mark.parametrize(
-    "variant", ["flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard"]
-)
+@pytest.mark.parametrize("variant", list(RATIO_VARIANTS))  # every registered variant, no hand list
 def test_ratio_is_exactly_one_on_the_first_update_and_moves_after(prompt_file, tmp_path, variant):
     capture = CaptureOutputs()
     cli = _cli(
@@ -142,7 +141,8 @@ def test_null_control_trains_on_advantages_shuffled_within_groups(prompt_file, t
         runs[name] = capture.outputs
     group = 4
     first_real, first_null = runs["real"][0], runs["null"][0]
-    # Same seed, same first rollout and rewards: the null run's advantages are the real ones permuted per group.
+    # Same seed, same first rollout and rewards: the null run's advantages are the real ones permuted per
+    # group.
     assert torch.equal(first_real["rewards"], first_null["rewards"])
     real_groups = first_real["advantages"].reshape(-1, group)
     null_groups = first_null["advantages"].reshape(-1, group)
@@ -150,7 +150,7 @@ def test_null_control_trains_on_advantages_shuffled_within_groups(prompt_file, t
     assert not torch.equal(real_groups, null_groups)
 
 
-def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):
+def test_full_finetune_with_a_kl_penalty_trains_every_weight_and_the_kl_leaves_zero(prompt_file, tmp_path):
     capture = CaptureOutputs()
     cli = _cli(
         prompt_file,
@@ -163,10 +163,91 @@ def test_full_finetune_and_kl_penalty_run(prompt_file, tmp_path):
             "--model.optimizer": '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001}}',
         },
     )
+    cli.model.configure_model()
+    before = [p.detach().clone() for p in cli.model.policy.transformer.parameters()]
     model = _fit(cli, [capture])
     assert model.policy.lora is None
-    kl_second_update = capture.outputs[0]["step_stats"][0].kl[1]
+    trainable = model.policy.trainable_parameters()
+    assert len(trainable) == len(before)  # full fine-tuning: every transformer weight is trained
+    assert (
+        sum(not torch.equal(b, p) for b, p in zip(before, model.policy.transformer.parameters()))
+        > len(before) // 2
+    )
+    kl_first_update, kl_second_update = capture.outputs[0]["step_stats"][0].kl
+    # the policy starts as the reference (KL exactly 0), and has moved away by the second update
+    assert torch.equal(kl_first_update, torch.zeros_like(kl_first_update))
     assert float(kl_second_update.mean()) > 0
+
+
+def test_kl_penalty_adds_beta_times_the_hand_worked_kl_to_the_loss_and_its_gradient():
+    """The KL term of `_step_loss` on a case built by hand: one trained step, two samples of D = 4 elements,
+    a policy velocity a (a scalar with a gradient) and a reference velocity b, everywhere.
+
+    t = 0.5, t_next = 0.25 (dt = -0.25), sigma_k = 0.7: s = 0.7 sqrt(0.25) = 0.35. The step's mean is
+    mu = x + (v + sigma_k^2 / (2t) (x + (1 - t) v)) dt, so d mu / dv = dt (1 + 0.49 * 0.5 / 1) = -0.25 * 1.245
+    = -0.31125 whatever x, and mu_theta - mu_ref = -0.31125 (a - b). With a - b = 0.7 - 0.5 = 0.2:
+        dmu = -0.06225,  KL = dmu^2 / (2 s^2) = 0.0038750625 / 0.245 = 0.0158165816 per element
+    ("mean" reduction: per element, the same for every element and sample, so the batch KL too).
+    With kl_beta = 0.1 the loss gains 0.1 * KL = 0.00158165816, and d(loss)/da gains
+        0.1 * dmu * (-0.31125) / s^2 = 0.1 * 0.0193753125 / 0.1225 = 0.0158165816,
+    everything else (the clipped policy term: ratio 1, on-policy) being the same as with kl_beta = 0.
+    """
+    from guardrl.module import GRPOModule
+    from guardrl.options import GRPOOptions
+    from guardrl.policy import TinySD3Backbone
+    from guardrl.policy.backbones import Conditioning
+    from guardrl.rewards import JpegCompressibility
+    from guardrl.types import StepStats, Trajectory
+
+    # The old mean is the policy's own mean at a = 0.7 (on-policy), by hand:
+    #   x = 1:   1 + (0.7 + 0.49 * (1 + 0.5 * 0.7)) * -0.25 = 1 - 0.340375 = 0.659625
+    #   x = 0.5: 0.5 + (0.7 + 0.49 * (0.5 + 0.5 * 0.7)) * -0.25 = 0.5 - 0.279125 = 0.220875
+    x = torch.tensor([1.0, 0.5]).view(2, 1, 1, 1, 1).expand(2, 1, 1, 2, 2).contiguous()
+    mean_old = torch.tensor([0.659625, 0.220875]).view(2, 1, 1, 1, 1).expand(2, 1, 1, 2, 2).contiguous()
+    eps = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(1, 1, 1, 2, 2).expand(2, 1, 1, 2, 2)
+    trajectory = Trajectory(
+        step_indices=[0],
+        latents_BTCHW=x,
+        next_latents_BTCHW=mean_old + 0.35 * eps,
+        mean_old_BTCHW=mean_old,
+        log_prob_old_BT=torch.zeros(2, 1),
+        sigma_T=torch.tensor([0.5]),
+        sigma_next_T=torch.tensor([0.25]),
+        noise_scale_T=torch.tensor([0.7]),
+        std_T=torch.tensor([0.35]),
+        final_latents=torch.zeros(2, 1, 2, 2),
+    )
+    cond = Conditioning(torch.zeros(2, 3, 8), torch.zeros(2, 8))
+    results = {}
+    for beta in (0.0, 0.1):
+        module = GRPOModule(
+            TinySD3Backbone(seed=0),
+            [JpegCompressibility()],
+            grpo=GRPOOptions(ratio_variant="flow_grpo", kl_beta=beta, track_kl=True),
+            group_size=2,
+        )
+        module.configure_model()
+        a = torch.tensor(0.7, requires_grad=True)
+        calls = []
+
+        def velocity(latents, t, step_cond, guidance_scale=1.0, transformer=None, _a=a):
+            calls.append("policy" if transformer is None else "reference")
+            return (_a if transformer is None else torch.tensor(0.5)).expand_as(latents)
+
+        module.backbone.velocity = velocity
+        stats = StepStats(step_index=0)
+        loss, kl = module._step_loss(trajectory, 0, torch.arange(2), cond, torch.tensor([1.0, -1.0]), stats)
+        loss.backward()
+        assert calls == ["policy", "reference"]
+        assert torch.equal(stats.log_ratio[0], torch.zeros(2))  # on-policy: the ratio is exactly 1
+        results[beta] = (float(loss), float(kl), float(a.grad), stats.kl[0])
+    (loss_0, kl_0, grad_0, kl_b0), (loss_1, kl_1, grad_1, kl_b1) = results[0.0], results[0.1]
+    # the KL is tracked either way, and equals the hand value for both samples
+    for value in (kl_0, kl_1, *kl_b0.tolist(), *kl_b1.tolist()):
+        assert value == pytest.approx(0.0158165816, rel=1e-5)
+    # and only kl_beta > 0 puts it into the loss and the gradient, scaled by beta
+    assert loss_1 - loss_0 == pytest.approx(0.00158165816, rel=1e-4)
+    assert grad_1 - grad_0 == pytest.approx(0.0158165816, rel=1e-4)
 
 
 def test_ratio_norm_without_noise_is_refused(prompt_file, tmp_path):

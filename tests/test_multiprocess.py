@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_finishes_with_every_rank_sensitive_callback(tmp_path):
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MASTER_", "LOCAL_RANK", "WORLD_"))

@@ -1,6 +1,6 @@
 """guardrl/perf.py and the performance options: exact FLOP counts per phase, throughput and MFU from a known
-clock, gradient checkpointing that recomputes (and changes nothing else), torch.compile, bf16 autocast with the
-log-probability math in float32. (Bad performance options: tests/test_bad_inputs.py.)"""
+clock, gradient checkpointing that recomputes (and changes nothing else), torch.compile, bf16 autocast with
+the log-probability math in float32, offloading. (Bad performance options: tests/test_bad_inputs.py.)"""
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -20,7 +20,8 @@ class CaptureOutputs(Callback):
 
 
 class CaptureScalars(Callback):
-    """Every scalar the module writes, by iteration (wraps guardrl.logs.write_scalars as the module uses it)."""
+    """Every scalar the module writes, by iteration (wraps guardrl.logs.write_scalars as the module uses
+    it)."""
 
     def __init__(self, monkeypatch):
         import guardrl.module
@@ -154,8 +155,8 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing_else(p
         assert model.policy.transformer.gradient_checkpointing is (flag == "true")
         calls[flag] = counter["n"]
         trained[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
-    # 4 rollout forwards + 3 trained steps x 2 epochs x (policy + reference) = 16; checkpointing reruns each of
-    # the 6 policy forwards in its backward
+    # 4 rollout forwards + 3 trained steps x 2 epochs x (policy + reference) = 16; checkpointing reruns each
+    # of the 6 policy forwards in its backward
     assert calls == {"false": 16, "true": 22}
     assert all(torch.equal(a, b) for a, b in zip(trained["false"], trained["true"]))
 
@@ -213,20 +214,92 @@ def test_a_bfloat16_trajectory_keeps_the_first_updates_ratio_exactly_one(prompt_
         assert torch.equal(stats.raw_log_ratio[0], torch.zeros_like(first_update))
 
 
-def test_a_run_with_offloaded_text_encoders_and_vae_trains_the_same_weights(prompt_file, tmp_path):
-    results = {}
+COMPUTE = torch.device(
+    "cpu", 0
+)  # stands for the accelerator: not the offload target "cpu", yet runs on a CPU
+OFFLOADABLE = ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+
+
+class _OnCompute(torch.Tensor):
+    """Latents that report COMPUTE as their device (decode onloads the VAE to the latents' device)."""
+
+    @property
+    def device(self):
+        return COMPUTE
+
+
+class RecordOffloading(Callback):
+    """From on_fit_start (after Lightning moved the model to its device, before GRPOModule.on_fit_start
+    offloads): every `.to(target)` of the offloadable modules and every forward of them, in order, as
+    (name, str(target)) and (name, "use"). The text encoders go to the transformer's device, which reports
+    COMPUTE; the VAE goes to the latents' device, which the decode entry point makes report COMPUTE."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, trainer, pl_module):
+        backbone = pl_module.backbone
+        for name in OFFLOADABLE:
+            module = getattr(backbone, name)
+            original = module.to
+
+            def recording(*args, _name=name, _original=original, **kwargs):
+                self.events.append((_name, str(args[0] if args else kwargs.get("device"))))
+                return _original(*args, **kwargs)
+
+            module.to = recording
+            used = module.decoder if name == "vae" else module  # decode() runs the decoder, not forward()
+            used.register_forward_pre_hook(lambda *_, _name=name: self.events.append((_name, "use")))
+        decode = backbone.decode
+        backbone.decode = lambda latents: decode(latents.as_subclass(_OnCompute)).as_subclass(torch.Tensor)
+
+    def of(self, name):
+        return [event for module, event in self.events if module == name]
+
+
+def test_a_run_with_offloaded_text_encoders_and_vae_trains_the_same_weights(
+    prompt_file, tmp_path, monkeypatch
+):
+    # On CPU the compute device is the CPU, so the moves are made visible: the transformer reports cpu:0 as
+    # its device, and so do the latents given to decode, while offloading targets "cpu".
+    from diffusers import SD3Transformer2DModel
+
+    monkeypatch.setattr(SD3Transformer2DModel, "device", property(lambda self: COMPUTE))
+    results, records = {}, {}
     for flag in ("false", "true"):
+        records[flag] = RecordOffloading()
         model = _fit(
             prompt_file,
             tmp_path / flag,
+            [records[flag]],
             **{
                 "--model.max_iterations": "1",
                 "--model.backbone.init_args.offload_text_encoders": flag,
                 "--model.backbone.init_args.offload_vae": flag,
             },
         )
-        assert model.backbone.offloaded_modules() == (
-            ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"] if flag == "true" else []
-        )
+        assert type(model.backbone.transformer) is SD3Transformer2DModel  # the patched device is the one used
+        assert model.backbone.offloaded_modules() == (OFFLOADABLE if flag == "true" else [])
         results[flag] = [p.detach().clone() for p in model.policy.trainable_parameters()]
+    # One iteration: 2 prompts (no CFG, so no empty negative prompt) encoded once each, one decode of the
+    # batch. Offloaded: to CPU memory when the fit starts, onto the compute device just before the forwards,
+    # back to CPU memory right after them.
+    offloaded = records["true"]
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert offloaded.of(name) == ["cpu", "cpu:0", "use", "use", "cpu"], name
+    assert offloaded.of("vae") == ["cpu", "cpu:0", "use", "cpu"]
+    # the encoders are all onloaded before the first encoder forward, and all offloaded before decoding
+    events = offloaded.events
+    first_use = next(i for i, (_, event) in enumerate(events) if event == "use")
+    assert [e for e in events[:first_use] if e[1] == "cpu:0"] == [
+        (n, "cpu:0") for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+    ]
+    vae_onload = events.index(("vae", "cpu:0"))
+    assert all(event != "cpu:0" for _, event in events[vae_onload + 1 :])
+    assert {n for n, event in events[:vae_onload] if event == "cpu"} == set(OFFLOADABLE)
+    # not offloaded: the same forwards, and no module is ever moved
+    plain = records["false"]
+    assert [e for e in plain.events if e[1] != "use"] == []
+    assert plain.of("text_encoder") == ["use", "use"] and plain.of("vae") == ["use"]
+    # and the training is bitwise the same
     assert all(torch.equal(a, b) for a, b in zip(results["false"], results["true"]))

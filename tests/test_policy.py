@@ -219,45 +219,97 @@ def test_lora_adapters_are_float32_on_a_bfloat16_base_and_train(tmp_path):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_offloaded_text_encoders_and_vae_move_to_the_device_only_while_used():
-    # On a CPU-only machine the moves are no-ops, so the test records them: each offloaded module goes to the
-    # compute device before its use and back to "cpu" after, and the outputs equal a run without offloading.
+COMPUTE = torch.device("cpu", 0)  # a device that is not the offload target "cpu" (str), yet runs on any CPU
+
+
+class _OnCompute(torch.Tensor):
+    """Latents that report COMPUTE as their device (decode onloads the VAE to the latents' device)."""
+
+    @property
+    def device(self):
+        return COMPUTE
+
+
+def _record_moves_and_uses(backbone, names):
+    """Every `.to(target)` of the named modules and every forward of them, in order: ("to", name, str(target))
+    and ("use", name)."""
+    events = []
+    for name in names:
+        module = getattr(backbone, name)
+        original = module.to
+
+        def recording(*args, _name=name, _original=original, **kwargs):
+            events.append(("to", _name, str(args[0] if args else kwargs.get("device"))))
+            return _original(*args, **kwargs)
+
+        module.to = recording
+        used = module.decoder if name == "vae" else module  # decode() runs the VAE's decoder, not forward()
+        used.register_forward_pre_hook(lambda *_, _name=name: events.append(("use", _name)))
+    return events
+
+
+def _per_module(events, name):
+    return [e[0] if e[0] == "use" else e[2] for e in events if e[1] == name]
+
+
+def test_offloaded_text_encoders_and_vae_move_to_the_device_only_while_used(monkeypatch):
+    # On a CPU-only machine the compute device is the CPU, so the test makes it distinguishable: the
+    # transformer reports COMPUTE = cpu:0 (text encoders go to the transformer's device) and the latents
+    # report cpu:0 (the VAE goes to the latents' device), while offloading moves modules to "cpu". Every move
+    # and every forward is recorded: each offloaded module must go to cpu:0 before its forwards and back to
+    # "cpu" after them, and the outputs must equal a backbone without offloading.
+    from diffusers import SD3Transformer2DModel
+
     from guardrl.policy import TinySD3Backbone
 
     plain = TinySD3Backbone(seed=0)
     plain.load()
     backbone = TinySD3Backbone(seed=0, offload_text_encoders=True, offload_vae=True)
     backbone.load()
-    assert backbone.offloaded_modules() == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
-    moves = []
-    for name in backbone.offloaded_modules():
-        module = getattr(backbone, name)
-        original = module.to
-
-        def recording(*args, _name=name, _original=original, **kwargs):
-            moves.append((_name, str(args[0])))
-            return _original(*args, **kwargs)
-
-        module.to = recording
-    backbone.offload()
-    assert moves == [(n, "cpu") for n in backbone.offloaded_modules()]
-    moves.clear()
-    cond = backbone.encode_prompts(["a cat", "a dog"], with_negative=True)
     encoders = ["text_encoder", "text_encoder_2", "text_encoder_3"]
-    assert moves == [(n, "cpu") for n in encoders] * 2  # to the transformer's device (cpu here), then back
-    moves.clear()
+    assert backbone.offloaded_modules() == [*encoders, "vae"]
+    assert type(backbone.transformer) is SD3Transformer2DModel
+    monkeypatch.setattr(SD3Transformer2DModel, "device", property(lambda self: COMPUTE))
+    events = _record_moves_and_uses(backbone, [*encoders, "vae"])
+
+    backbone.offload()  # what GRPOModule.on_fit_start does after Lightning moved everything to the device
+    assert events == [("to", n, "cpu") for n in [*encoders, "vae"]]
+    events.clear()
+
+    cond = backbone.encode_prompts(["a cat", "a dog"], with_negative=True)
+    for name in encoders:
+        # onloaded, then used once per uncached prompt ("a cat", "a dog", ""), then back in CPU memory
+        assert _per_module(events, name) == ["cpu:0", "use", "use", "use", "cpu"], name
+    assert _per_module(events, "vae") == []
+    # all three encoders are onloaded before the first forward and offloaded after the last one
+    first_use = next(i for i, e in enumerate(events) if e[0] == "use")
+    last_use = max(i for i, e in enumerate(events) if e[0] == "use")
+    assert events[:first_use] == [("to", n, "cpu:0") for n in encoders]
+    assert events[last_use + 1 :] == [("to", n, "cpu") for n in encoders]
+    events.clear()
     backbone.encode_prompts(["a cat", "a dog"], with_negative=True)
-    assert moves == []  # every prompt is cached: the encoders stay where they are
+    assert events == []  # every prompt is cached: the encoders are neither moved nor run
     expected = plain.encode_prompts(["a cat", "a dog"], with_negative=True)
     for got, want in zip(
         (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds),
         (expected.prompt_embeds, expected.pooled_prompt_embeds, expected.negative_prompt_embeds),
     ):
         assert torch.equal(got, want)
+
     latents = backbone.initial_noise(2, torch.Generator().manual_seed(0), torch.device("cpu"))
-    images = backbone.decode(latents)
-    assert moves == [("vae", "cpu"), ("vae", "cpu")]
-    assert torch.equal(images, plain.decode(latents))
+    images = backbone.decode(latents.as_subclass(_OnCompute))
+    assert _per_module(events, "vae") == ["cpu:0", "use", "cpu"]
+    assert events[0] == ("to", "vae", "cpu:0") and events[-1] == ("to", "vae", "cpu")
+    assert all(e[1] == "vae" for e in events)  # decoding touches no text encoder
+    assert torch.equal(images.as_subclass(torch.Tensor), plain.decode(latents))
+
+    # the same backbone without offloading moves nothing, ever
+    events = _record_moves_and_uses(plain, [*encoders, "vae"])
+    plain.offload()
+    plain.encode_prompts(["a red circle"], with_negative=False)
+    plain.decode(latents.as_subclass(_OnCompute))
+    assert [e for e in events if e[0] == "to"] == []
+    assert ("use", "text_encoder") in events and ("use", "vae") in events
 
 
 def test_offload_options_must_be_booleans():

@@ -1,5 +1,6 @@
-"""The random-weight backbones of the published SD3.5-Medium / FLUX.1-dev shapes (guardrl.policy.random_weights),
-and bench/gpu_bench.py, which times the bare transformers and a real GRPO iteration on them."""
+"""The random-weight backbones of the published SD3.5-Medium / FLUX.1-dev shapes
+(guardrl.policy.random_weights), and bench/gpu_bench.py, which times the bare transformers and a real GRPO
+iteration on them."""
 
 from __future__ import annotations
 
@@ -12,32 +13,44 @@ import torch
 
 from guardrl.policy import RandomFluxDevBackbone, RandomSD35MediumBackbone
 from guardrl.policy.random_weights import build_transformer
+from tests.published_recipes import MODELS
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def _parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def test_full_shapes_build_on_meta_in_the_model_dtype():
+def test_full_shapes_build_on_meta_in_the_published_configs_and_sizes():
     with torch.device("meta"):
-        sd3 = build_transformer("sd35m", small=False, dtype=torch.bfloat16)
-        flux = build_transformer("flux", small=False, dtype=torch.bfloat16)
-    # FLUX.1-dev's transformer is published as 11.9B parameters; both counts pin the configs as reviewed.
-    assert _parameters(sd3) == 2_243_171_520
-    assert _parameters(flux) == 11_901_408_320
-    for model in (sd3, flux):
+        models = {
+            kind: build_transformer(kind, small=False, dtype=torch.bfloat16) for kind in ("sd35m", "flux")
+        }
+    for kind, model in models.items():
+        published = MODELS[kind]  # tests/published_recipes.py: the released configs and model cards
+        shape = {k: row for k, row in published.items() if not k.startswith(("vae", "weights"))}
+        assert len(shape) >= 9
+        for key, row in shape.items():
+            value = model.config[key]
+            value = list(value) if isinstance(value, tuple) else value
+            assert value == row.value, f"{kind}: {key}={value!r}; {row.source}"
         assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
+    # Sizes as the model cards round them, counted over the weights as released (state dict: SD3's 226M
+    # position-embedding table is a buffer in diffusers, in the weights file all the same): SD3.5-M
+    # 2,469,663,936 -> 2.5 billion (its parameters alone, 2.24 billion, would round to 2.2), FLUX.1-dev
+    # 11,901,408,320 -> 12 billion.
+    weights = {kind: sum(t.numel() for t in m.state_dict().values()) for kind, m in models.items()}
+    sd35m_size = MODELS["sd35m"]["weights_in_billions_to_1_decimal"]
+    flux_size = MODELS["flux"]["weights_in_billions_to_0_decimals"]
+    assert round(weights["sd35m"] / 1e9, 1) == sd35m_size.value, sd35m_size.source
+    assert round(weights["flux"] / 1e9) == flux_size.value, flux_size.source
 
 
 def _sd3_shift(t: float) -> float:
     return 3 * t / (1 + 2 * t)  # SD3.5's static shift 3
 
 
-# Step 5 of 10. SD3.5 (StableDiffusion3Pipeline: set_timesteps(10)): t runs linearly from 1 to the shifted sigma
-# of the last training timestep, shift(1/1000), and is then shifted. FLUX.1-dev (FluxPipeline): t = 1, 0.9, ...,
-# 0.1, shifted by mu = 0.5 + 0.65 * (1024 - 256) / (4096 - 256) = 0.63 for the 1024 image tokens of 512 px:
+# Step 5 of 10. SD3.5 (StableDiffusion3Pipeline: set_timesteps(10)): t runs linearly from 1 to the shifted
+# sigma of the last training timestep, shift(1/1000), and is then shifted. FLUX.1-dev (FluxPipeline): t = 1,
+# 0.9, ..., 0.1, shifted by mu = 0.5 + 0.65 * (1024 - 256) / (4096 - 256) = 0.63 for the 1024 image tokens of
+# 512 px:
 # sigma = e^mu / (e^mu + 1/t - 1).
 SD3_T5 = 1 - 5 / 9 * (1 - _sd3_shift(1 / 1000))
 FLUX_T5 = 0.5
@@ -56,7 +69,10 @@ def test_full_shape_backbones_have_the_published_latents_and_schedules(cls, sigm
         backbone.load()
     assert backbone.vae_scale_factor == 8
     assert backbone.latent_numel() == 16 * 64 * 64
-    assert backbone.vae.config.latent_channels == 16
+    published = MODELS["sd35m" if cls is RandomSD35MediumBackbone else "flux"]
+    for key in ("latent_channels", "scaling_factor", "shift_factor"):
+        row = published[f"vae.{key}"]
+        assert backbone.vae.config[key] == row.value, row.source
     sigmas = backbone.sigmas(10)
     assert sigmas[5].item() == pytest.approx(sigma_5, abs=1e-6)
     assert sigmas[0].item() == pytest.approx(1.0) and sigmas[-1].item() == 0.0
@@ -134,7 +150,8 @@ def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_sma
         assert row["mfu"] is None or row["mfu"] > 0
     for model in ("sd35m", "flux"):
         phases = {r["phase"].split(" (")[0]: r for r in iteration if r["model"] == model}
-        # The iteration's model FLOPs are its rollout, decode and update; the reward's model is not the policy's.
+        # The iteration's model FLOPs are its rollout, decode and update; the reward's model is not the
+        # policy's.
         assert phases["reward"]["tflops"] == 0
         assert phases["whole iteration"]["tflops"] == pytest.approx(
             phases["rollout"]["tflops"] + phases["decode"]["tflops"] + phases["update"]["tflops"], rel=1e-12
@@ -144,7 +161,8 @@ def test_gpu_bench_small_times_the_bare_model_and_a_grpo_iteration(gpu_bench_sma
 
 def test_guardrl_rollout_does_exactly_the_bare_rollouts_model_flops(gpu_bench_small):
     """guardrl's rollout runs no forward the bare loop does not: the same matmul/attention FLOPs, counted
-    exactly (SD3: CFG batched into one forward, as the recipe's guidance 4.5 needs; Flux: guidance embedded)."""
+    exactly (SD3: CFG batched into one forward, as the recipe's guidance 4.5 needs; Flux: guidance
+    embedded)."""
     _, bare, iteration = gpu_bench_small
     reference = {("sd35m", "rollout + CFG"), ("flux", "rollout")}
     bare_flops = {r["model"]: r["tflops"] for r in bare if (r["model"], r["phase"]) in reference}

@@ -9,22 +9,60 @@ old-policy snapshot."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, tiny_fit_args
+from guardrl.rewards import FaultInjectionReward
 
 TOTAL_ITERATIONS = 5
 
 
-def _args(prompt_file: str, log_root: str) -> list[str]:
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class GatedReward(FaultInjectionReward):
+    """FaultInjectionReward (stochastic with noise_std > 0) whose call `gate_call` (0-based, per process)
+    first creates the file `started`, then waits until the file `release` exists (at most 600 s). A test
+    signals the run while that call is in flight, then releases it: an ordering, not a timing window that a
+    loaded machine can miss. Draws no random numbers of its own, so a gated run scores like an ungated one."""
+
+    def __init__(
+        self, gate_call: int, started: str, release: str, noise_std: float = 0.0, name: Optional[str] = None
+    ) -> None:
+        super().__init__(noise_std=noise_std, name=name)
+        self.gate_call, self.started, self.release = gate_call, started, release
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.calls == self.gate_call:  # FaultInjectionReward.score counts the call
+            open(self.started, "w").close()
+            deadline = time.monotonic() + 600
+            while not os.path.exists(self.release):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"GatedReward: {self.release} did not appear within 600 s")
+                time.sleep(0.05)
+        return super().score(images, prompts)
+
+
+def _args(prompt_file: str, log_root: str, gate_dir: str) -> list[str]:
+    # The reward's call 2 (iteration 3 of a process) waits for `gate_dir/release`, after creating
+    # `gate_dir/started`. (Resumed processes count their calls from 0 again; the gate is open by then.)
+    gate = {
+        "gate_call": 2,
+        "started": os.path.join(gate_dir, "started"),
+        "release": os.path.join(gate_dir, "release"),
+        "noise_std": 0.5,
+        "name": "jpeg",
+    }
     return tiny_fit_args(
         prompt_file,
         log_root,
@@ -36,16 +74,24 @@ def _args(prompt_file: str, log_root: str) -> list[str]:
             "--data.shuffle_buffer_size": "3",
             "--checkpoint.every_n_iterations": "1",
             "--checkpoint.save_top_k": "-1",
-            # A slow reward call in iteration 3 of the first process: a window to send the signal in.
-            "--model.rewards": '[{"class_path": "guardrl.rewards.FaultInjectionReward", '
-            '"init_args": {"sleep_at_calls": [2], "sleep_s": 6.0, "noise_std": 0.5, "name": "jpeg"}}]',
+            "--model.rewards": json.dumps([{"class_path": "test_resume.GatedReward", "init_args": gate}]),
             "--seed_everything": "7",
         },
     )
 
 
+def _open_gate(gate_dir: str) -> None:
+    open(os.path.join(gate_dir, "release"), "w").close()
+
+
 def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    # tests/ is on the path so that a run can use a reward defined here (GatedReward)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR]),
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "guardrl.cli", "fit", *args],
         cwd=REPO_ROOT,
@@ -120,35 +166,44 @@ def straight_run(tmp_path_factory):
     prompt_file = prompt_dir / "prompts.txt"
     prompt_file.write_text("\n".join(f"prompt number {i}" for i in range(7)) + "\n")
     log_root = str(tmp_path_factory.mktemp("straight"))
-    _run(_args(str(prompt_file), log_root))
+    gate_dir = str(tmp_path_factory.mktemp("gate"))
+    _open_gate(gate_dir)  # never held: the straight run only shares the reward's scores
+    _run(_args(str(prompt_file), log_root, gate_dir))
     version_dir = _version_dir(log_root)
     checkpoint = torch.load(os.path.join(version_dir, "checkpoints", "last.ckpt"), weights_only=True)
     return str(prompt_file), checkpoint, _rewards_by_iteration(version_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_and_resumed_run_equals_the_straight_run(straight_run, tmp_path, kill_signal):
     prompt_file, straight, straight_rewards = straight_run
-    log_root = str(tmp_path / "runs")
-    args = _args(prompt_file, log_root)
+    log_root, gate_dir = str(tmp_path / "runs"), str(tmp_path / "gate")
+    os.makedirs(gate_dir)
+    args = _args(prompt_file, log_root, gate_dir)
 
     process = _start(args)
-    _wait_for(os.path.join(log_root, "guardrl", "version_*", "checkpoints", "iteration=2.ckpt"), process)
+    # Iteration 3's reward call is in flight (iterations 1 and 2 are done and checkpointed) and held there
+    # until the gate opens: the signal arrives mid-iteration however slow the machine is.
+    _wait_for(os.path.join(gate_dir, "started"), process)
     process.send_signal(kill_signal)
+    if kill_signal == signal.SIGTERM:
+        _open_gate(gate_dir)  # SIGTERM lets the iteration in flight finish
     output = _finish(process)
+    _open_gate(gate_dir)  # (after a SIGKILL: for the resumed run, whose call 2 is iteration 4 or 5)
     checkpoints = os.path.join(_version_dir(log_root), "checkpoints")
     interrupted = torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=True)["guardrl"][
         "num_iterations"
     ]
     if kill_signal == signal.SIGTERM:
-        # Clean exit after finishing the iteration in flight (iteration 3, slowed by the reward), checkpointed.
+        # Clean exit after finishing the iteration in flight (iteration 3), checkpointed.
         assert process.returncode == 0, output[-3000:]
         assert "SIGTERM received; stopping after iteration 3" in output
         assert interrupted == 3
     else:
         assert process.returncode == -signal.SIGKILL
-        # last.ckpt is written just after iteration=2.ckpt: a kill in between leaves it at iteration 1.
-        assert 1 <= interrupted < TOTAL_ITERATIONS
+        # killed inside iteration 3: last.ckpt is iteration 2's, written before iteration 3 began
+        assert interrupted == 2
     # Nothing half-written is named like a checkpoint: only complete *.ckpt files, or hidden temporaries
     # that a SIGKILL may leave behind mid-write.
     for name in os.listdir(checkpoints):

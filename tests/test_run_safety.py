@@ -111,6 +111,7 @@ def _iterations_in(path: str) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["guardrl"]["num_iterations"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(prompt_file, tmp_path):
     log_root = str(tmp_path / "runs")
@@ -127,6 +128,7 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_cleanly(prompt_file, tmp_
     assert _iterations_in(os.path.join(checkpoints, "last.ckpt")) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_ctrl_c_aborts_at_once_without_saving(prompt_file, tmp_path):
     log_root = str(tmp_path / "runs")
@@ -274,6 +276,7 @@ def _guardrl(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_user_error_is_a_short_message_and_debug_shows_the_traceback():
     args = ("fit", "--config", "configs/tiny/grpo_guard.yaml", "--model.grpo.clip_range", ".nan")
@@ -286,6 +289,7 @@ def test_a_user_error_is_a_short_message_and_debug_shows_the_traceback():
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_misspelt_option_prints_no_wall_of_usage():
     # Found by guardrl.preflight before the heavy imports (tests/test_preflight.py)...

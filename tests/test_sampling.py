@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from guardrl.sampling import (
     flow_match_sigmas,
@@ -59,7 +57,8 @@ def test_gaussian_log_prob_matches_torch_normal_with_per_sample_std():
 
 def test_gaussian_log_prob_hand_example():
     # one element per sample: x = 1.7, mu = 1.0, s = 0.35 -> z = 0.7 / 0.35 = 2
-    # log p = -z^2/2 - log s - log(2 pi)/2 = -2 + 1.0498221244986778 - 0.9189385332046727 = -1.8691164087059949
+    # log p = -z^2/2 - log s - log(2 pi)/2 = -2 + 1.0498221244986778 - 0.9189385332046727
+    #       = -1.8691164087059949
     x = torch.tensor([[1.7]], dtype=torch.float64)
     mean = torch.tensor([[1.0]], dtype=torch.float64)
     got = gaussian_log_prob(x, mean, torch.tensor([0.35], dtype=torch.float64), "sum")
@@ -278,27 +277,41 @@ def test_flow_match_sigmas_flux_requires_image_seq_len():
         flow_match_sigmas(_flux_scheduler(), 28)
 
 
-@pytest.mark.parametrize("image_seq_len, num_steps", [(1024, 28), (4096, 10), (256, 4)])
-def test_flow_match_sigmas_flux_matches_flux_pipeline(image_seq_len, num_steps):
+# FluxPipeline's schedule, worked by hand (no diffusers call): t_i = linspace(1, 1/N, N)_i = 1 - i/N, then the
+# exponential time shift sigma_i = e^mu / (e^mu + 1/t_i - 1) with 1/t_i - 1 = i/(N - i), then 0 appended;
+# mu = 0.5 + (L - 256) * (1.15 - 0.5) / (4096 - 256) for L image tokens. Values to 7 decimals.
+#   L = 256, N = 4:   mu = 0.5,  e^mu = 1.6487213; i/(N - i) = 0, 1/3, 1, 3
+#                     -> 1.6487213 / (1.6487213 + [0, 0.3333333, 1, 3]) = [1, 0.8318243, 0.6224593, 0.3546612]
+#   L = 4096, N = 10: mu = 1.15, e^mu = 3.1581929; i = 1: 3.1581929 / (3.1581929 + 1/9) = 0.9660138,
+#                     i = 5: 3.1581929 / 4.1581929 = 0.7595109, i = 9: 3.1581929 / 12.1581929 = 0.2597584
+#   L = 1024, N = 28: mu = 0.5 + 768 * 0.65 / 3840 = 0.63, e^mu = 1.8776106; i = 14: 1.8776106 / 2.8776106 =
+#                     0.6524895, i = 27: 1.8776106 / 28.8776106 = 0.0650196 (pinned at i = 1, 7, 14, 21, 27)
+FLUX_SIGMAS = {
+    (256, 4): {i: v for i, v in enumerate([1.0, 0.8318243, 0.6224593, 0.3546612, 0.0])},
+    (4096, 10): {
+        i: v
+        for i, v in enumerate(
+            [1.0, 0.9660138, 0.9266473, 0.8805131, 0.8257017, 0.7595109]
+            + [0.6779867, 0.5751029, 0.4411997, 0.2597584, 0.0]
+        )
+    },
+    (1024, 28): {0: 1.0, 1: 0.9806560, 7: 0.8492348, 14: 0.6524895, 21: 0.3849447, 27: 0.0650196, 28: 0.0},
+}
+
+
+@pytest.mark.parametrize("image_seq_len, num_steps", sorted(FLUX_SIGMAS))
+def test_flow_match_sigmas_flux_are_the_hand_worked_shifted_schedule(image_seq_len, num_steps):
     scheduler = _flux_scheduler()
     sigmas_before = scheduler.sigmas.clone()
     got = flow_match_sigmas(scheduler, num_steps, image_seq_len=image_seq_len)
-
-    # the reference: what FluxPipeline.__call__ does on a fresh scheduler
-    mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
-    reference = _flux_scheduler()
-    reference.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
-    expected = reference.sigmas.to(torch.float64)
-    assert got.shape == (num_steps + 1,)
-    assert torch.equal(got, expected)
-    # closed form of the first inner sigma: exponential time shift e^mu / (e^mu + (1/t - 1))
-    # with t = 1 - (1 - 1/N)/(N - 1) = 1 - 1/N, i.e. 1/t - 1 = 1/(N - 1)
-    t1 = 1.0 - 1.0 / num_steps
-    assert got[1].item() == pytest.approx(math.exp(mu) / (math.exp(mu) + (1.0 / t1 - 1.0)), abs=1e-6)
-    # mu itself: 0.5 + (L - 256) * 0.65 / 3840, e.g. L = 1024 -> 0.5 + 768 * 0.65 / 3840 = 0.63
-    assert mu == pytest.approx(0.5 + (image_seq_len - 256) * 0.65 / 3840, abs=1e-12)
+    assert got.dtype == torch.float64 and got.shape == (num_steps + 1,)
+    # 2e-7: the 7-decimal rounding of the constants plus diffusers' float32 sigmas (ulp 6e-8 at 1)
+    for i, expected in FLUX_SIGMAS[(image_seq_len, num_steps)].items():
+        assert got[i].item() == pytest.approx(expected, abs=2e-7), i
     assert got[0].item() == 1.0 and got[-1].item() == 0.0
-    assert torch.equal(scheduler.sigmas, sigmas_before)
+    # the shift is the pipeline's dynamic one: the unshifted t_1 = 1 - 1/N is far from sigma_1
+    assert abs(got[1].item() - (1 - 1 / num_steps)) > 0.01
+    assert torch.equal(scheduler.sigmas, sigmas_before)  # the scheduler passed in is untouched
 
 
 def test_flow_match_sigmas_rejects_zero_steps():

@@ -100,6 +100,7 @@ def _relative_difference(a, b):
     return float((num / den).sqrt())
 
 
+@pytest.mark.slow
 def test_each_rank_holds_half_of_every_transformer_parameter(runs):
     records = []
     for rank in (0, 1):
@@ -117,6 +118,7 @@ def test_each_rank_holds_half_of_every_transformer_parameter(runs):
     assert sorted(p.name for p in last.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_what_ddp_trains(runs):
     ddp, fsdp = _lora(runs["ddp"]), _lora(runs["fsdp"])
     assert ddp.keys() == fsdp.keys()
@@ -132,6 +134,7 @@ def test_fsdp2_trains_what_ddp_trains(runs):
     assert (probes["ddp"]["compiled"], probes["fsdp"]["compiled"]) == (False, True)
 
 
+@pytest.mark.slow
 def test_resume_from_the_sharded_checkpoint_gives_the_straight_runs_weights(runs):
     checkpoint = str(runs["fsdp_first_2"] / "checkpoints" / "last.ckpt")
     root = runs["root"] / "resumed"
@@ -147,6 +150,7 @@ def test_resume_from_the_sharded_checkpoint_gives_the_straight_runs_weights(runs
     assert torch.load(last / "meta.pt", weights_only=True)["guardrl"]["num_iterations"] == 3
 
 
+@pytest.mark.slow
 def test_exported_lora_gives_a_single_process_policy_the_sharded_policys_velocity(runs):
     from guardrl.policy import TinySD3Backbone
 
@@ -180,6 +184,7 @@ def test_fsdp2_strategy_fixes_the_mesh_and_blocks_are_found():
         transformer_blocks(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 def test_lora_export_from_the_sharded_checkpoint_in_one_process(runs, tmp_path):
     from guardrl.export import export_from_checkpoint
 

@@ -56,6 +56,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_finite_well_formed_results(tmp_path):
     out = str(tmp_path / "bench")
     report = run_benchmark(out, VARIANTS, seeds=[0], clip_modes=CLIP_MODES, budget=QUICK, configs=CONFIGS)

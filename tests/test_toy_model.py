@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from guardrl.cli import main
 from guardrl.toy.backbone import ToyBackbone
@@ -118,7 +119,22 @@ def test_pretraining_is_deterministic_from_a_seed(tmp_path):
     assert count_parameters(t) == count_parameters(runs[0]["modules"][0])
 
 
-def test_two_grpo_iterations_on_the_toy_backbone(tmp_path):
+class SnapshotAfterEachOptimizerStep(Callback):
+    """The policy's weights when training starts and after every optimizer step (a torch step post-hook)."""
+
+    def on_train_start(self, trainer, pl_module):
+        named = dict(pl_module.policy.transformer.named_parameters())
+        self.trainable = [n for n, p in named.items() if p.requires_grad]
+        self.start = {n: p.detach().clone() for n, p in named.items()}
+        self.after_step = []
+
+        def snapshot(optimizer, args, kwargs):
+            self.after_step.append({n: named[n].detach().clone() for n in self.trainable})
+
+        trainer.optimizers[0].register_step_post_hook(snapshot)
+
+
+def test_two_grpo_iterations_on_the_toy_backbone_update_the_lora_adapter(tmp_path):
     prompts = tmp_path / "toy.txt"
     prompts.write_text("\n".join(split_prompts("train")[::97]) + "\n")
     args = tiny_fit_args(
@@ -127,10 +143,40 @@ def test_two_grpo_iterations_on_the_toy_backbone(tmp_path):
         **{"--model.backbone": "guardrl.toy.ToyBackbone", "--model.sampling.guidance_scale": "2.0"},
     )
     cli = main(args, run=False)
+    record = SnapshotAfterEachOptimizerStep()
+    cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.model.num_iterations == 2
     assert isinstance(cli.model.backbone, ToyBackbone)
     assert cli.model.num_latent_elements == 3072
+    # 2 iterations x 2 inner epochs x 1 minibatch = 4 optimizer steps, each one recorded
+    assert cli.trainer.global_step == 4 and len(record.after_step) == 4
+    start, (first, *_, last) = record.start, record.after_step
+    lora_a = [n for n in record.trainable if "lora_A" in n]
+    lora_b = [n for n in record.trainable if "lora_B" in n]
+    assert lora_a and lora_b and len(lora_a) + len(lora_b) == len(record.trainable)
+    # The first AdamW step (lr 0.01, weight decay 0.01, eps 1e-8) from B = 0, where A's gradient is 0:
+    #   B: m_hat / (sqrt(v_hat) + eps) = g / (|g| + 1e-8), so each element moves by 0.01 * |g| / (|g| + 1e-8),
+    #      at most 0.01 and 0.01 to within 1% wherever |g| >= 1e-6 (measured: mean 0.009997, 99.96% > 0.009)
+    #   A: only the decoupled decay, A <- A (1 - 0.01 * 0.01) = A - 1e-4 A
+    # A no-op update leaves every difference at 0.
+    moved_b = torch.cat([(first[n] - start[n]).abs().flatten() for n in lora_b])
+    assert float(moved_b.max()) <= 0.01 + 1e-7
+    assert 0.0095 <= float(moved_b.mean()) <= 0.01
+    for name in lora_a:
+        torch.testing.assert_close(first[name], start[name] * (1 - 1e-4), atol=1e-7, rtol=0)
+    # every later step moves the weights again: by more than 1e-3 somewhere (measured max 0.0067-0.0082),
+    # and by at most ~1.01 lr per element (Adam's bias-corrected step for t <= 4) plus the 1e-4 A decay, so
+    # the four add up to between one lr and 4 x 0.0101 + 4e-4 = 0.0408 (measured 0.032)
+    for before, after in zip(record.after_step, record.after_step[1:]):
+        assert max(float((after[n] - before[n]).abs().max()) for n in record.trainable) > 1e-3
+    total = max(float((last[n] - start[n]).abs().max()) for n in record.trainable)
+    assert 0.01 < total < 0.0408
+    # control: the frozen weights (the base model) are bitwise untouched
+    frozen = [n for n in start if n not in record.trainable and "lora_" not in n]
+    assert frozen
+    after_fit = dict(cli.model.policy.transformer.named_parameters())
+    assert all(torch.equal(start[n], after_fit[n]) for n in frozen)
 
 
 def test_shipped_model_pass_rate_regression_guard(shipped):

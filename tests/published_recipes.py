@@ -1,0 +1,317 @@
+"""The published numbers guardrl's shipped recipes, model shapes and toy proxy claim to follow: ONE table.
+
+Every row is a number as its source publishes it, with the source and what it says there. Nothing here is
+read from guardrl: tests/test_cli.py compares the parsed recipes (configs/sd35m/, configs/flux/) against
+`RECIPES`, tests/test_random_weights.py the random-weight backbones against `MODELS`, tests/test_toy_proxy.py
+the shipped toy proxy against `TOY_PROXY`. When a recipe deliberately departs from its source, the departure
+is in the recipe's own comments and the row is simply absent here (e.g. guardrl's minibatch sizes, which
+must divide a rank's batch, and the FLUX target modules).
+
+Sources as read for this table:
+  - FlowGRPO (Liu et al. 2025, arXiv 2505.05470), github.com/yifan123/flow_grpo: config/base.py (defaults),
+    config/grpo.py (`geneval_sd3`, `general_ocr_sd3`, `pickscore_sd3`, `pickscore_flux`),
+    scripts/train_sd3.py and scripts/train_flux.py (LoRA settings).
+  - GRPO-Guard (Wang et al. 2025, arXiv 2510.22319): its release in the flow_grpo code base, configs
+    `geneval_sd3_rationorm`, `general_ocr_sd3_rationorm`, `pickscore_hps_sd3_ratio_norm`. Those configs are
+    not in the flow_grpo snapshot read for this table; their values are as quoted in the recipes' headers
+    (configs/sd35m/grpo_guard_*.yaml) and guardrl's docs/math.md (2e-6); verl-omni's GRPO-Guard page
+    independently gives clip_ratio=2e-6.
+  - DanceGRPO (Xue et al. 2025, arXiv 2505.07818), github.com/XueZeyue/DanceGRPO:
+    scripts/finetune/finetune_flux_grpo_8gpus_lora.sh.
+  - Model configs: stabilityai/stable-diffusion-3.5-medium transformer/config.json and vae/config.json;
+    black-forest-labs/flux src/flux/util.py `configs["flux-dev"]` (params and ae_params); the model cards.
+  - The toy proxy: docs/toy_proxy.md, the documentation of the shipped weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Published:
+    value: Any
+    source: str  # where it is published, and what it says there
+
+
+FLOWGRPO_BASE = "yifan123/flow_grpo config/base.py get_config()"
+FLOWGRPO_CONFIGS = "yifan123/flow_grpo config/grpo.py"
+GRPO_GUARD = "GRPO-Guard (arXiv 2510.22319) release of yifan123/flow_grpo, config/grpo.py"
+DANCEGRPO = "XueZeyue/DanceGRPO scripts/finetune/finetune_flux_grpo_8gpus_lora.sh"
+
+# --------------------------------------------------------------------------------------------------------
+# Rows shared by several recipes (each recipe below picks the rows that are its sources')
+# --------------------------------------------------------------------------------------------------------
+
+_FLOWGRPO_OPTIMIZER = {
+    "model.optimizer.class_path": Published("torch.optim.AdamW", f"{FLOWGRPO_BASE}: optimizer_cls = AdamW"),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FLOWGRPO_BASE}: train.learning_rate = 3e-4"),
+    "model.optimizer.init_args.weight_decay": Published(
+        1e-4, f"{FLOWGRPO_BASE}: train.adam_weight_decay = 1e-4"
+    ),
+    "model.optimizer.init_args.betas": Published(
+        [0.9, 0.999], f"{FLOWGRPO_BASE}: train.adam_beta1 = 0.9, train.adam_beta2 = 0.999"
+    ),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FLOWGRPO_BASE}: train.adam_epsilon = 1e-8"),
+}
+
+_FLOWGRPO_TRAIN = {
+    "model.grpo.clip_range": Published(1e-4, f"{FLOWGRPO_BASE}: train.clip_range = 1e-4"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FLOWGRPO_BASE}: train.adv_clip_max = 5"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FLOWGRPO_BASE}: train.max_grad_norm = 1.0"),
+    "model.grpo.num_inner_epochs": Published(1, f"{FLOWGRPO_CONFIGS}: train.num_inner_epochs = 1"),
+}
+
+_FLOWGRPO_SD35M = {
+    "model.backbone.init_args.pretrained_model_name_or_path": Published(
+        "stabilityai/stable-diffusion-3.5-medium",
+        f"{FLOWGRPO_CONFIGS} (*_sd3): pretrained.model = 'stabilityai/stable-diffusion-3.5-medium'",
+    ),
+    "model.backbone.init_args.resolution": Published(512, f"{FLOWGRPO_CONFIGS} (*_sd3): resolution = 512"),
+    "model.sampling.num_inference_steps": Published(10, f"{FLOWGRPO_CONFIGS} (*_sd3): sample.num_steps = 10"),
+    "model.sampling.guidance_scale": Published(
+        4.5, f"{FLOWGRPO_CONFIGS} (*_sd3): sample.guidance_scale = 4.5 (train.cfg True in base.py)"
+    ),
+    "model.sampling.noise_level": Published(0.7, f"{FLOWGRPO_BASE}: sample.noise_level = 0.7"),
+    "model.sampling.sde_type": Published(
+        "flow_grpo", "FlowGRPO (arXiv 2505.05470) SDE sampler: sigma_t = a sqrt(t / (1 - t)), a = noise_level"
+    ),
+    "data.group_size": Published(24, f"{FLOWGRPO_CONFIGS} (*_sd3): sample.num_image_per_prompt = 24"),
+    "model.lora.rank": Published(32, "yifan123/flow_grpo scripts/train_sd3.py: LoraConfig(r=32, ...)"),
+    "model.lora.alpha": Published(64, "yifan123/flow_grpo scripts/train_sd3.py: LoraConfig(lora_alpha=64)"),
+    "model.lora.target_modules": Published(
+        sorted(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]),
+        "yifan123/flow_grpo scripts/train_sd3.py: target_modules attn.{add_k_proj, add_q_proj, add_v_proj, "
+        "to_add_out, to_k, to_out.0, to_q, to_v}",
+    ),
+    # gradient_accumulation_steps = num_batches_per_epoch // 2, asserted even "so that gradients are updated
+    # twice per epoch"; guardrl: num_inner_epochs * (samples / minibatch) / gradient_accumulation_steps
+    "optimizer_steps_per_iteration": Published(
+        2, f"{FLOWGRPO_CONFIGS} (*_sd3): 'gradients are updated twice per epoch'"
+    ),
+}
+
+
+def _flowgrpo_sd35m(config: str, beta: float) -> dict[str, Published]:
+    return {
+        **_FLOWGRPO_SD35M,
+        **_FLOWGRPO_TRAIN,
+        **_FLOWGRPO_OPTIMIZER,
+        "model.grpo.ratio_variant": Published(
+            "flow_grpo", "FlowGRPO (arXiv 2505.05470): PPO-clipped ratio of the per-step Gaussian densities"
+        ),
+        "model.grpo.std_scope": Published(
+            "global", f"{FLOWGRPO_CONFIGS} `{config}`: sample.global_std = True"
+        ),
+        "model.grpo.kl_beta": Published(beta, f"{FLOWGRPO_CONFIGS} `{config}`: train.beta = {beta}"),
+    }
+
+
+def _grpo_guard(config: str, clip: float) -> dict[str, Published]:
+    return {
+        "model.grpo.ratio_variant": Published(
+            "grpo_guard", "GRPO-Guard (arXiv 2510.22319): RatioNorm and the 1/|dt| gradient reweighting"
+        ),
+        "model.grpo.clip_range": Published(clip, f"{GRPO_GUARD} `{config}`: train.clip_range = {clip}"),
+        "model.optimizer.init_args.lr": Published(
+            1e-4, f"{GRPO_GUARD} `{config}`: train.learning_rate = 1e-4"
+        ),
+        "model.grpo.kl_beta": Published(0.0, f"{GRPO_GUARD} `{config}`: train.beta = 0"),
+        "model.grpo.std_scope": Published("group", f"{GRPO_GUARD} `{config}`: sample.global_std = False"),
+    }
+
+
+def _grpo_guard_sd35m(config: str, clip: float) -> dict[str, Published]:
+    # GRPO-Guard's SD3.5-M configs are FlowGRPO's with its ratio, clip range, lr, beta and std scope
+    return {
+        **_FLOWGRPO_SD35M,
+        **_FLOWGRPO_TRAIN,
+        **_FLOWGRPO_OPTIMIZER,
+        "model.grpo.minibatch_size": Published(
+            9, f"{FLOWGRPO_CONFIGS} (*_sd3): train.batch_size = sample.train_batch_size = 9"
+        ),
+        **_grpo_guard(config, clip),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# The table: recipe file (under configs/) -> guardrl option (as `guardrl fit --print_config` writes it) ->
+# the published number. "optimizer_steps_per_iteration" is derived from the batch settings.
+# --------------------------------------------------------------------------------------------------------
+
+_PICKSCORE_FLUX = f"{FLOWGRPO_CONFIGS} `pickscore_flux`"
+
+RECIPES: dict[str, dict[str, Published]] = {
+    "sd35m/flow_grpo_geneval.yaml": _flowgrpo_sd35m("geneval_sd3", 0.04),
+    "sd35m/flow_grpo_ocr.yaml": _flowgrpo_sd35m("general_ocr_sd3", 0.04),
+    "sd35m/flow_grpo_pickscore.yaml": _flowgrpo_sd35m("pickscore_sd3", 0.01),
+    "sd35m/grpo_guard_geneval.yaml": _grpo_guard_sd35m("geneval_sd3_rationorm", 2e-6),
+    "sd35m/grpo_guard_ocr.yaml": _grpo_guard_sd35m("general_ocr_sd3_rationorm", 2e-6),
+    "sd35m/grpo_guard_pickscore.yaml": _grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),
+    "flux/dance_grpo_pickscore.yaml": {
+        "model.backbone.init_args.pretrained_model_name_or_path": Published(
+            "black-forest-labs/FLUX.1-dev",
+            f"{DANCEGRPO}: the FLUX.1-dev weights (--pretrained_model_name_or_path)",
+        ),
+        "model.backbone.init_args.resolution": Published(720, f"{DANCEGRPO}: --h 720 --w 720"),
+        "model.sampling.num_inference_steps": Published(12, f"{DANCEGRPO}: --sampling_steps 12"),
+        "model.sampling.noise_level": Published(0.3, f"{DANCEGRPO}: --eta 0.3"),
+        "model.sampling.sde_type": Published(
+            "dance_grpo", "DanceGRPO (arXiv 2505.07818): constant SDE noise scale eta"
+        ),
+        "model.sampling.same_noise_per_group": Published(True, f"{DANCEGRPO}: --init_same_noise"),
+        "model.grpo.ratio_variant": Published(
+            "flow_grpo", "DanceGRPO (arXiv 2505.07818): the PPO-clipped ratio of per-step Gaussian densities"
+        ),
+        "model.grpo.clip_range": Published(1e-4, f"{DANCEGRPO}: --clip_range 1e-4"),
+        "model.grpo.adv_clip_max": Published(5.0, f"{DANCEGRPO}: --adv_clip_max 5.0"),
+        "model.grpo.std_scope": Published("group", f"{DANCEGRPO}: --use_group (per-group mean and std)"),
+        "model.grpo.kl_beta": Published(0.0, f"{DANCEGRPO}: no KL option among the script's arguments"),
+        "model.grpo.max_grad_norm": Published(1.0, f"{DANCEGRPO}: --max_grad_norm 1.0"),
+        "model.grpo.minibatch_size": Published(2, f"{DANCEGRPO}: --train_batch_size 2"),
+        "model.grpo.gradient_accumulation_steps": Published(
+            12, f"{DANCEGRPO}: --gradient_accumulation_steps 12"
+        ),
+        # int(0.6 * 12) = 7 of the 12 sampler steps
+        "model.grpo.num_train_timesteps": Published(7, f"{DANCEGRPO}: --timestep_fraction 0.6 of 12 steps"),
+        "model.lora.rank": Published(128, f"{DANCEGRPO}: --lora_rank 128"),
+        "model.lora.alpha": Published(256, f"{DANCEGRPO}: --lora_alpha 256"),
+        "model.optimizer.init_args.lr": Published(3e-4, f"{DANCEGRPO}: --learning_rate 3e-4"),
+        "model.optimizer.init_args.weight_decay": Published(1e-4, f"{DANCEGRPO}: --weight_decay 0.0001"),
+        "data.group_size": Published(12, f"{DANCEGRPO}: --num_generations 12"),
+        # 12 generations / 2 per minibatch / 12 accumulation steps
+        "optimizer_steps_per_iteration": Published(
+            1, f"{DANCEGRPO}: --num_generations 12, --train_batch_size 2, --gradient_accumulation_steps 12"
+        ),
+    },
+    # No official GRPO-Guard Flux config: FlowGRPO's Flux PickScore recipe with GRPO-Guard's ratio, clip
+    # range, lr, beta and std scope from its SD3.5-M PickScore config (as the recipe's header says).
+    "flux/grpo_guard_pickscore.yaml": {
+        "model.backbone.init_args.pretrained_model_name_or_path": Published(
+            "black-forest-labs/FLUX.1-dev",
+            f"{_PICKSCORE_FLUX}: pretrained.model = 'black-forest-labs/FLUX.1-dev'",
+        ),
+        "model.backbone.init_args.resolution": Published(512, f"{_PICKSCORE_FLUX}: resolution = 512"),
+        "model.sampling.num_inference_steps": Published(6, f"{_PICKSCORE_FLUX}: sample.num_steps = 6"),
+        "model.sampling.guidance_scale": Published(3.5, f"{_PICKSCORE_FLUX}: sample.guidance_scale = 3.5"),
+        "model.sampling.noise_level": Published(0.9, f"{_PICKSCORE_FLUX}: sample.noise_level = 0.9"),
+        "model.grpo.minibatch_size": Published(
+            3, f"{_PICKSCORE_FLUX}: train.batch_size = sample.train_batch_size = 3"
+        ),
+        "model.grpo.adv_clip_max": Published(5.0, f"{FLOWGRPO_BASE}: train.adv_clip_max = 5"),
+        "model.grpo.max_grad_norm": Published(1.0, f"{FLOWGRPO_BASE}: train.max_grad_norm = 1.0"),
+        "model.grpo.num_inner_epochs": Published(1, f"{_PICKSCORE_FLUX}: train.num_inner_epochs = 1"),
+        "model.lora.rank": Published(64, "yifan123/flow_grpo scripts/train_flux.py: LoraConfig(r=64, ...)"),
+        "model.lora.alpha": Published(
+            128, "yifan123/flow_grpo scripts/train_flux.py: LoraConfig(lora_alpha=128)"
+        ),
+        "model.optimizer.init_args.weight_decay": Published(
+            1e-4, f"{FLOWGRPO_BASE}: train.adam_weight_decay = 1e-4"
+        ),
+        "data.group_size": Published(24, f"{_PICKSCORE_FLUX}: sample.num_image_per_prompt = 24"),
+        "optimizer_steps_per_iteration": Published(
+            2, f"{_PICKSCORE_FLUX}: 'gradients are updated twice per epoch'"
+        ),
+        **_grpo_guard("pickscore_hps_sd3_ratio_norm", 4e-6),
+    },
+}
+
+# --------------------------------------------------------------------------------------------------------
+# Published model shapes (diffusers config names) and sizes, for the random-weight backbones
+# --------------------------------------------------------------------------------------------------------
+
+SD35M_CONFIG = "stabilityai/stable-diffusion-3.5-medium transformer/config.json"
+FLUX_UTIL = "black-forest-labs/flux src/flux/util.py configs['flux-dev']"
+
+MODELS: dict[str, dict[str, Published]] = {
+    "sd35m": {
+        "sample_size": Published(128, f"{SD35M_CONFIG}: sample_size 128"),
+        "patch_size": Published(2, f"{SD35M_CONFIG}: patch_size 2"),
+        "in_channels": Published(16, f"{SD35M_CONFIG}: in_channels 16"),
+        "out_channels": Published(16, f"{SD35M_CONFIG}: out_channels 16"),
+        "num_layers": Published(24, f"{SD35M_CONFIG}: num_layers 24"),
+        "attention_head_dim": Published(64, f"{SD35M_CONFIG}: attention_head_dim 64"),
+        "num_attention_heads": Published(24, f"{SD35M_CONFIG}: num_attention_heads 24"),
+        "joint_attention_dim": Published(4096, f"{SD35M_CONFIG}: joint_attention_dim 4096"),
+        "caption_projection_dim": Published(1536, f"{SD35M_CONFIG}: caption_projection_dim 1536"),
+        "pooled_projection_dim": Published(2048, f"{SD35M_CONFIG}: pooled_projection_dim 2048"),
+        "pos_embed_max_size": Published(384, f"{SD35M_CONFIG}: pos_embed_max_size 384"),
+        "dual_attention_layers": Published(list(range(13)), f"{SD35M_CONFIG}: dual_attention_layers 0..12"),
+        "qk_norm": Published("rms_norm", f"{SD35M_CONFIG}: qk_norm 'rms_norm'"),
+        "vae.latent_channels": Published(
+            16, "stabilityai/stable-diffusion-3.5-medium vae/config.json: latent_channels 16"
+        ),
+        "vae_scale_factor": Published(
+            8,
+            "stabilityai/stable-diffusion-3.5-medium vae/config.json: block_out_channels "
+            "[128, 256, 512, 512], x2 downsampling between blocks: 2^3 = 8",
+        ),
+        "vae.scaling_factor": Published(
+            1.5305, "stabilityai/stable-diffusion-3.5-medium vae/config.json: 1.5305"
+        ),
+        "vae.shift_factor": Published(
+            0.0609, "stabilityai/stable-diffusion-3.5-medium vae/config.json: 0.0609"
+        ),
+        # Stability AI's SD3.5 announcement / model card: "2.5 billion parameters" (weights file incl. the
+        # position-embedding table, which diffusers keeps as a buffer)
+        "weights_in_billions_to_1_decimal": Published(
+            2.5, "Stability AI, SD3.5 Medium: 2.5 billion parameters"
+        ),
+    },
+    "flux": {
+        "in_channels": Published(64, f"{FLUX_UTIL}: in_channels=64"),
+        "num_layers": Published(19, f"{FLUX_UTIL}: depth=19"),
+        "num_single_layers": Published(38, f"{FLUX_UTIL}: depth_single_blocks=38"),
+        "num_attention_heads": Published(24, f"{FLUX_UTIL}: num_heads=24"),
+        "attention_head_dim": Published(128, f"{FLUX_UTIL}: hidden_size=3072 / num_heads=24"),
+        "joint_attention_dim": Published(4096, f"{FLUX_UTIL}: context_in_dim=4096"),
+        "pooled_projection_dim": Published(768, f"{FLUX_UTIL}: vec_in_dim=768"),
+        "guidance_embeds": Published(True, f"{FLUX_UTIL}: guidance_embed=True"),
+        "axes_dims_rope": Published([16, 56, 56], f"{FLUX_UTIL}: axes_dim=[16, 56, 56]"),
+        "vae.latent_channels": Published(16, f"{FLUX_UTIL} ae_params: z_channels=16"),
+        "vae.scaling_factor": Published(0.3611, f"{FLUX_UTIL} ae_params: scale_factor=0.3611"),
+        "vae.shift_factor": Published(0.1159, f"{FLUX_UTIL} ae_params: shift_factor=0.1159"),
+        "weights_in_billions_to_0_decimals": Published(
+            12, "black-forest-labs/FLUX.1-dev model card: 'a 12 billion parameter rectified flow transformer'"
+        ),
+    },
+}
+
+# --------------------------------------------------------------------------------------------------------
+# The shipped toy proxy (guardrl/toy/proxy): what its documentation publishes
+# --------------------------------------------------------------------------------------------------------
+
+TOY_PROXY_DOC = "docs/toy_proxy.md"
+
+TOY_PROXY: dict[str, Published] = {
+    "parameters": Published(223_857, f"{TOY_PROXY_DOC}: 'The scorer is a CNN with 223,857 parameters'"),
+    "training.seed": Published(
+        0, f"{TOY_PROXY_DOC}: `python -m guardrl.toy.proxy train --out DIR --seed 0 --steps 650`"
+    ),
+    "training.steps_done": Published(650, f"{TOY_PROXY_DOC}: 'It ran 650 steps'"),
+    "training.finished": Published(
+        True, f"{TOY_PROXY_DOC}: 'This is the command behind the shipped weights'"
+    ),
+    "training.threads": Published(1, f"{TOY_PROXY_DOC}: 'on one thread of the shared 2-core machine'"),
+    "training.settings.batch_size": Published(32, f"{TOY_PROXY_DOC}: 'draws 32 kinds' per batch"),
+    "training.settings.lr": Published(3e-3, f"{TOY_PROXY_DOC}: 'AdamW (lr 3e-3, weight decay 1e-4)'"),
+    "training.settings.weight_decay": Published(
+        1e-4, f"{TOY_PROXY_DOC}: 'AdamW (lr 3e-3, weight decay 1e-4)'"
+    ),
+    "training.settings.warmup_steps": Published(20, f"{TOY_PROXY_DOC}: 'with 20 warm-up steps'"),
+    "training.settings.min_lr_ratio": Published(
+        0.05, f"{TOY_PROXY_DOC}: 'cosine decay to 5% of the learning rate'"
+    ),
+    "training.settings.grad_clip": Published(1.0, f"{TOY_PROXY_DOC}: 'Gradients are clipped at norm 1'"),
+    "evaluation.heldout.n": Published(
+        1024, f"{TOY_PROXY_DOC}: 'The evaluation uses 1,024 clean renders per split'"
+    ),
+    "evaluation.train.n": Published(
+        1024, f"{TOY_PROXY_DOC}: 'The evaluation uses 1,024 clean renders per split'"
+    ),
+    "hack.n": Published(256, f"{TOY_PROXY_DOC}: 'The command runs it on 256 held-out prompts'"),
+    "hack.epsilon": Published(0.15, f"{TOY_PROXY_DOC}: 'epsilon 0.15, 50 signed steps of 0.02'"),
+    "hack.steps": Published(50, f"{TOY_PROXY_DOC}: 'epsilon 0.15, 50 signed steps of 0.02'"),
+    "hack.step_size": Published(0.02, f"{TOY_PROXY_DOC}: 'epsilon 0.15, 50 signed steps of 0.02'"),
+}
