@@ -101,11 +101,17 @@ def _find_class(module: str, name: str, depth: int = 0) -> Optional[tuple[str, a
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
             return module, node
+    source = _imported_from(tree, name)
+    return None if source is None else _find_class(*source, depth + 1)
+
+
+def _imported_from(tree: ast.Module, name: str) -> Optional[tuple[str, str]]:
+    """(module, original name) when `tree` binds `name` with an absolute `from module import ...`."""
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 if (alias.asname or alias.name) == name:
-                    return _find_class(node.module, alias.name, depth + 1)
+                    return node.module, alias.name
     return None
 
 
@@ -171,12 +177,8 @@ def _module_level_value(module: str, name: str, depth: int = 0) -> Optional[tupl
             continue
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return module, value
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:
-                if (alias.asname or alias.name) == name:
-                    return _module_level_value(node.module, alias.name, depth + 1)
-    return None
+    source = _imported_from(tree, name)
+    return None if source is None else _module_level_value(*source, depth + 1)
 
 
 def _constant_names(module: str, node: ast.expr) -> Optional[tuple]:
