@@ -65,6 +65,8 @@ REWARDS: dict[str, dict[str, Any]] = {
     "proxy": {"class_path": "guardrl.toy.proxy.ToyProxyReward"},
     "proxy_prob": {"class_path": "guardrl.toy.proxy.ToyProxyReward", "init_args": {"form": "mean_prob"}},
 }
+# What a plain command runs (proxy_prob is the over-optimization pilot's, docs/toy_benchmark.md).
+DEFAULT_REWARDS = ("jpeg", "color_share", "proxy")
 # What each run logs and the report reads (TensorBoard tags, guardrl.analysis).
 CURVE_TAGS = ("reward/mean", "reward/std", "grad/norm", "train/skipped_update", "time/iteration_s")
 CURVE_COLUMNS = ("iteration", "reward_mean", "reward_std", "grad_norm", "clip_share", "skipped", "seconds")
@@ -619,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory (a repeated command continues there)")
     parser.add_argument(
-        "--rewards", default=",".join(REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards")
+        "--rewards", default=",".join(DEFAULT_REWARDS), type=lambda t: _choices(t, REWARDS, "--rewards")
     )
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), type=lambda t: _choices(t, VARIANTS, "--variants")
