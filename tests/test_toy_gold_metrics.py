@@ -59,3 +59,18 @@ def test_the_watch_builds_them_from_a_config(tmp_path):
     metrics = parser.instantiate_classes(config).gold
     assert isinstance(metrics[0], VerifierPassRate) and metrics[0].quantized is True
     assert isinstance(metrics[1], OffPaletteFraction)
+
+
+def test_the_metrics_with_errors_give_gold_metrics_values(renders):
+    """gold_metrics_with_errors computes each value once itself (one verification per mode, features once,
+    the bootstrap over feature rows): its four headline values are gold_metrics' exactly."""
+    from guardrl.toy.gold import GOLD_DIRECTIONS, gold_metrics, gold_metrics_with_errors
+
+    generator = torch.Generator().manual_seed(0)
+    images = (renders + 0.8 * torch.rand(renders.shape, generator=generator) - 0.4).clamp(0, 1)
+    real = render_batch(PROMPTS, [s + 1000 for s in range(len(PROMPTS))])
+    expected = gold_metrics(images, PROMPTS, real)
+    values = gold_metrics_with_errors(images, PROMPTS, real, bootstrap=5, seed=3)
+    assert {name: values[name] for name in GOLD_DIRECTIONS} == expected
+    assert 0 < values["off_palette_fraction"] < 1 and values["realism_distance"] > 0
+    assert values["realism_distance_se"] > 0 and values["off_palette_fraction_se"] > 0

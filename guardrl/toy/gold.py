@@ -224,7 +224,7 @@ class RealismDistance(Metric):
             )
         if not torch.isfinite(batch).all():
             raise ValueError("RealismDistance got non-finite pixels (NaN or inf): the generator diverged")
-        features = (realism_features(batch) / feature_scales(self.image_size)).to(self.real_sum.device)
+        features = scaled_realism_features(batch).to(self.real_sum.device)
         prefix = "real" if real else "generated"
         setattr(self, f"{prefix}_count", getattr(self, f"{prefix}_count") + features.shape[0])
         setattr(self, f"{prefix}_sum", getattr(self, f"{prefix}_sum") + features.sum(0))
@@ -236,10 +236,22 @@ class RealismDistance(Metric):
             count = getattr(self, f"{prefix}_count")
             if count < 2:
                 raise ValueError(f"RealismDistance needs at least 2 {prefix} images, got {int(count)}")
-            mean = getattr(self, f"{prefix}_sum") / count
-            cov = (getattr(self, f"{prefix}_outer_sum") - count * torch.outer(mean, mean)) / (count - 1)
-            moments += [mean, cov]
+            moments += feature_moments(
+                count, getattr(self, f"{prefix}_sum"), getattr(self, f"{prefix}_outer_sum")
+            )
         return torch.tensor(frechet_distance(*moments), dtype=torch.float64)
+
+
+def feature_moments(count, total: torch.Tensor, outer_sum: torch.Tensor) -> list[torch.Tensor]:
+    """[mean, covariance (n - 1)] from a feature set's count, sum and sum of outer products."""
+    mean = total / count
+    return [mean, (outer_sum - count * torch.outer(mean, mean)) / (count - 1)]
+
+
+def scaled_realism_features(images: torch.Tensor) -> torch.Tensor:
+    """`realism_features` in units of `feature_scales`: what RealismDistance accumulates."""
+    batch = as_image_batch(images)
+    return realism_features(batch) / feature_scales(int(batch.shape[-1]))
 
 
 # Direction of each gold metric, and for lower-is-better ones a floor (the metric's resolution: about what
@@ -322,13 +334,16 @@ def gold_metrics_with_errors(
     bootstrap: int = 20,
     seed: int = 0,
 ) -> dict[str, float]:
-    """`gold_metrics` plus each verifier check's pass rate (`check_<name>`; position over position prompts
-    only) and a standard error for every value (`<name>_se`): binomial sqrt(p (1 - p) / n) for rates, the
+    """`gold_metrics`' four values (computed here once each; tests/test_toy_gold_metrics.py checks they are
+    equal) plus each verifier check's pass rate (`check_<name>`; position over position prompts only) and a
+    standard error for every value (`<name>_se`): binomial sqrt(p (1 - p) / n) for rates, the
     per-image spread / sqrt(n) for the off-palette fraction, and for the realism distance the standard
     deviation over `bootstrap` resamples of the generated images (the real renders fixed), seeded by
     `seed`."""
     images = as_image_batch(images)
-    values = gold_metrics(images, prompts, real_images)
+    # Each expensive step once: one verification per mode, one palette distance, one feature extraction per
+    # set; the bootstrap resamples feature rows (an image's features do not depend on the others).
+    values: dict[str, float] = {}
     verdicts = verify_batch(images, prompts)
     quantized = verify_batch(images, prompts, quantized=True)
 
@@ -343,18 +358,22 @@ def gold_metrics_with_errors(
     for check in CHECKS:
         rate(f"check_{check}", [getattr(v, check) for v in verdicts if getattr(v, check) is not None])
     _, distance_NHW = nearest_palette(images)
-    off_per_image = (~(distance_NHW <= OFF_PALETTE_DISTANCE)).double().flatten(1).mean(1)
+    off_NHW = ~(distance_NHW <= OFF_PALETTE_DISTANCE)  # OffPaletteFraction's rule: NaN pixels count as off
+    values["off_palette_fraction"] = float(off_NHW.sum().double() / off_NHW.numel())
+    off_per_image = off_NHW.double().flatten(1).mean(1)
     values["off_palette_fraction_se"] = float(off_per_image.std() / len(off_per_image) ** 0.5)
-    realism = RealismDistance(images.shape[-1])
-    realism.update(real_images, real=True)
+    generated, real = scaled_realism_features(images), scaled_realism_features(real_images)
+    real_moments = feature_moments(len(real), real.sum(0), real.T @ real)
+    values["realism_distance"] = frechet_distance(
+        *real_moments, *feature_moments(len(generated), generated.sum(0), generated.T @ generated)
+    )
     generator = torch.Generator().manual_seed(seed)
     resampled = []
     for _ in range(bootstrap):
-        index = torch.randint(len(images), (len(images),), generator=generator)
-        metric = RealismDistance(images.shape[-1])
-        metric.update(images[index])
-        metric.update(real_images, real=True)
-        resampled.append(float(metric.compute()))
+        rows = generated[torch.randint(len(generated), (len(generated),), generator=generator)]
+        resampled.append(
+            frechet_distance(*real_moments, *feature_moments(len(rows), rows.sum(0), rows.T @ rows))
+        )
     values["realism_distance_se"] = float(torch.tensor(resampled).std()) if bootstrap > 1 else float("nan")
     return values
 
