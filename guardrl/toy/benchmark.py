@@ -366,13 +366,7 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
     last = sorted(glob.glob(os.path.join(directory, "**", "last.ckpt"), recursive=True))
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last[0] if last and not pilot else None)
-    if cli.model.num_iterations < iterations:
-        # Stopped by a signal (GracefulShutdown saved last.ckpt): not done. Raising stops the whole benchmark,
-        # and the next command resumes this run instead of skipping it as finished.
-        raise RuntimeError(
-            f"{spec.name}: stopped after {cli.model.num_iterations} of {iterations} iterations; run the same "
-            "command again to resume it"
-        )
+    require_finished(spec.name, cli.model.num_iterations, iterations)
     summary = {
         "run": spec.name,
         **dataclasses.asdict(spec),
@@ -385,6 +379,16 @@ def run_one(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool =
     else:
         write_json_atomic(done_path, summary)
     return summary
+
+
+def require_finished(name: str, done: int, wanted: int) -> None:
+    """After `trainer.fit`: a run stopped by a signal (GracefulShutdown saved last.ckpt) is not finished.
+    Raising stops the whole command before done.json is written, so the next command resumes the run
+    instead of skipping it (the toy benchmark and the learning benchmark)."""
+    if done < wanted:
+        raise RuntimeError(
+            f"{name}: stopped after {done} of {wanted} iterations; run the same command again to resume it"
+        )
 
 
 def _run_in_subprocess(spec: RunSpec, budget: Budget, configs: str, out: str, pilot: bool) -> dict[str, Any]:

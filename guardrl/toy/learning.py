@@ -54,7 +54,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from guardrl.toy.benchmark import VARIANTS, _append_csv, _number_list, _read_csv, _truncate_csv
+from guardrl.toy.benchmark import (
+    VARIANTS,
+    _append_csv,
+    _number_list,
+    _read_csv,
+    _truncate_csv,
+    require_finished,
+)
 from guardrl.toy.files import write_json_atomic
 
 NULL = "null_control"
@@ -246,11 +253,7 @@ def run_one(run: Run, settings: Settings, configs: str, out: str) -> dict[str, A
     last = os.path.join(directory, "version_0", "checkpoints", "last.ckpt")
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last if os.path.exists(last) else None)
-    if cli.model.num_iterations < settings.iterations:
-        raise RuntimeError(
-            f"{run.name}: stopped after {cli.model.num_iterations} of {settings.iterations} "
-            "iterations; run the command again to resume it"
-        )
+    require_finished(run.name, cli.model.num_iterations, settings.iterations)
     rows = curve_of(directory)
     _write_csv(os.path.join(directory, "curve.csv"), CURVE_COLUMNS, rows)
     summary = {
