@@ -10,9 +10,9 @@
 
 Only the iteration lives here. Everything backbone-specific is behind `FlowBackbone` and `FlowPolicy`
 (adapters, snapshots, compile); the math is in sampling/ and algorithm/; sampling and scoring images in
-rollouts.py; non-finite handling in faults.py; the checkpoint format in checkpointing.py
-(`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual optimization, because one
-iteration takes several optimizer steps.
+rollouts.py; the update phase (step 4) in update.py; non-finite handling in faults.py; the checkpoint format
+in checkpointing.py (`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual
+optimization, because one iteration takes several optimizer steps.
 """
 
 from __future__ import annotations
@@ -28,29 +28,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from guardrl.algorithm import (
-    RATIO_VARIANTS,
-    clipped_policy_loss,
-    compute_ratio_terms,
-    effective_clip_range,
-    group_advantages,
-    kl_to_reference,
-    shuffle_within_groups,
-)
-from guardrl.algorithm.timesteps import choose_trained_steps
+from guardrl.algorithm import RATIO_VARIANTS, effective_clip_range, group_advantages, shuffle_within_groups
 from guardrl.checkpointing import TrainableStateCheckpointing
 from guardrl.checks import check_batch_sizes, check_group_size, check_optimizer_for_strategy, check_rewards
 from guardrl.faults import SkippedUpdates, nonfinite_on_any_rank
-from guardrl.grad_norms import grad_delta_norm, grad_norm, grad_snapshot
 from guardrl.logs import flush_loggers, log_iteration, write_scalars
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flops_of
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward
 from guardrl.rollouts import rollout_and_score, sample_trajectory, score_images
-from guardrl.sampling import noise_scales, step_mean_and_std
+from guardrl.sampling import noise_scales
 from guardrl.sharding import shard_policy
-from guardrl.types import PromptBatch, StepStats, Trajectory
+from guardrl.types import PromptBatch, Trajectory
+from guardrl.update import update_policy
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +205,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
         if problem is None:
             with self._phase("update"):
-                step_stats, losses, problem = self._update(trajectory, cond, advantages)
+                step_stats, losses, problem = update_policy(self, trajectory, cond, advantages)
 
         iteration = self.num_iterations
         self.num_iterations += 1
@@ -255,12 +246,12 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             "skipped": problem is not None,
         }
 
-    def _seed(self, *key: int) -> int:
+    def iteration_seed(self, *key: int) -> int:
         # SeedSequence mixes (seed, iteration, ...) into well-separated streams.
         return int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
 
     def _generator(self, *key: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self._seed(*key))
+        return torch.Generator(device=self.device).manual_seed(self.iteration_seed(*key))
 
     @torch.no_grad()
     def _rollout(self, cond, batch_size: int, chunk: int) -> Trajectory:
@@ -342,109 +333,9 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         run draws the same permutation)."""
         if not self.grpo.null_control:
             return advantages
-        generator = torch.Generator().manual_seed(self._seed(self.num_iterations, self.global_rank, 0xC0))
+        seed = self.iteration_seed(self.num_iterations, self.global_rank, 0xC0)
+        generator = torch.Generator().manual_seed(seed)
         return shuffle_within_groups(advantages, self.group_size, generator)
-
-    def _update(self, trajectory: Trajectory, cond, advantages: torch.Tensor):
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        params = self.policy.trainable_parameters()
-        choice_gen = torch.Generator().manual_seed(self._seed(self.num_iterations))
-        positions = choose_trained_steps(
-            trajectory.num_stored_steps,
-            self.grpo.num_train_timesteps,
-            self.grpo.timestep_selection,
-            choice_gen,
-        )
-        size = advantages.numel()
-        minibatch = self.grpo.minibatch_size or size
-        accumulation = self.grpo.gradient_accumulation_steps
-        loss_scale = 1.0 / (len(positions) * accumulation)
-        step_stats = {j: StepStats(step_index=trajectory.step_indices[j]) for j in positions}
-        losses: dict[str, list] = {"loss": [], "kl": [], "grad_norm": []}
-        num_minibatches = 0
-        pending_losses: list[torch.Tensor] = []
-        for _ in range(self.grpo.num_inner_epochs):
-            # Same sample order as the rollout when one minibatch covers the batch: then the first update
-            # recomputes the rollout's forward exactly and the ratio is exactly 1.
-            order = torch.arange(size) if minibatch == size else torch.randperm(size, generator=choice_gen)
-            for start in range(0, size, minibatch):
-                index = order[start : start + minibatch].to(self.device)
-                for j in positions:
-                    before = grad_snapshot(params) if self.grpo.log_step_grad_norms else None
-                    loss, kl = self._step_loss(trajectory, j, index, cond, advantages, step_stats[j])
-                    self.manual_backward(loss * loss_scale)
-                    losses["loss"].append(loss.detach())
-                    pending_losses.append(loss.detach())
-                    losses["kl"].append(kl)
-                    if before is not None:
-                        step_stats[j].grad_norms.append(grad_delta_norm(params, before) / loss_scale)
-                num_minibatches += 1
-                if num_minibatches % accumulation == 0:
-                    norm = grad_norm(params)
-                    # One collective per optimizer step: a NaN loss or gradient on any rank skips the update
-                    # everywhere (gradients are already all-reduced, but the loss check must agree too).
-                    problem = nonfinite_on_any_rank(
-                        self.trainer.strategy, {"loss": torch.stack(pending_losses), "gradient norm": norm}
-                    )
-                    pending_losses = []
-                    if problem is not None:
-                        optimizer.zero_grad(set_to_none=True)
-                        return [step_stats[j] for j in positions], losses, problem
-                    losses["grad_norm"].append(norm)
-                    if self.grpo.max_grad_norm is not None:
-                        self.clip_gradients(
-                            optimizer,
-                            gradient_clip_val=self.grpo.max_grad_norm,
-                            gradient_clip_algorithm="norm",
-                        )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if scheduler is not None:
-                        scheduler.step()
-                    self.policy.update_ema()
-        return [step_stats[j] for j in positions], losses, None
-
-    def _step_loss(
-        self, trajectory: Trajectory, j: int, index: torch.Tensor, cond, advantages, stats: StepStats
-    ):
-        """Clipped policy loss (+ beta KL) of stored step j on the samples `index`; records statistics."""
-        latents = trajectory.latents_BTCHW[index, j].float()  # stored in performance.trajectory_dtype
-        t, t_next = trajectory.sigma_T[j], trajectory.sigma_next_T[j]
-        noise_scale = trajectory.noise_scale_T[j]
-        step_cond = cond.select(index)
-        velocity = self.backbone.velocity(latents, t, step_cond, self.sampling.guidance_scale)
-        mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale)
-        reduction = self.sampling.log_prob_reduction
-        terms = compute_ratio_terms(
-            trajectory.next_latents_BTCHW[index, j].float(),
-            trajectory.mean_old_BTCHW[index, j],
-            mean_theta,
-            std,
-            trajectory.dt_T[j].expand(len(index)),
-            reduction,
-        )
-        policy_ratio = self.ratio_fn(terms)
-        loss, _ = clipped_policy_loss(
-            policy_ratio.log_ratio, advantages[index], policy_ratio.weight, self.clip_range
-        )
-        kl = torch.zeros((), device=loss.device)
-        if self.grpo.needs_reference:
-            with torch.no_grad(), self.policy.use_weights("reference") as reference:
-                velocity_ref = self.backbone.velocity(
-                    latents, t, step_cond, self.sampling.guidance_scale, reference
-                )
-                mean_ref, _ = step_mean_and_std(velocity_ref, latents, t, t_next, noise_scale)
-            kl_B = kl_to_reference(mean_theta, mean_ref, std, reduction)
-            kl = kl_B.mean()
-            if self.grpo.kl_beta > 0:
-                loss = loss + self.grpo.kl_beta * kl
-            kl = kl.detach()
-            stats.kl.append(kl_B.detach())
-        stats.log_ratio.append(policy_ratio.log_ratio.detach())
-        stats.raw_log_ratio.append(terms.raw_log_ratio.detach())
-        stats.advantages.append(advantages[index].detach())
-        return loss, kl
 
     # ------------------------------------------------------------------ around the iterations
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

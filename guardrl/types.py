@@ -100,6 +100,9 @@ class StepStats:
     log_ratio: list[torch.Tensor] = field(default_factory=list)  # the log-ratio used for clipping, per sample
     raw_log_ratio: list[torch.Tensor] = field(default_factory=list)  # plain log r, whatever the variant
     advantages: list[torch.Tensor] = field(default_factory=list)
+    # the loss's own clip flags (algorithm.LossStats), per sample: reports count these, never recompute them
+    clipped_upper: list[torch.Tensor] = field(default_factory=list)  # bool: r > 1 + c
+    clipped_lower: list[torch.Tensor] = field(default_factory=list)  # bool: r < 1 - c
     grad_norms: list[float] = field(default_factory=list)  # norm of this step's gradient contribution
     kl: list[torch.Tensor] = field(default_factory=list)
 

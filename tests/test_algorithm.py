@@ -14,6 +14,7 @@ import torch
 
 from guardrl.algorithm import (
     RATIO_VARIANTS,
+    clip_shares,
     clipped_policy_loss,
     compute_ratio_terms,
     effective_clip_range,
@@ -451,6 +452,23 @@ def test_clipped_policy_loss_batch_weights_mean_and_stats():
         atol=1e-13,
     )
     assert not stats.ratio.requires_grad and not stats.approx_kl.requires_grad
+
+
+def test_clip_shares_count_the_loss_flags_by_advantage_sign():
+    # the batch above: upper [T, F, T, F, F], lower [F, T, F, T, F], A = [2, 1, -1, -2, 3]
+    # positives {0, 1, 4}: above the band only 0 -> 1/3; negatives {2, 3}: below the band only 3 -> 1/2
+    # (sample 2 is above the band with A < 0: outside, yet not a clipped negative); outside: 4 of 5
+    log_ratio = torch.tensor([1.0, math.log(0.5), math.log(1.5), math.log(0.5), math.log(1.1)], dtype=F64)
+    adv = _t(2.0, 1.0, -1.0, -2.0, 3.0)
+    _, stats = clipped_policy_loss(log_ratio, adv, torch.ones(5, dtype=F64), C)
+    shares = clip_shares(stats.clipped_upper, stats.clipped_lower, adv)
+    assert {name: float(value) for name, value in shares.items()} == pytest.approx(
+        {"pos_upper": 1 / 3, "neg_lower": 1 / 2, "outside_band": 4 / 5}, abs=1e-15
+    )
+    # uint8 flags (as gathered across ranks) count the same; no positive advantage at all: 0, not NaN
+    upper, lower = stats.clipped_upper.to(torch.uint8), stats.clipped_lower.to(torch.uint8)
+    as_bytes = clip_shares(upper, lower, -adv.abs())
+    assert float(as_bytes["pos_upper"]) == 0.0 and float(as_bytes["neg_lower"]) == pytest.approx(2 / 5)
 
 
 @pytest.mark.parametrize("clip_range", [0.0, -0.1, float("nan")])

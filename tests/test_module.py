@@ -76,6 +76,12 @@ def test_ratio_is_exactly_one_on_the_first_update_and_moves_after(prompt_file, t
         assert torch.equal(first_update, torch.zeros_like(first_update))
         assert torch.equal(stats.raw_log_ratio[0], torch.zeros_like(first_update))
         assert not torch.equal(second_update, torch.zeros_like(second_update))
+        # the loss's own clip flags travel with the statistics (what the callbacks count)
+        assert len(stats.clipped_upper) == len(stats.clipped_lower) == 2
+        assert not stats.clipped_upper[0].any() and not stats.clipped_lower[0].any()
+        c = outputs["clip_range"]
+        assert torch.equal(stats.clipped_upper[1], second_update.exp() > 1 + c)
+        assert torch.equal(stats.clipped_lower[1], second_update.exp() < 1 - c)
 
 
 def test_every_documented_name_is_in_the_tensorboard_events(prompt_file, tmp_path):
@@ -198,6 +204,7 @@ def test_kl_penalty_adds_beta_times_the_hand_worked_kl_to_the_loss_and_its_gradi
     from guardrl.policy.backbones import Conditioning
     from guardrl.rewards import JpegCompressibility
     from guardrl.types import StepStats, Trajectory
+    from guardrl.update import step_loss
 
     # The old mean is the policy's own mean at a = 0.7 (on-policy), by hand:
     #   x = 1:   1 + (0.7 + 0.49 * (1 + 0.5 * 0.7)) * -0.25 = 1 - 0.340375 = 0.659625
@@ -236,7 +243,7 @@ def test_kl_penalty_adds_beta_times_the_hand_worked_kl_to_the_loss_and_its_gradi
 
         module.backbone.velocity = velocity
         stats = StepStats(step_index=0)
-        loss, kl = module._step_loss(trajectory, 0, torch.arange(2), cond, torch.tensor([1.0, -1.0]), stats)
+        loss, kl = step_loss(module, trajectory, 0, torch.arange(2), cond, torch.tensor([1.0, -1.0]), stats)
         loss.backward()
         assert calls == ["policy", "reference"]
         assert torch.equal(stats.log_ratio[0], torch.zeros(2))  # on-policy: the ratio is exactly 1

@@ -5,6 +5,7 @@ from guardrl.algorithm.advantages import STD_SCOPES, group_advantages, shuffle_w
 from guardrl.algorithm.loss import (
     CLIP_RANGE_UNITS,
     LossStats,
+    clip_shares,
     clipped_policy_loss,
     effective_clip_range,
     kl_to_reference,
@@ -30,6 +31,7 @@ __all__ = [
     "LossStats",
     "PolicyRatio",
     "RatioTerms",
+    "clip_shares",
     "clipped_policy_loss",
     "compute_ratio_terms",
     "effective_clip_range",

@@ -110,6 +110,31 @@ def clipped_policy_loss(
     return loss, stats
 
 
+def clip_shares(
+    clipped_upper_B: torch.Tensor, clipped_lower_B: torch.Tensor, advantages_B: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The clip statistics every report uses (callbacks, benchmarks), from `LossStats`' flags, so that the
+    loss and its reports cannot disagree about which samples were clipped. Float64 scalars:
+
+        pos_upper     share of positive-advantage samples with r > 1 + c (the loss is flat there: no gradient)
+        neg_lower     share of negative-advantage samples with r < 1 - c (likewise)
+        outside_band  share of all samples with r outside [1 - c, 1 + c], whatever their advantage's sign
+
+    A share of an empty set (no positive advantages, say) is 0: nothing was there to clip.
+    """
+    upper, lower = clipped_upper_B.bool(), clipped_lower_B.bool()
+    positive, negative = advantages_B > 0, advantages_B < 0
+
+    def share(selected: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+        return selected.sum().double() / among.sum().clamp(min=1).double()
+
+    return {
+        "pos_upper": share(upper & positive, positive),
+        "neg_lower": share(lower & negative, negative),
+        "outside_band": share(upper | lower, torch.ones_like(upper)),
+    }
+
+
 def kl_to_reference(
     mean_theta: torch.Tensor, mean_ref: torch.Tensor, std_B: torch.Tensor, reduction: str
 ) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from guardrl.algorithm import clip_shares
 from guardrl.logs import write_scalars
 
 
@@ -38,7 +39,6 @@ class RatioStatsCallback(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         if not outputs or "step_stats" not in outputs:
             return
-        clip_range = outputs["clip_range"]
         iteration = pl_module.num_iterations - 1  # the iteration just finished; Lightning logs at this step
         write_histograms = (
             self.log_histograms
@@ -53,16 +53,19 @@ class RatioStatsCallback(Callback):
             log_ratio = pl_module.all_gather(stats.cat("log_ratio")).reshape(-1).double()
             raw_log_ratio = pl_module.all_gather(stats.cat("raw_log_ratio")).reshape(-1).double()
             advantages = pl_module.all_gather(stats.cat("advantages")).reshape(-1)
+            # The loss's own clip flags (uint8 for the collective: not every backend gathers bools).
+            clipped = [
+                pl_module.all_gather(stats.cat(name).to(torch.uint8)).reshape(-1)
+                for name in ("clipped_upper", "clipped_lower")
+            ]
+            shares = clip_shares(*clipped, advantages)
             ratio = log_ratio.exp()
-            positive, negative = advantages > 0, advantages < 0
-            upper = (ratio > 1 + clip_range) & positive
-            lower = (ratio < 1 - clip_range) & negative
             metrics[f"ratio/mean_t{k}"] = ratio.mean()
             metrics[f"ratio/std_t{k}"] = ratio.std(unbiased=False)
             metrics[f"ratio/log_ratio_mean_t{k}"] = log_ratio.mean()
             metrics[f"ratio/raw_log_ratio_mean_t{k}"] = raw_log_ratio.mean()
-            metrics[f"clip/frac_pos_upper_t{k}"] = _share(upper, positive)
-            metrics[f"clip/frac_neg_lower_t{k}"] = _share(lower, negative)
+            metrics[f"clip/frac_pos_upper_t{k}"] = shares["pos_upper"].float()
+            metrics[f"clip/frac_neg_lower_t{k}"] = shares["neg_lower"].float()
             if stats.grad_norms:
                 metrics[f"grad/norm_t{k}"] = float(sum(stats.grad_norms) / len(stats.grad_norms))
             if write_histograms:
@@ -72,8 +75,3 @@ class RatioStatsCallback(Callback):
         # Only the steps trained in this iteration are written: no stale values for the others (logs.py).
         write_scalars(trainer, metrics, iteration)
 
-
-def _share(selected: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-    """Fraction of `among` that is `selected`; 0 when `among` is empty (nothing to clip)."""
-    count = among.sum()
-    return (selected.sum() / count.clamp(min=1)).float()

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from guardrl.algorithm import clip_shares
 from guardrl.algorithm.ratios import RATIO_VARIANTS
 from guardrl.toy.files import write_json_atomic
 from guardrl.toy.gold import CHECKS, GOLD_DIRECTIONS, average_gold, gold_metrics_with_errors
@@ -197,19 +198,18 @@ class BenchmarkRecorder(Callback):
             self._evaluate(pl_module, pl_module.num_iterations)
 
     def _record_ratios(self, iteration: int, outputs: dict[str, Any]) -> None:
-        clip = float(outputs["clip_range"])
-        upper, lower = math.log1p(clip), math.log1p(-clip)
         rows = []
         for stats in outputs["step_stats"]:
             log_ratio = stats.cat("log_ratio").double()
             raw = stats.cat("raw_log_ratio").double()
-            advantages = stats.cat("advantages").double()
             if log_ratio.numel() == 0:
                 continue
             if self.keep_log_ratios:
                 self.log_ratios.append(log_ratio.clone())
-            positive, negative = advantages > 0, advantages < 0
-            above, below = log_ratio > upper, log_ratio < lower
+            # the loss's own clip flags, counted as RatioStatsCallback counts them
+            shares = clip_shares(
+                stats.cat("clipped_upper"), stats.cat("clipped_lower"), stats.cat("advantages")
+            )
             rows.append(
                 {
                     "iteration": iteration,
@@ -219,9 +219,9 @@ class BenchmarkRecorder(Callback):
                     "raw_log_ratio_mean": float(raw.mean()),
                     "raw_log_ratio_std": float(raw.std(unbiased=False)),
                     # as clip/frac_pos_upper_t{k}: the share of positive-advantage samples above 1 + c
-                    "clip_frac_pos_upper": _share(above & positive, positive),
-                    "clip_frac_neg_lower": _share(below & negative, negative),
-                    "clip_frac": float((above | below).double().mean()),
+                    "clip_frac_pos_upper": float(shares["pos_upper"]),
+                    "clip_frac_neg_lower": float(shares["neg_lower"]),
+                    "clip_frac": float(shares["outside_band"]),
                     "samples": log_ratio.numel(),
                 }
             )
@@ -274,11 +274,6 @@ class BenchmarkRecorder(Callback):
                 )
                 rows.append(row)
         _append_csv(self.eval_path, EVAL_COLUMNS, rows)
-
-
-def _share(hits: torch.Tensor, of: torch.Tensor) -> float:
-    count = int(of.sum())
-    return float(hits.sum()) / count if count else float("nan")
 
 
 def _read_csv(path: str) -> list[dict[str, str]]:
