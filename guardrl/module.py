@@ -311,6 +311,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             reduction,
             generator,
             storage_dtype,
+            sde_type=self.sampling.sde_type,
         )
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

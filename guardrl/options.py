@@ -65,9 +65,12 @@ class SamplingOptions:
     """Classifier-free guidance in rollout and training (SD3: two forwards in one batch; Flux-dev: the
     distilled guidance embedding). 1.0 disables true CFG."""
     noise_level: float = 0.7
-    """eta of the SDE (FlowGRPO: 0.7 for SD3.5, 0.9 for Flux; DanceGRPO: 0.3). Must be > 0 to train."""
+    """eta of the SDE (FlowGRPO: 0.7 for SD3.5, 0.9 for Flux; DanceGRPO: 0.3; CPS: 0.8, at most 1). Must be
+    > 0 to train."""
     sde_type: SdeType = "flow_grpo"
-    """Noise scale sigma_k: "flow_grpo" eta*sqrt(t/(1-t)); "dance_grpo" eta. Same score-corrected mean."""
+    """Noise scale sigma_k: "flow_grpo" eta*sqrt(t/(1-t)); "dance_grpo" eta. Same score-corrected mean.
+    "cps": coefficient-preserving sampling (FlowCPS), std t_next*sin(eta*pi/2), eta in [0, 1], a window that
+    ends before the last step (docs/math.md, "CPS step")."""
     sde_window: Optional[tuple[int, int]] = None
     """Half-open range [start, end) of sampler step indices that use the SDE (and can be trained); the other
     steps are deterministic Euler steps. None: every step but the last, whose noise would land unaltered in
@@ -85,6 +88,13 @@ class SamplingOptions:
         )
         _require_number("sampling.noise_level", self.noise_level, minimum=0.0, note=" (eta; e.g. 0.7)")
         _require_choice("sampling.sde_type", self.sde_type, SDE_TYPES)
+        if self.sde_type == "cps" and self.noise_level > 1:
+            # std = t_next sin(eta pi/2) peaks at eta = 1; past it eta and 2 - eta are the same sampler.
+            raise ValueError(
+                "sampling.noise_level with sampling.sde_type='cps' must be a number in [0, 1] (CPS's std is "
+                f"t_next * sin(noise_level * pi / 2), largest at 1; FlowGRPO's CPS configs use 0.8), got "
+                f"{self.noise_level!r}"
+            )
         _require_choice("sampling.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
         if self.sde_window is not None:
             window = self.sde_window
@@ -101,6 +111,15 @@ class SamplingOptions:
             raise ValueError(
                 f"sampling.sde_window={list(self.sde_window)} must satisfy 0 <= start < end <= "
                 f"sampling.num_inference_steps ({self.num_inference_steps})"
+            )
+        last = self.num_inference_steps - 1
+        if self.sde_type == "cps" and end > last:
+            # CPS's last step lands on t_next = 0, where its std is 0: it cannot be an SDE step, and a window
+            # of it alone would store no step to train.
+            raise ValueError(
+                f"sampling.sde_window={[start, end]} with sampling.sde_type='cps' must leave out the last "
+                f"step {last}: 0 <= start < end <= {last} (sampling.num_inference_steps - 1), since CPS's "
+                "std t_next * sin(noise_level * pi / 2) is 0 on the last step (t_next = 0)"
             )
 
     def sde_steps_range(self) -> tuple[int, int]:

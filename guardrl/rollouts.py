@@ -36,15 +36,25 @@ def sample_trajectory(
     log_prob_reduction: str,
     generator: Optional[torch.Generator],
     storage_dtype: torch.dtype = torch.float32,
+    *,
+    sde_type: str = "flow_grpo",
 ) -> Trajectory:
     """Roll `noise` out with `transformer` (None: the backbone's own) on `cond`: SDE where `noise_scales` > 0,
-    Euler elsewhere (all zeros: the deterministic ODE sampler)."""
+    Euler elsewhere (all zeros: the deterministic ODE sampler). `sde_type` (sampling.sde_type) says what
+    `noise_scales` are (`guardrl.sampling.noise_scales` of the same type) and which step they drive."""
 
     def velocity_fn(latents, t, step_index):
         return backbone.velocity(latents, t, cond, guidance_scale, transformer)
 
     return sample_rollouts(
-        velocity_fn, noise, sigmas, noise_scales, log_prob_reduction, generator, storage_dtype=storage_dtype
+        velocity_fn,
+        noise,
+        sigmas,
+        noise_scales,
+        log_prob_reduction,
+        generator,
+        storage_dtype=storage_dtype,
+        sde_type=sde_type,
     )
 
 

@@ -40,7 +40,6 @@ from guardrl.checkpointing import fsync_directory
 # Lightning's names in a distributed checkpoint: the module's state under "state_dict", the rest in meta.pt.
 MODEL_KEY = "state_dict"
 DISTRIBUTED_METADATA = "meta.pt"
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # SD3 / Flux double blocks; Flux single
 # Siblings of a sharded checkpoint `<dir>/<name>` while it is replaced: `.<name>.writing` (the new one being
 # written) and `.<name>.previous` (the old one, renamed aside for a moment). Hidden and not ending in ".ckpt",
 # so neither ModelCheckpoint (which lists `*.ckpt`) nor `--ckpt_path last` (which looks for `last.ckpt`) takes
@@ -291,24 +290,30 @@ def saved_model_tensors(path: str, device: str) -> dict[str, torch.Tensor]:
     }
 
 
-def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's repeated blocks, the units FSDP2 shards one by one."""
+def transformer_blocks(transformer: nn.Module, block_names: tuple[str, ...]) -> list[nn.Module]:
+    """The transformer's repeated blocks, the units FSDP2 shards one by one: the ModuleLists the backbone
+    names in `FlowBackbone.shard_block_names`."""
     blocks: list[nn.Module] = []
-    for name in BLOCK_LISTS:
-        blocks.extend(getattr(transformer, name, None) or [])
-    if not blocks:
+    missing = [
+        name for name in block_names if not isinstance(getattr(transformer, name, None), nn.ModuleList)
+    ]
+    if missing or not block_names:
         raise ValueError(
-            f"{type(transformer).__name__} has none of {BLOCK_LISTS}: guardrl does not know its blocks, "
-            "so it cannot shard it with FSDP2"
+            f"{type(transformer).__name__} has no block list {missing or list(block_names)}: the backbone's "
+            "shard_block_names must name the transformer's ModuleLists of blocks, or FSDP2 cannot shard it"
         )
+    for name in block_names:
+        blocks.extend(getattr(transformer, name))
     return blocks
 
 
-def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool = True) -> int:
+def shard_transformer(
+    transformer: nn.Module, block_names: tuple[str, ...], mesh, reshard_after_forward: bool = True
+) -> int:
     """fully_shard each block, then the root; returns the number of blocks."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = transformer_blocks(transformer)
+    blocks = transformer_blocks(transformer, block_names)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -331,7 +336,8 @@ def data_parallel_mesh(device_mesh):
 def shard_policy(policy, device_mesh, reshard_after_forward: Optional[bool] = True) -> dict[str, int]:
     """Shard the trained transformer, and with full fine-tuning its old / EMA / reference copies."""
     mesh = data_parallel_mesh(device_mesh)
-    sharded = {"transformer": shard_transformer(policy.transformer, mesh, reshard_after_forward)}
+    names = policy.backbone.shard_block_names
+    sharded = {"transformer": shard_transformer(policy.transformer, names, mesh, reshard_after_forward)}
     for name, copy in policy.transformer_copies().items():
-        sharded[f"{name}_transformer"] = shard_transformer(copy, mesh, reshard_after_forward)
+        sharded[f"{name}_transformer"] = shard_transformer(copy, names, mesh, reshard_after_forward)
     return sharded

@@ -20,16 +20,14 @@ import torch
 class PromptBatch:
     """Prompts for one GRPO iteration on one rank, already repeated `group_size` times.
 
-    `prompts[i]` belongs to group `group_ids[i]`; the members of a group are contiguous and a group never
-    spans ranks. `stream_position` is the number of prompts this rank had consumed after this batch, so a
+    Sample i belongs to group i // group_size: the members of a group are contiguous and a group never spans
+    ranks. `stream_position` is the number of prompts this rank had consumed after this batch, so a
     resumed run can continue the stream where it stopped.
     """
 
     prompts: list[str]
-    group_ids: torch.Tensor  # (B,) int64, global prompt index of each sample's group
     group_size: int
     stream_position: int = 0
-    epoch: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -44,10 +42,11 @@ class Trajectory:
         next_latents_BTCHW[:, j]  x_next, the sample drawn by the rollout
         mean_old_BTCHW[:, j]      mu_old, the old policy's Gaussian mean (kept so the update needs no extra
                                   old-policy forward: dmu = mu_old - mu_theta)
-        log_prob_old_BT[:, j]     log p_old(x_next | x_t), reduced as `log_prob_reduction` says
+        log_prob_old_BT[:, j]     log p_old(x_next | x_t), reduced as sampling.log_prob_reduction says
         sigma_T[j], sigma_next_T[j]  t and t_next of the step (dt_T = t_next - t < 0)
-        noise_scale_T[j]          sigma_k of the step
-        std_T[j]                  s = sigma_k * sqrt(|dt|), the step's standard deviation
+        noise_scale_T[j]          the step's noise parameter: sigma_k for the FlowGRPO / DanceGRPO SDEs,
+                                  sin(eta pi / 2) for CPS; `sampling.step_mean_and_std` turns it (with
+                                  sampling.sde_type) into the step's mean and standard deviation
     """
 
     step_indices: list[int]
@@ -58,9 +57,7 @@ class Trajectory:
     sigma_T: torch.Tensor
     sigma_next_T: torch.Tensor
     noise_scale_T: torch.Tensor
-    std_T: torch.Tensor
     final_latents: torch.Tensor
-    log_prob_reduction: str = "mean"
 
     @staticmethod
     def cat(parts: list[Trajectory]) -> Trajectory:

@@ -108,7 +108,7 @@ def step_loss(
     noise_scale = trajectory.noise_scale_T[j]
     step_cond = cond.select(index)
     velocity = backbone.velocity(latents, t, step_cond, sampling.guidance_scale)
-    mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale)
+    mean_theta, std = step_mean_and_std(velocity, latents, t, t_next, noise_scale, sde_type=sampling.sde_type)
     reduction = sampling.log_prob_reduction
     terms = compute_ratio_terms(
         trajectory.next_latents_BTCHW[index, j].float(),
@@ -126,7 +126,9 @@ def step_loss(
     if grpo.needs_reference:
         with torch.no_grad(), module.policy.use_weights("reference") as reference:
             velocity_ref = backbone.velocity(latents, t, step_cond, sampling.guidance_scale, reference)
-            mean_ref, _ = step_mean_and_std(velocity_ref, latents, t, t_next, noise_scale)
+            mean_ref, _ = step_mean_and_std(
+                velocity_ref, latents, t, t_next, noise_scale, sde_type=sampling.sde_type
+            )
         kl_B = kl_to_reference(mean_theta, mean_ref, std, reduction)
         kl = kl_B.mean()
         if grpo.kl_beta > 0:

@@ -221,10 +221,9 @@ def test_kl_penalty_adds_beta_times_the_hand_worked_kl_to_the_loss_and_its_gradi
         sigma_T=torch.tensor([0.5]),
         sigma_next_T=torch.tensor([0.25]),
         noise_scale_T=torch.tensor([0.7]),
-        std_T=torch.tensor([0.35]),
         final_latents=torch.zeros(2, 1, 2, 2),
     )
-    cond = Conditioning(torch.zeros(2, 3, 8), torch.zeros(2, 8))
+    cond = Conditioning({"prompt_embeds": torch.zeros(2, 3, 8), "pooled_prompt_embeds": torch.zeros(2, 8)})
     results = {}
     for beta in (0.0, 0.1):
         module = GRPOModule(

@@ -135,7 +135,7 @@ def test_velocity_with_cfg_is_uncond_plus_scaled_difference(backbone_cls):
     if backbone.uses_true_cfg:
         from guardrl.policy.backbones import Conditioning
 
-        uncond = Conditioning(cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)
+        uncond = Conditioning(cond.negative)
         with torch.no_grad():
             v_uncond = backbone.velocity(latents, 0.5, uncond, guidance_scale=1.0)
         torch.testing.assert_close(guided, v_uncond + 4.5 * (plain - v_uncond), rtol=1e-5, atol=1e-5)
@@ -155,7 +155,7 @@ def test_prompt_cache_returns_the_same_embeddings_and_is_bounded():
     backbone.load()
     first = backbone.encode_prompts(["a cat", "a dog"], with_negative=False)
     again = backbone.encode_prompts(["a dog", "a cat"], with_negative=False)
-    assert torch.equal(first.prompt_embeds[0], again.prompt_embeds[1])
+    assert torch.equal(first.tensors["prompt_embeds"][0], again.tensors["prompt_embeds"][1])
     backbone.encode_prompts(["a car", "a tree", "a house"], with_negative=False)
     assert len(backbone._prompt_cache) == 2
 
@@ -291,8 +291,12 @@ def test_offloaded_text_encoders_and_vae_move_to_the_device_only_while_used(monk
     assert events == []  # every prompt is cached: the encoders are neither moved nor run
     expected = plain.encode_prompts(["a cat", "a dog"], with_negative=True)
     for got, want in zip(
-        (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds),
-        (expected.prompt_embeds, expected.pooled_prompt_embeds, expected.negative_prompt_embeds),
+        (cond.tensors["prompt_embeds"], cond.tensors["pooled_prompt_embeds"], cond.negative["prompt_embeds"]),
+        (
+            expected.tensors["prompt_embeds"],
+            expected.tensors["pooled_prompt_embeds"],
+            expected.negative["prompt_embeds"],
+        ),
     ):
         assert torch.equal(got, want)
 

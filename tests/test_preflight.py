@@ -164,7 +164,8 @@ def test_command_line_mistakes_are_refused(args, message):
         ),
         (
             "model:\n  sampling:\n    sde_type: dance\n",
-            "model.sampling.sde_type must be one of 'flow_grpo', 'dance_grpo'; got 'dance' (in {path})",
+            "model.sampling.sde_type must be one of 'flow_grpo', 'dance_grpo', 'cps'; "
+            "got 'dance' (in {path})",
         ),
         ("checkpoint:\n  every_n_iteration: 2\n", "did you mean 'checkpoint.every_n_iterations'"),
         ("trainer: {max_epoch: 1}\n", "did you mean 'trainer.max_epochs'"),

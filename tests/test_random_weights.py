@@ -86,13 +86,20 @@ def test_prompt_embeddings_are_a_fixed_function_of_prompt_and_seed(cls, tokens):
         return backbone.encode_prompts(prompts, with_negative=False)
 
     first = embed(["a cat", "a dog", "a cat"])
-    assert first.prompt_embeds.shape == (3, tokens, 64) and first.pooled_prompt_embeds.shape == (3, 32)
-    assert torch.equal(first.prompt_embeds[0], first.prompt_embeds[2])
-    assert not torch.equal(first.prompt_embeds[0], first.prompt_embeds[1])
+    assert first.tensors["prompt_embeds"].shape == (3, tokens, 64) and first.tensors[
+        "pooled_prompt_embeds"
+    ].shape == (
+        3,
+        32,
+    )
+    assert torch.equal(first.tensors["prompt_embeds"][0], first.tensors["prompt_embeds"][2])
+    assert not torch.equal(first.tensors["prompt_embeds"][0], first.tensors["prompt_embeds"][1])
     again = embed(["a dog"])  # another instance, another batch: the same tensor
-    assert torch.equal(again.prompt_embeds[0], first.prompt_embeds[1])
-    assert torch.equal(again.pooled_prompt_embeds[0], first.pooled_prompt_embeds[1])
-    assert not torch.equal(embed(["a dog"], seed=1).prompt_embeds[0], first.prompt_embeds[1])
+    assert torch.equal(again.tensors["prompt_embeds"][0], first.tensors["prompt_embeds"][1])
+    assert torch.equal(again.tensors["pooled_prompt_embeds"][0], first.tensors["pooled_prompt_embeds"][1])
+    assert not torch.equal(
+        embed(["a dog"], seed=1).tensors["prompt_embeds"][0], first.tensors["prompt_embeds"][1]
+    )
 
 
 # What --small picks on a CPU, at 64 px and with one repeat / one timed iteration, to keep the suite fast.

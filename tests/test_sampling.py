@@ -364,17 +364,20 @@ def test_rollout_stores_exactly_the_sde_steps_with_shapes():
     for name in ("latents_BTCHW", "next_latents_BTCHW", "mean_old_BTCHW"):
         assert getattr(traj, name).shape == (B, T, C, H, W), name
     assert traj.log_prob_old_BT.shape == (B, T)
-    for name in ("sigma_T", "sigma_next_T", "noise_scale_T", "std_T"):
+    for name in ("sigma_T", "sigma_next_T", "noise_scale_T"):
         assert getattr(traj, name).shape == (T,), name
     assert traj.final_latents.shape == (B, C, H, W)
-    assert traj.log_prob_reduction == "mean"
     # t, t_next of steps 1..3 and dt = -0.25 each
     assert torch.equal(traj.sigma_T, torch.tensor([0.75, 0.5, 0.25]))
     assert torch.equal(traj.sigma_next_T, torch.tensor([0.5, 0.25, 0.0]))
     assert torch.equal(traj.dt_T, torch.full((3,), -0.25))
     assert torch.equal(traj.noise_scale_T, torch.tensor([0.5, 0.6, 0.8]))
-    # s = sigma_k sqrt(0.25) = sigma_k / 2 = [0.25, 0.3, 0.4]
-    torch.testing.assert_close(traj.std_T, torch.tensor([0.25, 0.3, 0.4]), rtol=0, atol=1e-7)
+    # s = sigma_k sqrt(0.25) = sigma_k / 2 = [0.25, 0.3, 0.4], from what the trajectory stores
+    stds = [
+        step_mean_and_std(x, x, traj.sigma_T[j], traj.sigma_next_T[j], traj.noise_scale_T[j])[1][0]
+        for j, x in enumerate(traj.latents_BTCHW.unbind(1))
+    ]
+    torch.testing.assert_close(torch.stack(stds), torch.tensor([0.25, 0.3, 0.4]), rtol=0, atol=1e-7)
 
 
 def test_rollout_chain_is_consistent_and_noise_comes_from_the_generator():
@@ -393,7 +396,6 @@ def test_rollout_chain_is_consistent_and_noise_comes_from_the_generator():
         # mu_old is the step's mean recomputed from the stored x_t, t, t_next, sigma_k
         mu, std = step_mean_and_std(-x, x, traj.sigma_T[j], traj.sigma_next_T[j], traj.noise_scale_T[j])
         assert torch.equal(traj.mean_old_BTCHW[:, j], mu)
-        assert torch.equal(traj.std_T[j].expand(B), std)
         # x_next = mu_old + s * eps with eps the generator's next draw
         eps = torch.randn(B, C, H, W, generator=eps_gen)
         assert torch.equal(traj.next_latents_BTCHW[:, j], mu + std.view(B, 1, 1, 1) * eps)
@@ -446,7 +448,6 @@ def test_rollout_stored_in_half_precision_holds_exactly_what_was_sampled(dtype):
 def test_rollout_final_latents_after_a_trailing_ode_step_and_sum_reduction():
     traj, _, _ = _rollout([0.5, 0.0, 0.7, 0.0], reduction="sum")
     assert traj.step_indices == [0, 2]
-    assert traj.log_prob_reduction == "sum"
     # steps 0 and 2 are not consecutive: step 1 (Euler) lies between them
     x_next0 = traj.next_latents_BTCHW[:, 0]
     assert torch.equal(traj.latents_BTCHW[:, 1], ode_step(-x_next0, x_next0, torch.tensor(-0.25)))
@@ -457,9 +458,9 @@ def test_rollout_final_latents_after_a_trailing_ode_step_and_sum_reduction():
     x0 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(100))
     assert torch.equal(traj.latents_BTCHW[:, 0], x0)
     for j in range(2):
-        lp = gaussian_log_prob(
-            traj.next_latents_BTCHW[:, j], traj.mean_old_BTCHW[:, j], traj.std_T[j].expand(B), "sum"
-        )
+        x = traj.latents_BTCHW[:, j]
+        _, std = step_mean_and_std(-x, x, traj.sigma_T[j], traj.sigma_next_T[j], traj.noise_scale_T[j])
+        lp = gaussian_log_prob(traj.next_latents_BTCHW[:, j], traj.mean_old_BTCHW[:, j], std, "sum")
         assert torch.equal(traj.log_prob_old_BT[:, j], lp)
 
 
@@ -475,7 +476,6 @@ def test_rollout_same_seed_is_bitwise_identical():
         "sigma_T",
         "sigma_next_T",
         "noise_scale_T",
-        "std_T",
         "final_latents",
     )
     for name in fields:
@@ -510,7 +510,7 @@ def test_rollout_all_ode_equals_hand_written_euler_loop():
     assert traj.next_latents_BTCHW.shape == (B, 0, C, H, W)
     assert traj.mean_old_BTCHW.shape == (B, 0, C, H, W)
     assert traj.log_prob_old_BT.shape == (B, 0)
-    assert traj.sigma_T.shape == (0,) and traj.std_T.shape == (0,)
+    assert traj.sigma_T.shape == (0,) and traj.noise_scale_T.shape == (0,)
 
 
 def test_rollout_all_ode_with_constant_velocity_and_uneven_sigmas():

@@ -175,13 +175,13 @@ def test_fsdp2_strategy_fixes_the_mesh_and_blocks_are_found():
 
     for backbone, count in ((TinySD3Backbone(seed=0), 2), (TinyFluxBackbone(seed=0), None)):
         backbone.load()
-        blocks = transformer_blocks(backbone.transformer)
+        blocks = transformer_blocks(backbone.transformer, backbone.shard_block_names)
         expected = count or len(backbone.transformer.transformer_blocks) + len(
             backbone.transformer.single_transformer_blocks
         )
         assert len(blocks) == expected
-    with pytest.raises(ValueError, match="has none of"):
-        transformer_blocks(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"Linear has no block list \['transformer_blocks'\]"):
+        transformer_blocks(torch.nn.Linear(2, 2), ("transformer_blocks",))
 
 
 @pytest.mark.slow

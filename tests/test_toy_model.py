@@ -51,8 +51,10 @@ def test_backbone_produces_images_through_the_flow_backbone_interface(shipped):
     sigmas = shipped.sigmas(10)
     assert len(sigmas) == 11 and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
     cond = shipped.encode_prompts(["a red circle", "two blue squares"], with_negative=True)
-    assert cond.prompt_embeds.shape == (2, 10, 64) and cond.pooled_prompt_embeds.shape == (2, 64)
-    assert cond.negative_prompt_embeds.shape == (2, 10, 64)
+    assert cond.tensors["prompt_embeds"].shape == (2, 10, 64) and cond.tensors[
+        "pooled_prompt_embeds"
+    ].shape == (2, 64)
+    assert cond.negative["prompt_embeds"].shape == (2, 10, 64)
     noise = shipped.initial_noise(2, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert noise.shape == (2, 3, 32, 32)
     v = shipped.velocity(noise, 0.5, cond, guidance_scale=3.0)

@@ -74,4 +74,3 @@ class RatioStatsCallback(Callback):
                     writer.add_histogram(f"ratio/raw_log_ratio_t{k}", raw_log_ratio.cpu(), iteration)
         # Only the steps trained in this iteration are written: no stale values for the others (logs.py).
         write_scalars(trainer, metrics, iteration)
-

@@ -13,7 +13,6 @@ import os
 import random
 from collections.abc import Iterator
 
-import torch
 from torch.utils.data import IterableDataset
 
 from guardrl.types import PromptBatch
@@ -168,12 +167,5 @@ class PromptStream(IterableDataset):
             if len(pending) < self.prompts_per_batch:
                 continue
             prompts = [p for _, _, p in pending for _ in range(self.group_size)]
-            group_ids = torch.tensor([i for _, i, _ in pending], dtype=torch.long)
-            yield PromptBatch(
-                prompts=prompts,
-                group_ids=group_ids.repeat_interleave(self.group_size),
-                group_size=self.group_size,
-                stream_position=position,
-                epoch=pending[-1][0],
-            )
+            yield PromptBatch(prompts=prompts, group_size=self.group_size, stream_position=position)
             pending = []

@@ -1,9 +1,17 @@
-"""Flow-matching backbones: everything that differs between SD3 and Flux lives here, behind one interface.
+"""Flow-matching backbones: everything that differs between models lives here, behind one interface.
 
-A backbone owns a diffusers pipeline's components (transformer, VAE, text encoders, scheduler) and offers
-what the GRPO loop needs: encode prompts, draw initial noise, predict the velocity v at (x, t) with or
-without classifier-free guidance, decode latents to images, and the sampler's sigmas. The loop never
-branches on the backbone type.
+The backbone contract (checked on every backbone class by tests/test_backbone_contract.py). A backbone owns a
+diffusers pipeline's components (transformer, VAE, text encoders, scheduler) and offers what the GRPO loop
+needs, which never branches on the model:
+- conditioning: `encode_prompts` -> `Conditioning`, named batch-first tensors the backbone defines itself (no
+  pooled-embedding assumption; variable-length text pads in `collate`); a prompt's rows never depend on the
+  batch it came in; editing models (`takes_condition_image`) add a conditioning image's tensors per prompt;
+- noise, velocity and images: `initial_noise` for `height` x `width` (non-square allowed), `velocity` in
+  float32 with or without true CFG, `decode` with the VAE's scaling, shift or latent statistics taken from
+  its config;
+- the sigma schedule: `sigmas`, the stock pipeline's own (shift, dynamic shift), overridable;
+- FSDP2: `shard_block_names`, the transformer's ModuleLists of blocks.
+guardrl's ODE sampler with these reproduces the stock pipeline's images (the contract test checks it).
 
 Loading is lazy (`load()`, called from `GRPOModule.configure_model`) so that LightningCLI can build and
 validate a config without touching weights, and so that sharded strategies can wrap the modules after load.
@@ -55,6 +63,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # How a config names a backbone argument (LightningCLI: model.backbone.class_path / init_args).
 OPTION = "model.backbone.init_args"
 # Which backbone loads which diffusers pipeline (model_index.json's "_class_name").
+# tests/test_backbone_contract.py checks that every production backbone is listed.
 BACKBONE_OF_PIPELINE = {
     "StableDiffusion3Pipeline": "guardrl.policy.SD3Backbone",
     "FluxPipeline": "guardrl.policy.FluxBackbone",
@@ -81,23 +90,28 @@ def _looks_like_local_path(path: str) -> bool:
 
 @dataclass
 class Conditioning:
-    """Text conditioning for B samples. Negative (unconditional) embeddings exist when CFG is used."""
+    """The conditioning of B samples: named tensors, each batch-first (B, ...), named as the backbone's
+    transformer takes them (SD3: prompt_embeds + pooled_prompt_embeds; Flux: the same names, other widths;
+    a model with variable-length text: prompt_embeds + prompt_embeds_mask; an editing model adds its
+    conditioning image's latents). Only the backbone reads the names; the loop only selects rows.
+    `negative` is the unconditional side of true classifier-free guidance, with the same names."""
 
-    prompt_embeds: torch.Tensor  # (B, L, D_txt)
-    pooled_prompt_embeds: torch.Tensor  # (B, D_pool)
-    negative_prompt_embeds: torch.Tensor | None = None
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    tensors: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {name: t.shape[0] for side in (self.tensors, self.negative or {}) for name, t in side.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"conditioning tensors must share their batch size (dim 0), got {sizes}")
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
 
     def select(self, index: torch.Tensor | slice) -> Conditioning:
-        def pick(t):
-            return None if t is None else t[index]
+        def pick(side):
+            return None if side is None else {name: t[index] for name, t in side.items()}
 
-        return Conditioning(
-            pick(self.prompt_embeds),
-            pick(self.pooled_prompt_embeds),
-            pick(self.negative_prompt_embeds),
-            pick(self.negative_pooled_prompt_embeds),
-        )
+        return Conditioning(pick(self.tensors), pick(self.negative))
 
 
 class FlowBackbone(nn.Module):
@@ -119,19 +133,22 @@ class FlowBackbone(nn.Module):
         prompt_cache_size: int = 4096,
         offload_text_encoders: bool = False,
         offload_vae: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         """
         Args:
             pretrained_model_name_or_path: a local diffusers pipeline directory or a hub id.
             torch_dtype: dtype of the transformer, VAE and text encoders ("float32", "bfloat16", "float16").
                 The SDE and log-probability math always runs in float32.
-            resolution: image height and width in pixels.
+            resolution: image height and width in pixels (a square image); `height` / `width` override it.
             max_sequence_length: T5 tokens per prompt.
             prompt_cache_size: how many prompts' embeddings to keep (the text encoders are frozen, so an
                 embedding never changes); 0 disables the cache.
             offload_text_encoders: keep the text encoders in CPU memory and move them to the device only to
                 encode prompts the cache does not hold (with a warm cache, never).
             offload_vae: keep the VAE in CPU memory and move it to the device only to decode.
+            height, width: image height and width in pixels for non-square images; null: `resolution`.
         """
         super().__init__()
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
@@ -140,8 +157,11 @@ class FlowBackbone(nn.Module):
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
         self.prompt_cache_size = prompt_cache_size
-        if not _is_int(resolution) or resolution < 16:
-            raise ValueError(f"{OPTION}.resolution must be an integer >= 16 (pixels), got {resolution!r}")
+        for option, value in (("resolution", resolution), ("height", height), ("width", width)):
+            if (value is not None or option == "resolution") and (not _is_int(value) or value < 16):
+                raise ValueError(f"{OPTION}.{option} must be an integer >= 16 (pixels), got {value!r}")
+        self.height = resolution if height is None else height
+        self.width = resolution if width is None else width
         if not _is_int(max_sequence_length) or max_sequence_length < 1:
             raise ValueError(
                 f"{OPTION}.max_sequence_length must be an integer >= 1 (T5 tokens), got "
@@ -157,7 +177,7 @@ class FlowBackbone(nn.Module):
         self.offload_text_encoders = offload_text_encoders
         self.offload_vae = offload_vae
         self._pipe = None
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.truncated_prompts = 0  # prompts longer than a text encoder takes, counted over the run
 
     # ----- loading
@@ -180,14 +200,17 @@ class FlowBackbone(nn.Module):
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.vae_scale_factor = vae_scale
         multiple = vae_scale * self.latent_patch_multiple
-        if self.resolution % multiple:
-            lower = self.resolution // multiple * multiple
-            nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
-            raise ValueError(
-                f"{OPTION}.resolution={self.resolution} is not allowed for this model: it must be a "
-                f"multiple of {multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
-                f"x{self.latent_patch_multiple}), e.g. {nearest}"
-            )
+        for option, size in (("height", self.height), ("width", self.width)):
+            if size % multiple:
+                # a square image is configured by `resolution`: name the option the config used
+                option = "resolution" if self.height == self.width == self.resolution else option
+                lower = size // multiple * multiple
+                nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+                raise ValueError(
+                    f"{OPTION}.{option}={size} is not allowed for this model: it must be a "
+                    f"multiple of {multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
+                    f"x{self.latent_patch_multiple}), e.g. {nearest}"
+                )
 
     def _load_pipeline(self):
         path = self.pretrained_model_name_or_path
@@ -253,24 +276,37 @@ class FlowBackbone(nn.Module):
     def scheduler(self):
         return self.pipeline.scheduler
 
-    # ----- what subclasses provide
+    # ----- what subclasses provide (the backbone contract, checked by tests/test_backbone_contract.py)
     latent_patch_multiple = 1
+    # The transformer's repeated blocks, the units FSDP2 shards one by one (guardrl/sharding.py): names of
+    # ModuleList attributes of the transformer.
+    shard_block_names: tuple[str, ...] = ("transformer_blocks",)
+    # Editing models take a conditioning image per prompt (encode_prompts(..., images=...)).
+    takes_condition_image = False
 
-    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B, L, D_txt), pooled_prompt_embeds (B, D_pool)) from the frozen text encoders
-        (on `device` while this runs)."""
+    def _encode(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The conditioning tensors of `prompts` (each (B, ...), named as `_transformer_forward` reads them)
+        from the frozen text encoders (on `device` while this runs). Called with one prompt at a time."""
         raise NotImplementedError
+
+    def _encode_condition_image(self, image: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Editing models: the conditioning tensors of one image (3, H, W) in [0, 1], each (1, ...)."""
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Concatenate conditioning rows along the batch. Backbones whose text has a variable length pad
+        here (and carry a mask)."""
+        return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
 
     def _transformer_forward(
         self,
         transformer: nn.Module,
         latents: torch.Tensor,
         t: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-        cond: Conditioning,
+        conditioning: dict[str, torch.Tensor],
         guidance_scale: float,
     ) -> torch.Tensor:
+        """The transformer's velocity at (latents, t (B,) sigmas) in the model dtype."""
         raise NotImplementedError
 
     def initial_noise(
@@ -279,7 +315,8 @@ class FlowBackbone(nn.Module):
         raise NotImplementedError
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1], float32 (the VAE is on the latents' device)."""
+        """Latents -> images (B, 3, H, W) in [0, 1], float32 (the VAE is on the latents' device). The VAE's
+        scaling and shift come from its config, never from constants."""
         raise NotImplementedError
 
     @property
@@ -292,11 +329,21 @@ class FlowBackbone(nn.Module):
 
     # ----- shared behaviour
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """The sampler's num_inference_steps + 1 sigmas, as the stock pipeline would set them (a backbone
+        whose pipeline sets its schedule differently overrides this)."""
         return flow_match_sigmas(self.scheduler, num_inference_steps, self.image_seq_len())
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], with_negative: bool) -> Conditioning:
-        """Embed prompts with the frozen text encoders, through a per-prompt cache."""
+    def encode_prompts(
+        self, prompts: list[str], with_negative: bool, images: list[torch.Tensor] | None = None
+    ) -> Conditioning:
+        """Embed prompts with the frozen text encoders, through a per-prompt cache; editing backbones also
+        take one conditioning image (3, H, W) in [0, 1] per prompt."""
+        if (images is not None) != self.takes_condition_image:
+            needs = (
+                "needs a conditioning image per prompt" if self.takes_condition_image else "takes no images"
+            )
+            raise ValueError(f"{type(self).__name__} {needs} (prompts with an 'image' field)")
         device = self.transformer.device
         unique = list(dict.fromkeys(prompts + ([""] if with_negative else [])))
         missing = [p for p in unique if p not in self._prompt_cache]
@@ -312,22 +359,29 @@ class FlowBackbone(nn.Module):
             ):
                 for prompt in missing:
                     before = len(seen)
-                    self._prompt_cache[prompt] = tuple(t[0:1] for t in self._encode([prompt], device))
+                    encoded = self._encode([prompt], device)
+                    self._prompt_cache[prompt] = {name: t[0:1] for name, t in encoded.items()}
                     truncated += len(seen) > before  # once per prompt, however many encoders cut it
             self._report_truncations(truncated)
         rows = [self._prompt_cache[p] for p in prompts]
         for p in unique:
             self._prompt_cache.move_to_end(p)
-        embeds = torch.cat([r[0] for r in rows]).to(device)
-        pooled = torch.cat([r[1] for r in rows]).to(device)
-        negative = negative_pooled = None
-        if with_negative:
-            neg = self._prompt_cache[""]
-            negative = neg[0].to(device).expand(len(prompts), *neg[0].shape[1:])
-            negative_pooled = neg[1].to(device).expand(len(prompts), *neg[1].shape[1:])
+        negative_rows = [self._prompt_cache[""]] * len(prompts) if with_negative else None
         while len(self._prompt_cache) > self.prompt_cache_size:
             self._prompt_cache.popitem(last=False)
-        return Conditioning(embeds, pooled, negative, negative_pooled)
+        if images is not None:
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(images)} conditioning images")
+            # the image conditions both sides of guidance: the edit, not the text, is what CFG amplifies
+            image_rows = [self._encode_condition_image(image, device) for image in images]
+            rows = [{**row, **image_row} for row, image_row in zip(rows, image_rows)]
+            if negative_rows is not None:
+                negative_rows = [{**row, **image_row} for row, image_row in zip(negative_rows, image_rows)]
+
+        def on_device(side):
+            return {name: t.to(device) for name, t in self.collate(side).items()}
+
+        return Conditioning(on_device(rows), None if negative_rows is None else on_device(negative_rows))
 
     def _report_truncations(self, prompts_truncated: int) -> None:
         # diffusers logs every truncated prompt with the text it cut off (a 1 MB prompt: 1 MB of log per text
@@ -366,25 +420,18 @@ class FlowBackbone(nn.Module):
         x = latents.to(self.model_dtype)
         use_cfg = self.uses_true_cfg and guidance_scale > 1.0
         if use_cfg:
-            if cond.negative_prompt_embeds is None:
+            if cond.negative is None:
                 raise ValueError("guidance_scale > 1 needs negative prompt embeddings (encode with_negative)")
+            both = self.collate([cond.negative, cond.tensors])  # one batched forward: uncond, then cond
             v_uncond, v_cond = (
                 self._transformer_forward(
-                    transformer,
-                    torch.cat([x, x]),
-                    torch.cat([t_B, t_B]),
-                    torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
-                    torch.cat([cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds]),
-                    cond,
-                    guidance_scale,
+                    transformer, torch.cat([x, x]), torch.cat([t_B, t_B]), both, guidance_scale
                 )
                 .float()
                 .chunk(2)
             )
             return v_uncond + guidance_scale * (v_cond - v_uncond)
-        return self._transformer_forward(
-            transformer, x, t_B, cond.prompt_embeds, cond.pooled_prompt_embeds, cond, guidance_scale
-        ).float()
+        return self._transformer_forward(transformer, x, t_B, cond.tensors, guidance_scale).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], float32."""
@@ -443,25 +490,25 @@ class SD3Backbone(FlowBackbone):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return embeds, pooled
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def _transformer_forward(self, transformer, latents, t, prompt_embeds, pooled, cond, guidance_scale):
+    def _transformer_forward(self, transformer, latents, t, conditioning, guidance_scale):
         # SD3 takes timesteps on the 0..1000 scale (t * num_train_timesteps).
         return transformer(
             hidden_states=latents,
             timestep=t.to(latents.dtype) * 1000.0,
-            encoder_hidden_states=prompt_embeds.to(latents.dtype),
-            pooled_projections=pooled.to(latents.dtype),
+            encoder_hidden_states=conditioning["prompt_embeds"].to(latents.dtype),
+            pooled_projections=conditioning["pooled_prompt_embeds"].to(latents.dtype),
             return_dict=False,
         )[0]
 
-    def _latent_hw(self) -> int:
-        return self.resolution // self.vae_scale_factor
+    def _latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
 
     def initial_noise(self, batch_size, generator, device):
         c = self.transformer.config.in_channels
-        hw = self._latent_hw()
-        noise = torch.randn((batch_size, c, hw, hw), generator=generator, device=generator.device)
+        h, w = self._latent_hw()
+        noise = torch.randn((batch_size, c, h, w), generator=generator, device=generator.device)
         return noise.to(device)
 
     @torch.no_grad()
@@ -477,6 +524,7 @@ class FluxBackbone(FlowBackbone):
 
     pipeline_class = FluxPipeline
     latent_patch_multiple = 2
+    shard_block_names = ("transformer_blocks", "single_transformer_blocks")  # double, then single blocks
 
     @property
     def uses_true_cfg(self) -> bool:
@@ -486,26 +534,29 @@ class FluxBackbone(FlowBackbone):
         embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
         )
-        return embeds, pooled
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def _latent_hw(self) -> int:
-        # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2))
-        return 2 * (self.resolution // (self.vae_scale_factor * 2))
+    def _latent_hw(self) -> tuple[int, int]:
+        # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2)), the same for the width
+        unit = self.vae_scale_factor * 2
+        return 2 * (self.height // unit), 2 * (self.width // unit)
 
     def image_seq_len(self) -> int:
-        return (self._latent_hw() // 2) ** 2
+        h, w = self._latent_hw()
+        return (h // 2) * (w // 2)
 
     def initial_noise(self, batch_size, generator, device):
         c = self.transformer.config.in_channels // 4
-        hw = self._latent_hw()
-        noise = torch.randn((batch_size, c, hw, hw), generator=generator, device=generator.device)
-        return self.pipeline._pack_latents(noise, batch_size, c, hw, hw).to(device)
+        h, w = self._latent_hw()
+        noise = torch.randn((batch_size, c, h, w), generator=generator, device=generator.device)
+        return self.pipeline._pack_latents(noise, batch_size, c, h, w).to(device)
 
-    def _transformer_forward(self, transformer, latents, t, prompt_embeds, pooled, cond, guidance_scale):
-        hw = self._latent_hw()
+    def _transformer_forward(self, transformer, latents, t, conditioning, guidance_scale):
+        h, w = self._latent_hw()
         img_ids = self.pipeline._prepare_latent_image_ids(
-            latents.shape[0], hw // 2, hw // 2, latents.device, latents.dtype
+            latents.shape[0], h // 2, w // 2, latents.device, latents.dtype
         )
+        prompt_embeds = conditioning["prompt_embeds"]
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full(
@@ -516,7 +567,7 @@ class FluxBackbone(FlowBackbone):
             hidden_states=latents,
             timestep=t.to(latents.dtype),
             guidance=guidance,
-            pooled_projections=pooled.to(latents.dtype),
+            pooled_projections=conditioning["pooled_prompt_embeds"].to(latents.dtype),
             encoder_hidden_states=prompt_embeds.to(latents.dtype),
             # FluxPipeline's text ids are all zeros, one row per text token.
             txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
@@ -527,9 +578,7 @@ class FluxBackbone(FlowBackbone):
     @torch.no_grad()
     def _decode(self, latents):
         vae = self.vae
-        unpacked = self.pipeline._unpack_latents(
-            latents, self.resolution, self.resolution, self.vae_scale_factor
-        )
+        unpacked = self.pipeline._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
         z = unpacked.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)

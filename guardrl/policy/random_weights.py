@@ -211,11 +211,13 @@ class _RandomWeights:
         seed: int = 0,
         prompt_cache_size: int = 4096,
         offload_vae: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         """
         Args:
             torch_dtype: dtype of the transformer and VAE weights ("bfloat16" for a GPU run).
-            resolution: image height and width in pixels (a multiple of 16).
+            resolution: image height and width in pixels (a multiple of 16); `height` / `width` override it.
             max_sequence_length: T5 tokens per prompt; None: the model's (SD3.5-Medium 256, FLUX.1-dev 512).
                 SD3's embeddings have 77 CLIP tokens before these.
             small: shrunken shapes (a few narrow layers) that run on a CPU in seconds.
@@ -231,6 +233,8 @@ class _RandomWeights:
             prompt_cache_size,
             offload_text_encoders=False,
             offload_vae=offload_vae,
+            height=height,
+            width=width,
         )
         if not isinstance(small, bool):
             raise ValueError(f"model.backbone.init_args.small must be true or false, got {small!r}")
@@ -252,7 +256,10 @@ class _RandomWeights:
     def _encode(self, prompts, device):
         width, pooled = SMALL_TEXT if self.small else self.text_widths
         tokens = self.clip_tokens + self.max_sequence_length
-        return random_prompt_embeddings(prompts, tokens, width, pooled, self.seed, device, self.model_dtype)
+        embeds, pooled_embeds = random_prompt_embeddings(
+            prompts, tokens, width, pooled, self.seed, device, self.model_dtype
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled_embeds}
 
 
 class RandomSD35MediumBackbone(_RandomWeights, SD3Backbone):

@@ -237,6 +237,8 @@ class TinySD3Backbone(SD3Backbone):
         prompt_cache_size: int = 4096,
         offload_text_encoders: bool = False,
         offload_vae: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ):
         super().__init__(
             None,
@@ -246,6 +248,8 @@ class TinySD3Backbone(SD3Backbone):
             prompt_cache_size=prompt_cache_size,
             offload_text_encoders=offload_text_encoders,
             offload_vae=offload_vae,
+            height=height,
+            width=width,
         )
         if not (isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 1):
             raise ValueError(
@@ -256,6 +260,15 @@ class TinySD3Backbone(SD3Backbone):
 
     def _load_pipeline(self):
         return make_tiny_sd3_pipeline(self.seed, self.num_layers)
+
+    def stock_pipeline(self) -> StableDiffusion3Pipeline:
+        """A fresh stock diffusers pipeline with the same weights (tests/test_backbone_contract.py samples
+        with it and with guardrl's sampler and compares the images)."""
+        return make_tiny_sd3_pipeline(self.seed, self.num_layers)
+
+    def stock_call_kwargs(self, guidance_scale: float) -> dict:
+        """The stock pipeline's call arguments that match this backbone's sampling at `guidance_scale`."""
+        return {"guidance_scale": guidance_scale, "max_sequence_length": self.max_sequence_length}
 
 
 class TinyFluxBackbone(FluxBackbone):
@@ -269,6 +282,8 @@ class TinyFluxBackbone(FluxBackbone):
         prompt_cache_size: int = 4096,
         offload_text_encoders: bool = False,
         offload_vae: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ):
         super().__init__(
             None,
@@ -278,9 +293,19 @@ class TinyFluxBackbone(FluxBackbone):
             prompt_cache_size=prompt_cache_size,
             offload_text_encoders=offload_text_encoders,
             offload_vae=offload_vae,
+            height=height,
+            width=width,
         )
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 
     def _load_pipeline(self):
         return make_tiny_flux_pipeline(self.seed, self.guidance_embeds)
+
+    def stock_pipeline(self) -> FluxPipeline:
+        """A fresh stock diffusers pipeline with the same weights (see TinySD3Backbone.stock_pipeline)."""
+        return make_tiny_flux_pipeline(self.seed, self.guidance_embeds)
+
+    def stock_call_kwargs(self, guidance_scale: float) -> dict:
+        # FLUX.1's guidance is the distilled embedding (guidance_scale); true CFG stays off (true_cfg_scale 1)
+        return {"guidance_scale": guidance_scale, "max_sequence_length": self.max_sequence_length}

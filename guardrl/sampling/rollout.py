@@ -25,6 +25,8 @@ def sample_rollouts(
     log_prob_reduction: str = "mean",
     generator: torch.Generator | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    *,
+    sde_type: str = "flow_grpo",
 ) -> Trajectory:
     """Sample B trajectories and store x_t, x_next, mu_old, log p_old, t, dt and s for every SDE step.
 
@@ -32,7 +34,9 @@ def sample_rollouts(
         velocity_fn: returns v for (latents, t, step index k); its output is upcast to float32.
         initial_noise: (B, ...) x at t = sigmas[0] = 1.
         sigmas_S1: (S + 1,) decreasing sigmas ending at 0.
-        noise_scales_S: (S,) sigma_k per step; steps with sigma_k = 0 are deterministic and not stored.
+        noise_scales_S: (S,) the noise scale per step (`schedules.noise_scales` for `sde_type`): sigma_k, or
+            CPS's sin(eta pi / 2). Steps whose std is 0 (noise scale 0, or CPS onto t_next = 0) are
+            deterministic and not stored.
         generator: source of the SDE noise eps (seed it per iteration for reproducible rollouts).
         storage_dtype: dtype of the stored x_t and x_next (performance.trajectory_dtype). Below float32 the
             chain itself is carried at that precision (each x rounded to it, as diffusers pipelines carry
@@ -40,6 +44,8 @@ def sample_rollouts(
             trajectory is exactly what was sampled and the on-policy ratio stays exactly 1. The math runs in
             float32; the step means and log-probabilities are stored in float32 (the update's dmu =
             mu_old - mu_theta must be exactly 0 on-policy).
+        sde_type: sampling.sde_type (one of `sde.SDE_TYPES`). It is not stored in the trajectory: the update
+            must pass the same one to `step_mean_and_std`, with the stored t, t_next and noise scale.
     """
     num_steps = len(sigmas_S1) - 1
     if len(noise_scales_S) != num_steps:
@@ -49,9 +55,7 @@ def sample_rollouts(
         )
     rounding = None if storage_dtype == torch.float32 else storage_dtype
     latents = initial_noise.float() if rounding is None else initial_noise.to(rounding).float()
-    stored: dict[str, list] = {
-        k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk", "std")
-    }
+    stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk")}
     for k in range(num_steps):
         t, t_next = float(sigmas_S1[k]), float(sigmas_S1[k + 1])
         velocity = velocity_fn(latents, t, k).float()
@@ -64,6 +68,7 @@ def sample_rollouts(
             log_prob_reduction,
             generator=generator,
             sample_dtype=rounding,
+            sde_type=sde_type,
         )
         if out.log_prob is not None:
             for key, value in (
@@ -75,7 +80,6 @@ def sample_rollouts(
                 ("t", t),
                 ("t_next", t_next),
                 ("sk", float(noise_scales_S[k])),
-                ("std", float(out.std[0])),
             ):
                 stored[key].append(value)
         latents = out.next_latents
@@ -97,7 +101,5 @@ def sample_rollouts(
         sigma_T=torch.tensor(stored["t"], dtype=torch.float32, device=device),
         sigma_next_T=torch.tensor(stored["t_next"], dtype=torch.float32, device=device),
         noise_scale_T=torch.tensor(stored["sk"], dtype=torch.float32, device=device),
-        std_T=torch.tensor(stored["std"], dtype=torch.float32, device=device),
         final_latents=latents,
-        log_prob_reduction=log_prob_reduction,
     )

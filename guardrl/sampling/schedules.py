@@ -60,18 +60,28 @@ def flow_match_sigmas(
 def noise_scales(
     sigmas_S1: torch.Tensor, noise_level: float, sde_type: str, sde_steps: list[int] | range
 ) -> torch.Tensor:
-    """sigma_k for every sampler step k (0 on ODE steps), in float64.
+    """The per-step noise scale `sde.step_mean_and_std` takes, for every sampler step k (0 on ODE steps), in
+    float64.
 
     FlowGRPO (Liu et al. 2025, arXiv 2505.05470): sigma_k = eta * sqrt(t / (1 - t)); at t = 1 the
     denominator uses the next sigma t_1 instead, as the reference implementation does, to stay finite.
     DanceGRPO (Xue et al. 2025, arXiv 2505.07818): sigma_k = eta, constant.
-    The step's standard deviation is then s_k = sigma_k * sqrt(|dt_k|).
+    For both, the step's standard deviation is then s_k = sigma_k * sqrt(|dt_k|).
+    CPS (Wang & Yu 2025, arXiv 2509.05952): the std's eta factor c = sin(eta pi / 2), the same on every SDE
+    step; s_k = t_{k+1} * c (0 on the last step, where t_{k+1} = 0). eta must be in [0, 1]: c rises to 1 there
+    (s = t_next, the whole noise estimate replaced); beyond, eta and 2 - eta would give the same sampler and
+    eta > 2 a negative std.
     """
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type (sampling.sde_type) must be one of {SDE_TYPES}, got {sde_type!r}")
     if not (noise_level >= 0 and math.isfinite(noise_level)):
         raise ValueError(
             f"noise_level (sampling.noise_level, eta) must be a finite number >= 0, got {noise_level!r}"
+        )
+    if sde_type == "cps" and noise_level > 1:
+        raise ValueError(
+            f"noise_level (sampling.noise_level, eta) must be in [0, 1] with sde_type 'cps' "
+            f"(std = t_next * sin(eta pi / 2)), got {noise_level!r}"
         )
     num_steps = len(sigmas_S1) - 1
     scales = torch.zeros(num_steps, dtype=torch.float64)
@@ -85,6 +95,8 @@ def noise_scales(
         if sde_type == "flow_grpo":
             denominator = 1.0 - (float(sigmas_S1[1]) if t >= 1.0 else t)
             scales[k] = noise_level * math.sqrt(t / denominator)
+        elif sde_type == "cps":
+            scales[k] = math.sin(noise_level * math.pi / 2.0)
         else:
             scales[k] = noise_level
     return scales

@@ -84,12 +84,15 @@ class ToyBackbone(FlowBackbone):
 
     def _encode(self, prompts, device):
         embeds, pooled = self.text_encoder.encode(list(prompts), device)
-        return embeds.to(self.model_dtype), pooled.to(self.model_dtype)
+        return {
+            "prompt_embeds": embeds.to(self.model_dtype),
+            "pooled_prompt_embeds": pooled.to(self.model_dtype),
+        }
 
     def initial_noise(self, batch_size, generator, device):
         c = self.transformer.config.in_channels
         noise = torch.randn(
-            (batch_size, c, self.resolution, self.resolution), generator=generator, device=generator.device
+            (batch_size, c, self.height, self.width), generator=generator, device=generator.device
         )
         return noise.to(device)
 

@@ -62,12 +62,14 @@ def generate(
     sde_seed: int = 0,
     transformer: torch.nn.Module | None = None,
     scales: torch.Tensor | None = None,
+    sde_type: str = "flow_grpo",
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1]. Image i starts from `initial_noise` of seed i alone, so it does not
     depend on the batch; the SDE noise of batch b comes from a generator seeded with (sde_seed, b).
 
     `transformer` samples with other weights than the backbone's (a policy under training); `scales` replaces
-    the SDE noise scales per step (a run's own `noise_scales`), used when `sde` is true.
+    the SDE noise scales per step (a run's own `noise_scales`), used when `sde` is true; `sde_type` is the
+    step they are scales of (a run's `sampling.sde_type`).
     """
     backbone.load()
     sigmas = backbone.sigmas(num_steps)
@@ -75,7 +77,7 @@ def generate(
         if len(scales) != num_steps:
             raise ValueError(f"scales has {len(scales)} entries for {num_steps} sampler steps")
     else:
-        scales = noise_scales(sigmas, eta if sde else 0.0, "flow_grpo", range(0, num_steps - 1))
+        scales = noise_scales(sigmas, eta if sde else 0.0, sde_type, range(0, num_steps - 1))
     device = backbone.transformer.device
     use_cfg = guidance_scale > 1.0
     out = []
@@ -92,7 +94,16 @@ def generate(
             int(np.random.SeedSequence([sde_seed, b]).generate_state(1)[0])
         )
         trajectory = sample_trajectory(
-            backbone, transformer, cond, noise, sigmas, scales, guidance_scale, "mean", generator
+            backbone,
+            transformer,
+            cond,
+            noise,
+            sigmas,
+            scales,
+            guidance_scale,
+            "mean",
+            generator,
+            sde_type=sde_type,
         )
         out.append(backbone.decode(trajectory.final_latents))
     return torch.cat(out)
