@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guardrl.toy.benchmark import (
-    CLIP_MODES,
-    QUICK,
-    VARIANTS,
-    clip_for_share,
-    clipped_share,
-    report_iterations,
-    run_benchmark,
-)
+from guardrl.toy.benchmark import run_benchmark
+from guardrl.toy.benchmark_calibration import clip_for_share, clipped_share
+from guardrl.toy.benchmark_report import report_iterations
+from guardrl.toy.benchmark_runs import CLIP_MODES, QUICK, VARIANTS
 from tests.conftest import REPO_ROOT
 
 CONFIGS = os.path.join(REPO_ROOT, "configs", "toy")
@@ -132,7 +127,8 @@ def test_quick_benchmark_writes_finite_well_formed_results(tmp_path):
 def test_recorder_on_resume_drops_rows_past_the_checkpoint_and_redoes_a_missing_evaluation(tmp_path):
     from types import SimpleNamespace
 
-    from guardrl.toy.benchmark import EVAL_COLUMNS, RATIO_COLUMNS, BenchmarkRecorder, _append_csv
+    from guardrl.toy.benchmark_csv import _append_csv
+    from guardrl.toy.benchmark_recorder import EVAL_COLUMNS, RATIO_COLUMNS, BenchmarkRecorder
 
     recorder = BenchmarkRecorder(str(tmp_path), eval_every=2, per_kind=1)
     # A run killed after iteration 3 had evaluated at 0 and 2 and recorded ratios of iterations 0-3; its last
@@ -158,7 +154,7 @@ def test_a_run_stopped_before_its_budget_is_not_marked_done(tmp_path, monkeypatc
     marked finished at iteration 1, and the benchmark went on to the next run."""
     import lightning.pytorch as pl
 
-    from guardrl.toy.benchmark import RunSpec, run_one
+    from guardrl.toy.benchmark_runs import RunSpec, run_one
 
     monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: None)  # stops before iteration 1
     spec = RunSpec("flow_grpo", 0, "published")

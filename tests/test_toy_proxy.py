@@ -1,5 +1,5 @@
-"""The toy world's hackable proxy reward (guardrl/toy/proxy.py, docs/toy_proxy.md): shipped weights, agreement
-with the exact verifier, seeded training, the pixel hack, bad inputs."""
+"""The toy world's hackable proxy reward (guardrl/toy/proxy*.py, docs/toy_proxy.md): shipped weights,
+agreement with the exact verifier, seeded training, the pixel hack, bad inputs."""
 
 import json
 import math
@@ -10,23 +10,13 @@ import torch
 
 from guardrl.rewards.base import Reward
 from guardrl.toy.grammar import as_spec, split_of, split_prompts
-from guardrl.toy.proxy import (
-    CONFIG_FILE,
-    HACK_SEED,
-    WEIGHTS_DIR,
-    WEIGHTS_FILE,
-    ToyProxyReward,
-    _hack_row,
-    build_net,
-    count_parameters,
-    evaluation_set,
-    hack,
-    labelled_renders,
-    prompt_targets,
-    relation_log_prob,
-    train,
-    training_batch,
-)
+from guardrl.toy.model import count_parameters
+from guardrl.toy.proxy_attack import HACK_SEED, _hack_row, hack
+from guardrl.toy.proxy_data import labelled_renders, training_batch
+from guardrl.toy.proxy_evaluation import evaluation_set
+from guardrl.toy.proxy_net import CONFIG_FILE, WEIGHTS_DIR, WEIGHTS_FILE
+from guardrl.toy.proxy_reward import ToyProxyReward, prompt_targets, relation_log_prob
+from guardrl.toy.proxy_training import build_net, train
 from guardrl.toy.render import render_batch
 from guardrl.toy.world import KINDS
 from tests.published_recipes import TOY_PROXY

@@ -10,8 +10,9 @@
     backbone ToyBackbone, the pretrained toy model behind guardrl's FlowBackbone interface
     pretrain rectified-flow pretraining of the toy model (python -m guardrl.toy.pretrain)
     evaluate pass rates per kind and gold metrics of a toy model (python -m guardrl.toy.evaluate)
-    proxy    ToyProxyReward, the learned and hackable proxy reward
-             (python -m guardrl.toy.proxy train|evaluate|hack)
+    proxy    ToyProxyReward (proxy_reward.py), the learned and hackable proxy reward: its network
+             (proxy_net.py), data, training, evaluation and attack (proxy_*.py); the command
+             python -m guardrl.toy.proxy train|evaluate|hack
     benchmark every ratio variant + a null control, proxy and gold over iterations
              (python -m guardrl.toy.benchmark)
     learning does it train? every variant + a null control on three rewards (python -m guardrl.toy.learning)
@@ -59,7 +60,7 @@ _EXPORTS = {
     "load_toy_model": "model",
     "save_toy_model": "model",
     "ToyBackbone": "backbone",
-    "ToyProxyReward": "proxy",
+    "ToyProxyReward": "proxy_reward",
     "ToyColorShare": "rewards",
 }
 __all__ = list(_EXPORTS)

@@ -10,7 +10,7 @@ model can move and the same budget for every variant (`Settings`; nothing is tun
 
     jpeg          JPEG compressibility, DDPO's first task (guardrl.rewards.JpegCompressibility)
     color_share   share of pixels in the prompt's colours, an exact rule (guardrl.toy.rewards.ToyColorShare)
-    proxy         the toy world's learned proxy (guardrl.toy.proxy.ToyProxyReward)
+    proxy         the toy world's learned proxy (guardrl.toy.proxy_reward.ToyProxyReward)
 
 The null control is flow_grpo's update on advantages shuffled within each group: the same update size,
 clipping and noise, no reward signal. Whatever it gains is drift; a variant learns when it gains clearly more.
@@ -54,14 +54,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from guardrl.toy.benchmark import (
-    VARIANTS,
-    _append_csv,
-    _number_list,
-    _read_csv,
-    _truncate_csv,
-    require_finished,
-)
+from guardrl.toy.benchmark import _number_list
+from guardrl.toy.benchmark_csv import _append_csv, _read_csv, _truncate_csv
+from guardrl.toy.benchmark_runs import VARIANTS, require_finished
 from guardrl.toy.files import write_json_atomic
 
 NULL = "null_control"
@@ -69,8 +64,11 @@ NULL = "null_control"
 REWARDS: dict[str, dict[str, Any]] = {
     "jpeg": {"class_path": "guardrl.rewards.JpegCompressibility"},
     "color_share": {"class_path": "guardrl.toy.rewards.ToyColorShare"},
-    "proxy": {"class_path": "guardrl.toy.proxy.ToyProxyReward"},
-    "proxy_prob": {"class_path": "guardrl.toy.proxy.ToyProxyReward", "init_args": {"form": "mean_prob"}},
+    "proxy": {"class_path": "guardrl.toy.proxy_reward.ToyProxyReward"},
+    "proxy_prob": {
+        "class_path": "guardrl.toy.proxy_reward.ToyProxyReward",
+        "init_args": {"form": "mean_prob"},
+    },
 }
 # What a plain command runs (proxy_prob is the over-optimization pilot's, docs/toy_benchmark.md).
 DEFAULT_REWARDS = ("jpeg", "color_share", "proxy")
@@ -218,6 +216,7 @@ class LearningEvaluator(Callback):
                 sde_seed=self.seed,
                 transformer=transformer,
                 scales=module.noise_scales.cpu(),
+                sde_type=module.sampling.sde_type,
             )
         rewards, _ = module.score(images.to(module.device), self.prompts)
         rewards = rewards.double()
