@@ -74,7 +74,6 @@ def test_trajectory_cat_joins_chunks_along_the_batch():
             torch.tensor([1.0, 0.5]),
             torch.tensor([0.5, 0.0]),
             torch.ones(2),
-            torch.ones(2),
             z[:, 0],
         )
 
