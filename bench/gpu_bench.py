@@ -58,14 +58,19 @@ import yaml
 
 from guardrl.perf import FlopCounter
 from guardrl.policy import LoraSpec
-from guardrl.policy import RandomFluxDevBackbone, RandomSD35MediumBackbone
+from guardrl.policy import RandomFluxDevBackbone, RandomSD35LargeBackbone, RandomSD35MediumBackbone
 from guardrl.policy.random_weights import build_transformer, transformer_config
 
 VAE_FACTOR, LATENT_CHANNELS = 8, 16
 SMALL_MAX_SEQUENCE_LENGTH = 16  # --small
-BACKBONES = {"sd35m": RandomSD35MediumBackbone, "flux": RandomFluxDevBackbone}
+BACKBONES = {
+    "sd35m": RandomSD35MediumBackbone,
+    "sd35l": RandomSD35LargeBackbone,
+    "flux": RandomFluxDevBackbone,
+}
 RECIPES = {
     "sd35m": "configs/sd35m/grpo_guard_pickscore.yaml",
+    "sd35l": "configs/sd35l/grpo_guard_pickscore.yaml",
     "flux": "configs/flux/grpo_guard_pickscore.yaml",
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +126,7 @@ def inputs(kind: str, config: dict, batch: int, resolution: int, device, dtype, 
     text = torch.randn(batch, tokens, width, device=device, dtype=dtype)
     pooled_embeds = torch.randn(batch, pooled, device=device, dtype=dtype)
     t = torch.full((batch,), 500.0, device=device, dtype=dtype)
-    if kind == "sd35m":
+    if kind.startswith("sd35"):
         x = torch.randn(batch, LATENT_CHANNELS, latent, latent, device=device, dtype=dtype)
         return dict(
             hidden_states=x,
@@ -181,7 +186,7 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
         torch.cuda.reset_peak_memory_stats(device)
     tokens = text_tokens(kind, args.small)
     rows = []
-    cfg_modes = (False, True) if kind == "sd35m" else (False,)
+    cfg_modes = (False, True) if kind.startswith("sd35") else (False,)
     for cfg in cfg_modes:
         forward_batch = args.batch * (2 if cfg else 1)
         kwargs = inputs(kind, config, forward_batch, args.resolution, device, dtype, tokens)
@@ -494,7 +499,7 @@ def _guarded(section: str, kind: str, fn):
 
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd35m,flux", help="comma-separated: sd35m, flux")
+    parser.add_argument("--models", default="sd35m,flux", help=f"comma-separated, of: {', '.join(BACKBONES)}")
     parser.add_argument(
         "--sections",
         default="bare,iteration",
@@ -522,9 +527,9 @@ def main(argv=None) -> dict[str, list[dict]]:
     )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - {"sd35m", "flux"})
+    unknown = sorted(set(models) - set(BACKBONES))
     if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; allowed: sd35m, flux")
+        raise SystemExit(f"--models: unknown {unknown}; allowed: {', '.join(BACKBONES)}")
     sections = [m.strip() for m in args.sections.split(",") if m.strip()]
     unknown = sorted(set(sections) - {"bare", "iteration", "savers"})
     if unknown or not sections:
@@ -586,7 +591,9 @@ def main(argv=None) -> dict[str, list[dict]]:
             reference = [
                 r
                 for r in bare
-                if r["model"] == kind and r["phase"].startswith("rollout") and r["cfg"] == (kind == "sd35m")
+                if r["model"] == kind
+                and r["phase"].startswith("rollout")
+                and r["cfg"] == kind.startswith("sd35")
             ]
             for r in rows:
                 if r["phase"] == "rollout" and reference:

@@ -226,6 +226,9 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             skipped=problem is not None,
             dropped_groups=int(dropped_N.sum()),
         )
+        if self.sampling.sde_window_strategy != "fixed" and trajectory.step_indices:
+            # where this iteration's moving window was (its first stochastic step)
+            write_scalars(self.trainer, {"sampling/sde_window_start": trajectory.step_indices[0]}, iteration)
         if self._meter is not None:
             write_scalars(self.trainer, self._meter.end_iteration(len(batch)), iteration)
         if self.performance.compile and not self._compiled:
@@ -272,10 +275,20 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
                 transformer,
                 cond,
                 noise,
-                self.noise_scales,
+                self.window_noise_scales(self.num_iterations),
                 generator,
                 self.performance.trajectory_torch_dtype,
+                # a group that starts from one noise runs the steps before the SDE window once
+                shared_prefix_group_size=self.group_size if self.sampling.same_noise_per_group else 1,
             )
+
+    def window_noise_scales(self, iteration: int) -> torch.Tensor:
+        """The noise scales of `iteration`'s rollout: zero outside its SDE window (sampling.
+        sde_window_strategy; the same window on every rank, a function of the iteration alone)."""
+        if self.sampling.sde_window_strategy == "fixed":
+            return self.noise_scales
+        start, end = self.sampling.window_at(iteration, self.iteration_seed(iteration, 0x5DE))
+        return noise_scales(self.sigmas, self.sampling.noise_level, self.sampling.sde_type, range(start, end))
 
     @torch.no_grad()
     def sample(
@@ -298,7 +311,16 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             trajectory = self._sample(transformer, cond, noise, scales, generator)
         return self.backbone.decode(trajectory.final_latents)
 
-    def _sample(self, transformer, cond, noise, scales, generator, storage_dtype=torch.float32) -> Trajectory:
+    def _sample(
+        self,
+        transformer,
+        cond,
+        noise,
+        scales,
+        generator,
+        storage_dtype=torch.float32,
+        shared_prefix_group_size=1,
+    ) -> Trajectory:
         guidance, reduction = self.sampling.guidance_scale, self.sampling.log_prob_reduction
         return sample_trajectory(
             self.backbone,
@@ -312,6 +334,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             generator,
             storage_dtype,
             sde_type=self.sampling.sde_type,
+            shared_prefix_group_size=shared_prefix_group_size,
         )
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

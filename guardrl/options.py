@@ -11,6 +11,7 @@ from guardrl.algorithm.loss import CLIP_RANGE_UNITS
 from guardrl.algorithm.ratios import RATIO_VARIANTS, VARIANCE_NORMALIZED_VARIANTS
 from guardrl.algorithm.timesteps import TIMESTEP_SELECTIONS
 from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, SDE_TYPES
+from guardrl.sampling.windows import WINDOW_STRATEGIES, sde_window_at
 
 # The options' choices, derived from the registries that implement them: a new ratio variant (a function in
 # RATIO_VARIANTS) or SDE type is a choice of the parser, of `guardrl fit --help` and of guardrl.preflight with
@@ -18,6 +19,7 @@ from guardrl.sampling.sde import LOG_PROB_REDUCTIONS, SDE_TYPES
 # this file.)
 RatioVariant = Literal[tuple(RATIO_VARIANTS)]  # type: ignore[valid-type]
 SdeType = Literal[tuple(SDE_TYPES)]  # type: ignore[valid-type]
+WindowStrategy = Literal[tuple(WINDOW_STRATEGIES)]  # type: ignore[valid-type]
 LogProbReduction = Literal[tuple(LOG_PROB_REDUCTIONS)]  # type: ignore[valid-type]
 ClipRangeUnit = Literal[tuple(CLIP_RANGE_UNITS)]  # type: ignore[valid-type]
 StdScope = Literal[tuple(STD_SCOPES)]  # type: ignore[valid-type]
@@ -74,7 +76,20 @@ class SamplingOptions:
     sde_window: Optional[tuple[int, int]] = None
     """Half-open range [start, end) of sampler step indices that use the SDE (and can be trained); the other
     steps are deterministic Euler steps. None: every step but the last, whose noise would land unaltered in
-    the final image."""
+    the final image. With a moving window strategy: the range the window moves in."""
+    sde_window_strategy: WindowStrategy = "fixed"
+    """"fixed": the whole sde_window every iteration. "random": sde_window_size steps at a random position
+    in sde_window each iteration, the same on every rank (Flow-GRPO-Fast). "sliding": sde_window_size steps
+    that move by sde_window_stride every sde_window_slide_every iterations (MixGRPO). With
+    same_noise_per_group the steps before the window run once per group (docs/math.md, "SDE windows")."""
+    sde_window_size: Optional[int] = None
+    """Steps per moving window (random / sliding); null with "fixed"."""
+    sde_window_slide_every: int = 1
+    """sliding: iterations between two moves of the window (MixGRPO: 25)."""
+    sde_window_stride: Optional[int] = None
+    """sliding: steps the window moves by; null: its size (windows that do not overlap, as MixGRPO)."""
+    sde_window_wrap: bool = False
+    """sliding: after the last position start over at the first (MixGRPO's roll_back); false: stay there."""
     log_prob_reduction: LogProbReduction = "mean"
     """"mean": log-probs averaged over latent elements (the public FlowGRPO/DanceGRPO form; clip ranges like
     1e-4 are in this unit). "sum": the exact Gaussian log-density of the step."""
@@ -122,10 +137,52 @@ class SamplingOptions:
                 "std t_next * sin(noise_level * pi / 2) is 0 on the last step (t_next = 0)"
             )
 
+        self._check_window_strategy(start, end)
+
+    def _check_window_strategy(self, start: int, end: int) -> None:
+        _require_choice("sampling.sde_window_strategy", self.sde_window_strategy, WINDOW_STRATEGIES)
+        moving = self.sde_window_strategy != "fixed"
+        if not moving and self.sde_window_size is not None:
+            raise ValueError(
+                f"sampling.sde_window_size={self.sde_window_size!r} is only used by a moving window: set "
+                "sampling.sde_window_strategy to 'random' or 'sliding', or sde_window_size to null"
+            )
+        if moving:
+            size = self.sde_window_size
+            if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= end - start):
+                raise ValueError(
+                    f"sampling.sde_window_size must be an integer in [1, {end - start}] (the steps of "
+                    f"sampling.sde_window={[start, end]}) with sampling.sde_window_strategy="
+                    f"{self.sde_window_strategy!r}, got {size!r}"
+                )
+        _require_int("sampling.sde_window_slide_every", self.sde_window_slide_every, minimum=1)
+        _require_int("sampling.sde_window_stride", self.sde_window_stride, minimum=1, allow_none=True)
+        if not isinstance(self.sde_window_wrap, bool):
+            raise ValueError(f"sampling.sde_window_wrap must be true or false, got {self.sde_window_wrap!r}")
+
     def sde_steps_range(self) -> tuple[int, int]:
+        """The range of steps that may be SDE steps (a moving window moves inside it)."""
         if self.sde_window is None:
             return 0, self.num_inference_steps - 1
         return tuple(self.sde_window)
+
+    def sde_steps_per_iteration(self) -> int:
+        """How many SDE (trainable) steps one rollout has: the window's size, or the whole range."""
+        start, end = self.sde_steps_range()
+        return end - start if self.sde_window_strategy == "fixed" else self.sde_window_size
+
+    def window_at(self, iteration: int, random_seed: int) -> tuple[int, int]:
+        """This iteration's SDE window [start, end) (guardrl/sampling/windows.py)."""
+        return sde_window_at(
+            self.sde_window_strategy,
+            self.sde_steps_range(),
+            self.sde_window_size,
+            iteration,
+            random_seed,
+            self.sde_window_slide_every,
+            self.sde_window_stride,
+            self.sde_window_wrap,
+        )
 
 
 @dataclass
@@ -237,10 +294,16 @@ def check_compatible(sampling: SamplingOptions, grpo: GRPOOptions) -> None:
             "(SDE) steps; set sampling.noise_level > 0 (e.g. 0.7)"
         )
     start, end = sampling.sde_steps_range()
-    if grpo.num_train_timesteps is not None and grpo.num_train_timesteps > end - start:
+    steps = sampling.sde_steps_per_iteration()
+    if grpo.num_train_timesteps is not None and grpo.num_train_timesteps > steps:
+        where = (
+            f"sampling.sde_window={[start, end]}"
+            if sampling.sde_window_strategy == "fixed"
+            else f"sampling.sde_window_size={steps}, the moving window's"
+        )
         raise ValueError(
-            f"grpo.num_train_timesteps={grpo.num_train_timesteps} must be <= {end - start} (the SDE steps of "
-            f"sampling.sde_window={[start, end]}) or null (all of them)"
+            f"grpo.num_train_timesteps={grpo.num_train_timesteps} must be <= {steps} (the SDE steps of "
+            f"{where}) or null (all of them)"
         )
 
 

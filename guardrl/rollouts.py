@@ -38,16 +38,46 @@ def sample_trajectory(
     storage_dtype: torch.dtype = torch.float32,
     *,
     sde_type: str = "flow_grpo",
+    shared_prefix_group_size: int = 1,
 ) -> Trajectory:
     """Roll `noise` out with `transformer` (None: the backbone's own) on `cond`: SDE where `noise_scales` > 0,
     Euler elsewhere (all zeros: the deterministic ODE sampler). `sde_type` (sampling.sde_type) says what
-    `noise_scales` are (`guardrl.sampling.noise_scales` of the same type) and which step they drive."""
+    `noise_scales` are (`guardrl.sampling.noise_scales` of the same type) and which step they drive.
 
-    def velocity_fn(latents, t, step_index):
-        return backbone.velocity(latents, t, cond, guidance_scale, transformer)
+    shared_prefix_group_size G > 1: consecutive groups of G samples share their initial noise and prompt
+    (sampling.same_noise_per_group), so their deterministic steps before the first SDE step are the same
+    computation: they run once per group, on B / G samples, and the group branches at the window
+    (Flow-GRPO-Fast's shared ODE prefix)."""
 
+    def velocity_fn_of(step_cond):
+        def velocity_fn(latents, t, step_index):
+            return backbone.velocity(latents, t, step_cond, guidance_scale, transformer)
+
+        return velocity_fn
+
+    start = 0
+    first_sde = int(torch.nonzero(noise_scales > 0)[0]) if bool((noise_scales > 0).any()) else 0
+    if shared_prefix_group_size > 1 and first_sde > 0:
+        size = shared_prefix_group_size
+        firsts = slice(None, None, size)
+        if noise.shape[0] % size or not torch.equal(noise, noise[firsts].repeat_interleave(size, dim=0)):
+            raise ValueError(
+                f"a shared prefix needs groups of {size} samples with the same initial noise "
+                "(sampling.same_noise_per_group)"
+            )
+        prefix = sample_rollouts(
+            velocity_fn_of(cond.select(firsts)),
+            noise[firsts],
+            sigmas[: first_sde + 1],
+            torch.zeros(first_sde),
+            log_prob_reduction,
+            None,
+            storage_dtype=storage_dtype,
+            sde_type=sde_type,
+        )
+        noise, start = prefix.final_latents.repeat_interleave(size, dim=0), first_sde
     return sample_rollouts(
-        velocity_fn,
+        velocity_fn_of(cond),
         noise,
         sigmas,
         noise_scales,
@@ -55,6 +85,7 @@ def sample_trajectory(
         generator,
         storage_dtype=storage_dtype,
         sde_type=sde_type,
+        start_step=start,
     )
 
 

@@ -149,6 +149,14 @@ RECIPES: dict[str, dict[str, Published]] = {
     "sd35m/grpo_guard_geneval.yaml": _grpo_guard_sd35m("geneval_sd3_rationorm", 2e-6),
     "sd35m/grpo_guard_ocr.yaml": _grpo_guard_sd35m("general_ocr_sd3_rationorm", 2e-6),
     "sd35m/grpo_guard_pickscore.yaml": _grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),
+    # No published SD3.5-Large GRPO recipe: the Medium one's numbers, the Large weights (the config says so)
+    "sd35l/grpo_guard_pickscore.yaml": {
+        **_grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),
+        "model.backbone.init_args.pretrained_model_name_or_path": Published(
+            "stabilityai/stable-diffusion-3.5-large",
+            "configs/sd35l/grpo_guard_pickscore.yaml: the Medium recipe on the Large weights (the deviation)",
+        ),
+    },
     "flux/dance_grpo_pickscore.yaml": {
         "model.backbone.init_args.pretrained_model_name_or_path": Published(
             "black-forest-labs/FLUX.1-dev",
@@ -223,6 +231,7 @@ RECIPES: dict[str, dict[str, Published]] = {
 
 SD35M_CONFIG = "stabilityai/stable-diffusion-3.5-medium transformer/config.json"
 FLUX_UTIL = "black-forest-labs/flux src/flux/util.py configs['flux-dev']"
+SD35L_CONFIG = "stabilityai/stable-diffusion-3.5-large transformer/config.json"
 
 MODELS: dict[str, dict[str, Published]] = {
     "sd35m": {
@@ -257,6 +266,35 @@ MODELS: dict[str, dict[str, Published]] = {
         # position-embedding table, which diffusers keeps as a buffer)
         "weights_in_billions_to_1_decimal": Published(
             2.5, "Stability AI, SD3.5 Medium: 2.5 billion parameters"
+        ),
+    },
+    "sd35l": {
+        "sample_size": Published(128, f"{SD35L_CONFIG}: sample_size 128"),
+        "patch_size": Published(2, f"{SD35L_CONFIG}: patch_size 2"),
+        "in_channels": Published(16, f"{SD35L_CONFIG}: in_channels 16"),
+        "out_channels": Published(16, f"{SD35L_CONFIG}: out_channels 16"),
+        "num_layers": Published(38, f"{SD35L_CONFIG}: num_layers 38 (Stability AI: MMDiT depth 38)"),
+        "attention_head_dim": Published(64, f"{SD35L_CONFIG}: attention_head_dim 64"),
+        "num_attention_heads": Published(38, f"{SD35L_CONFIG}: num_attention_heads 38 (hidden 2432)"),
+        "joint_attention_dim": Published(4096, f"{SD35L_CONFIG}: joint_attention_dim 4096"),
+        "caption_projection_dim": Published(2432, f"{SD35L_CONFIG}: caption_projection_dim 2432"),
+        "pooled_projection_dim": Published(2048, f"{SD35L_CONFIG}: pooled_projection_dim 2048"),
+        "pos_embed_max_size": Published(192, f"{SD35L_CONFIG}: pos_embed_max_size 192"),
+        "dual_attention_layers": Published([], f"{SD35L_CONFIG}: no dual_attention_layers (not MMDiT-X)"),
+        "qk_norm": Published(
+            "rms_norm", f"{SD35L_CONFIG}: qk_norm 'rms_norm' (diffusers blog: QK normalization)"
+        ),
+        "vae.latent_channels": Published(16, "stabilityai/stable-diffusion-3.5-large vae/config.json: 16"),
+        "vae.scaling_factor": Published(
+            1.5305, "stabilityai/stable-diffusion-3.5-large vae/config.json: 1.5305"
+        ),
+        "vae.shift_factor": Published(
+            0.0609, "stabilityai/stable-diffusion-3.5-large vae/config.json: 0.0609"
+        ),
+        # the weights as released (8,146,280,768 with the position table; 8,056,627,520 parameters alone):
+        # both round to the model card's figure
+        "weights_in_billions_to_1_decimal": Published(
+            8.1, "stabilityai/stable-diffusion-3.5-large model card: 'an 8.1 billion parameter' MMDiT"
         ),
     },
     "flux": {

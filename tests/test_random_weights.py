@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from guardrl.policy import RandomFluxDevBackbone, RandomSD35MediumBackbone
+from guardrl.policy import RandomFluxDevBackbone, RandomSD35LargeBackbone, RandomSD35MediumBackbone
 from guardrl.policy.random_weights import build_transformer
 from tests.published_recipes import MODELS
 
@@ -21,7 +21,8 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_full_shapes_build_on_meta_in_the_published_configs_and_sizes():
     with torch.device("meta"):
         models = {
-            kind: build_transformer(kind, small=False, dtype=torch.bfloat16) for kind in ("sd35m", "flux")
+            kind: build_transformer(kind, small=False, dtype=torch.bfloat16)
+            for kind in ("sd35m", "sd35l", "flux")
         }
     for kind, model in models.items():
         published = MODELS[kind]  # tests/published_recipes.py: the released configs and model cards
@@ -38,8 +39,11 @@ def test_full_shapes_build_on_meta_in_the_published_configs_and_sizes():
     # 11,901,408,320 -> 12 billion.
     weights = {kind: sum(t.numel() for t in m.state_dict().values()) for kind, m in models.items()}
     sd35m_size = MODELS["sd35m"]["weights_in_billions_to_1_decimal"]
+    sd35l_size = MODELS["sd35l"]["weights_in_billions_to_1_decimal"]
     flux_size = MODELS["flux"]["weights_in_billions_to_0_decimals"]
     assert round(weights["sd35m"] / 1e9, 1) == sd35m_size.value, sd35m_size.source
+    assert round(weights["sd35l"] / 1e9, 1) == sd35l_size.value, sd35l_size.source
+    assert weights["sd35l"] == 8_146_280_768  # as counted (see the published row's note)
     assert round(weights["flux"] / 1e9) == flux_size.value, flux_size.source
 
 
@@ -60,6 +64,7 @@ FLUX_T5 = 0.5
     "cls, sigma_5",
     [
         (RandomSD35MediumBackbone, _sd3_shift(SD3_T5)),
+        (RandomSD35LargeBackbone, _sd3_shift(SD3_T5)),  # the same schedule as SD3.5-Medium
         (RandomFluxDevBackbone, math.exp(0.63) / (math.exp(0.63) + 1 / FLUX_T5 - 1)),
     ],
 )
@@ -69,7 +74,7 @@ def test_full_shape_backbones_have_the_published_latents_and_schedules(cls, sigm
         backbone.load()
     assert backbone.vae_scale_factor == 8
     assert backbone.latent_numel() == 16 * 64 * 64
-    published = MODELS["sd35m" if cls is RandomSD35MediumBackbone else "flux"]
+    published = MODELS[cls.kind]
     for key in ("latent_channels", "scaling_factor", "shift_factor"):
         row = published[f"vae.{key}"]
         assert backbone.vae.config[key] == row.value, row.source
@@ -183,7 +188,7 @@ def test_guardrl_rollout_does_exactly_the_bare_rollouts_model_flops(gpu_bench_sm
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, flux"),
+        (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, sd35l, flux"),
         (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration, savers"),
         (
             ["--small", "--resolution", "64", "--batch", "6", "--group-size", "4"],

@@ -1,5 +1,5 @@
-"""Every published recipe (configs/sd35m/, configs/flux/) trains through `guardrl fit` from a diffusers
-pipeline directory on disk: tiny random-weight SD3 / Flux pipelines are built in code, saved with
+"""Every published recipe (configs/sd35m/, configs/sd35l/, configs/flux/) trains through `guardrl fit` from
+a diffusers pipeline directory on disk: tiny random-weight SD3 / Flux pipelines are built in code, saved with
 `save_pretrained`, and each recipe is overlaid on them. Kept from the recipe: the backbone class and its
 loading path, the sampler (steps, noise level, SDE type, guidance, SDE window), the ratio variant, clip range
 and unit, advantages, KL, LoRA rank/alpha/targets, optimizer. Shrunk: the model (tiny, float32), resolution,
@@ -20,6 +20,7 @@ from tests.conftest import REPO_ROOT
 
 RECIPES = sorted(
     glob.glob(os.path.join(REPO_ROOT, "configs", "sd35m", "*.yaml"))
+    + glob.glob(os.path.join(REPO_ROOT, "configs", "sd35l", "*.yaml"))
     + glob.glob(os.path.join(REPO_ROOT, "configs", "flux", "*.yaml"))
 )
 
@@ -28,10 +29,11 @@ RECIPES = sorted(
 def pipeline_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
     make_tiny_sd3_pipeline(seed=0).save_pretrained(root / "sd3")
+    make_tiny_sd3_pipeline(seed=0, qk_norm="rms_norm").save_pretrained(root / "sd3_qk_norm")  # as SD3.5-Large
     make_tiny_flux_pipeline(seed=0, guidance_embeds=True).save_pretrained(
         root / "flux"
     )  # FLUX.1-dev: guidance
-    return {"sd35m": str(root / "sd3"), "flux": str(root / "flux")}
+    return {"sd35m": str(root / "sd3"), "sd35l": str(root / "sd3_qk_norm"), "flux": str(root / "flux")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[os.path.relpath(r, REPO_ROOT) for r in RECIPES])
@@ -87,7 +89,7 @@ def test_recipe_trains_from_a_saved_pipeline_directory(recipe, pipeline_dirs, pr
     # one process: a recipe's num_nodes left in place would make fit wait for ranks that never come
     assert cli.trainer.world_size == 1
     model = cli.model
-    expected_class = SD3Backbone if family == "sd35m" else FluxBackbone
+    expected_class = FluxBackbone if family == "flux" else SD3Backbone
     assert type(model.backbone) is expected_class  # the real loading class, not a tiny one
     assert model.backbone.pretrained_model_name_or_path == pipeline_dirs[family]
     # what the test keeps from the recipe

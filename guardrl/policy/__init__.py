@@ -4,7 +4,11 @@ snapshot, reference, EMA."""
 from guardrl.policy.backbones import Conditioning, FlowBackbone, FluxBackbone, SD3Backbone
 from guardrl.policy.lora import LoraSpec
 from guardrl.policy.policy import WEIGHT_SETS, FlowPolicy
-from guardrl.policy.random_weights import RandomFluxDevBackbone, RandomSD35MediumBackbone
+from guardrl.policy.random_weights import (
+    RandomFluxDevBackbone,
+    RandomSD35LargeBackbone,
+    RandomSD35MediumBackbone,
+)
 from guardrl.policy.tiny import TinyFluxBackbone, TinySD3Backbone
 
 __all__ = [
@@ -15,6 +19,7 @@ __all__ = [
     "FluxBackbone",
     "LoraSpec",
     "RandomFluxDevBackbone",
+    "RandomSD35LargeBackbone",
     "RandomSD35MediumBackbone",
     "SD3Backbone",
     "TinyFluxBackbone",

@@ -1,4 +1,5 @@
-"""Backbones with the published SD3.5-Medium and FLUX.1-dev shapes and random weights (nothing downloaded).
+"""Backbones with the published SD3.5-Medium, SD3.5-Large and FLUX.1-dev shapes and random weights (nothing
+downloaded).
 
 What they are for: measuring the speed and memory of a real-size run on your own GPUs before fetching any
 weights (`bench/gpu_bench.py` runs a GRPO iteration on them; docs/benchmarks.md), and testing a multi-GPU
@@ -11,7 +12,7 @@ on them is meaningless: use them for time and memory, never for results.
 
     model:
       backbone:
-        class_path: guardrl.policy.RandomSD35MediumBackbone     # or RandomFluxDevBackbone
+        class_path: guardrl.policy.RandomSD35MediumBackbone  # or RandomSD35Large-, RandomFluxDevBackbone
         init_args: {torch_dtype: bfloat16, resolution: 512}
 
 `small: true` shrinks the transformer, the VAE and the embeddings to a few narrow layers (same architecture,
@@ -52,6 +53,22 @@ SD35_MEDIUM_TRANSFORMER = dict(
     pooled_projection_dim=2048,
     pos_embed_max_size=384,
     dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+# SD3.5-Large: the MMDiT of SD3.5-Medium, deeper and wider (38 blocks of 38 heads x 64 = 2432), QK-norm, no
+# dual-attention (MMDiT-X) layers, a smaller position table.
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
     qk_norm="rms_norm",
 )
 FLUX_DEV_TRANSFORMER = dict(
@@ -111,6 +128,14 @@ SMALL_TRANSFORMER = {
         pooled_projection_dim=32,
         dual_attention_layers=(0,),
     ),
+    "sd35l": dict(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        caption_projection_dim=64,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+    ),
     "flux": dict(
         num_layers=1,
         num_single_layers=2,
@@ -125,9 +150,16 @@ SMALL_VAE = dict(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_group
 SMALL_TEXT = (64, 32)
 
 
+TRANSFORMERS = {
+    "sd35m": SD35_MEDIUM_TRANSFORMER,
+    "sd35l": SD35_LARGE_TRANSFORMER,
+    "flux": FLUX_DEV_TRANSFORMER,
+}
+
+
 def transformer_config(kind: str, small: bool = False) -> dict:
-    """The transformer config of "sd35m" or "flux", shrunken when `small`."""
-    config = dict(SD35_MEDIUM_TRANSFORMER if kind == "sd35m" else FLUX_DEV_TRANSFORMER)
+    """The transformer config of "sd35m", "sd35l" or "flux", shrunken when `small`."""
+    config = dict(TRANSFORMERS[kind])
     if small:
         config.update(SMALL_TRANSFORMER[kind])
     return config
@@ -152,9 +184,10 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def build_transformer(kind: str, small: bool, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-weight SD3.5-Medium ("sd35m") or FLUX.1-dev ("flux") transformer in `dtype`, built on the
-    current default device (a `torch.device(...)` context puts it on a GPU or the meta device)."""
-    cls = SD3Transformer2DModel if kind == "sd35m" else FluxTransformer2DModel
+    """A random-weight SD3.5-Medium ("sd35m"), SD3.5-Large ("sd35l") or FLUX.1-dev ("flux") transformer in
+    `dtype`, built on the current default device (a `torch.device(...)` context puts it on a GPU or the meta
+    device)."""
+    cls = FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
     torch.manual_seed(seed)
     with _default_dtype(dtype):
         transformer = cls(**transformer_config(kind, small))
@@ -195,7 +228,7 @@ def random_prompt_embeddings(
 class _RandomWeights:
     """What both random-weight backbones share; the subclass names the model's configs and its pipeline."""
 
-    kind: str  # "sd35m" or "flux"
+    kind: str  # "sd35m", "sd35l" or "flux"
     vae_config: dict
     scheduler_config: dict
     text_widths: tuple[int, int]  # (token width, pooled width) at the full shapes
@@ -267,6 +300,14 @@ class RandomSD35MediumBackbone(_RandomWeights, SD3Backbone):
     encoders). For timing and memory only (module docstring)."""
 
     kind, vae_config, scheduler_config = "sd35m", SD35_MEDIUM_VAE, SD35_MEDIUM_SCHEDULER
+    text_widths, clip_tokens, default_max_sequence_length = SD35_MEDIUM_TEXT, SD3_CLIP_TOKENS, 256
+
+
+class RandomSD35LargeBackbone(_RandomWeights, SD3Backbone):
+    """SD3.5-Large's transformer and VAE (the same VAE, text encoders and schedule as SD3.5-Medium) with
+    random weights; prompt embeddings random per prompt. For timing and memory only (module docstring)."""
+
+    kind, vae_config, scheduler_config = "sd35l", SD35_MEDIUM_VAE, SD35_MEDIUM_SCHEDULER
     text_widths, clip_tokens, default_max_sequence_length = SD35_MEDIUM_TEXT, SD3_CLIP_TOKENS, 256
 
 

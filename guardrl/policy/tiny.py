@@ -155,9 +155,12 @@ def _eval(pipe):
     return pipe
 
 
-def make_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2) -> StableDiffusion3Pipeline:
+def make_tiny_sd3_pipeline(
+    seed: int = 0, num_layers: int = 2, qk_norm: str | None = None
+) -> StableDiffusion3Pipeline:
     """An SD3 pipeline with ~79k transformer parameters (~150k with text encoders and VAE); 128 px images from
-    4 x 16 x 16 latents."""
+    4 x 16 x 16 latents. qk_norm="rms_norm": the SD3.5 blocks' QK normalisation (SD3.5-Large's architecture,
+    which has no dual-attention layers either)."""
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer = make_clip_tokenizer(os.path.join(tmp, "clip"))
     t5_tokenizer = make_t5_tokenizer()
@@ -174,6 +177,7 @@ def make_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2) -> StableDiffusio
         pooled_projection_dim=64,
         out_channels=4,
         pos_embed_max_size=32,
+        qk_norm=qk_norm,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

@@ -14,10 +14,12 @@ from guardrl.sampling.sde import (
     sde_step,
     step_mean_and_std,
 )
+from guardrl.sampling.windows import WINDOW_STRATEGIES, sde_window_at
 
 __all__ = [
     "LOG_PROB_REDUCTIONS",
     "SDE_TYPES",
+    "WINDOW_STRATEGIES",
     "StepOutput",
     "cps_mean",
     "flow_match_sigmas",
@@ -28,5 +30,6 @@ __all__ = [
     "sample_rollouts",
     "sde_mean",
     "sde_step",
+    "sde_window_at",
     "step_mean_and_std",
 ]

@@ -27,12 +27,13 @@ def sample_rollouts(
     storage_dtype: torch.dtype = torch.float32,
     *,
     sde_type: str = "flow_grpo",
+    start_step: int = 0,
 ) -> Trajectory:
     """Sample B trajectories and store x_t, x_next, mu_old, log p_old, t, dt and s for every SDE step.
 
     Args:
         velocity_fn: returns v for (latents, t, step index k); its output is upcast to float32.
-        initial_noise: (B, ...) x at t = sigmas[0] = 1.
+        initial_noise: (B, ...) x at t = sigmas[start_step] (the noise itself for start_step 0).
         sigmas_S1: (S + 1,) decreasing sigmas ending at 0.
         noise_scales_S: (S,) the noise scale per step (`schedules.noise_scales` for `sde_type`): sigma_k, or
             CPS's sin(eta pi / 2). Steps whose std is 0 (noise scale 0, or CPS onto t_next = 0) are
@@ -46,6 +47,8 @@ def sample_rollouts(
             mu_old - mu_theta must be exactly 0 on-policy).
         sde_type: sampling.sde_type (one of `sde.SDE_TYPES`). It is not stored in the trajectory: the update
             must pass the same one to `step_mean_and_std`, with the stored t, t_next and noise scale.
+        start_step: continue a rollout whose steps before it ran elsewhere (a prefix shared by a group,
+            guardrl/rollouts.py); the steps before it are neither run nor stored.
     """
     num_steps = len(sigmas_S1) - 1
     if len(noise_scales_S) != num_steps:
@@ -56,7 +59,9 @@ def sample_rollouts(
     rounding = None if storage_dtype == torch.float32 else storage_dtype
     latents = initial_noise.float() if rounding is None else initial_noise.to(rounding).float()
     stored: dict[str, list] = {k: [] for k in ("idx", "x", "x_next", "mu", "logp", "t", "t_next", "sk")}
-    for k in range(num_steps):
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step={start_step} must be in [0, {num_steps}) (the sampler's steps)")
+    for k in range(start_step, num_steps):
         t, t_next = float(sigmas_S1[k]), float(sigmas_S1[k + 1])
         velocity = velocity_fn(latents, t, k).float()
         out = sde_step(
