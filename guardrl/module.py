@@ -10,7 +10,8 @@
 
 Only the iteration lives here. Everything backbone-specific is behind `FlowBackbone` and `FlowPolicy`
 (adapters, snapshots, compile); the math is in sampling/ and algorithm/; sampling and scoring images in
-rollouts.py; the update phase (step 4) in update.py; non-finite handling in faults.py; the checkpoint format
+rollouts.py, which noise, weights and SDE window a run samples with in run_sampling.py; the update phase
+(step 4) in update.py; non-finite handling in faults.py; the checkpoint format
 in checkpointing.py (`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual
 optimization, because one iteration takes several optimizer steps.
 """
@@ -37,7 +38,8 @@ from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_co
 from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flops_of
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward
-from guardrl.rollouts import rollout_and_score, sample_trajectory, score_images
+from guardrl.rollouts import rollout_and_score, score_images
+from guardrl.run_sampling import old_policy_rollout, sample_images
 from guardrl.sampling import noise_scales
 from guardrl.sharding import shard_policy
 from guardrl.types import PromptBatch, Trajectory
@@ -178,7 +180,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         )
         use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
         with self._phase("encode"):
-            cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg)
+            cond = self.backbone.encode_prompts(batch.prompts, with_negative=use_cfg, images=batch.images)
         trajectory, images, rewards, per_reward = rollout_and_score(
             batch.prompts,
             cond,
@@ -253,44 +255,9 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         # SeedSequence mixes (seed, iteration, ...) into well-separated streams.
         return int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
 
-    def _generator(self, *key: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.iteration_seed(*key))
-
-    @torch.no_grad()
     def _rollout(self, cond, batch_size: int, chunk: int) -> Trajectory:
-        # Noise stream (iteration, rank) unchunked, (iteration, rank, chunk) chunked: per rank; the update's
-        # step choices are not.
-        chunked = self.performance.rollout_chunks > 1
-        generator = self._generator(self.num_iterations, self.global_rank, *((chunk,) if chunked else ()))
-        if self.sampling.same_noise_per_group:
-            noise = self.backbone.initial_noise(batch_size // self.group_size, generator, self.device)
-            noise = noise.repeat_interleave(self.group_size, dim=0)
-        else:
-            noise = self.backbone.initial_noise(batch_size, generator, self.device)
-        # The old policy samples; when its snapshot equals the policy bitwise, running the policy adapter is
-        # the same computation without the adapter switch.
-        weights = "policy" if self.policy.old_equals_policy() else "old"
-        with self.policy.use_weights(weights) as transformer:
-            return self._sample(
-                transformer,
-                cond,
-                noise,
-                self.window_noise_scales(self.num_iterations),
-                generator,
-                self.performance.trajectory_torch_dtype,
-                # a group that starts from one noise runs the steps before the SDE window once
-                shared_prefix_group_size=self.group_size if self.sampling.same_noise_per_group else 1,
-            )
+        return old_policy_rollout(self, cond, batch_size, chunk)
 
-    def window_noise_scales(self, iteration: int) -> torch.Tensor:
-        """The noise scales of `iteration`'s rollout: zero outside its SDE window (sampling.
-        sde_window_strategy; the same window on every rank, a function of the iteration alone)."""
-        if self.sampling.sde_window_strategy == "fixed":
-            return self.noise_scales
-        start, end = self.sampling.window_at(iteration, self.iteration_seed(iteration, 0x5DE))
-        return noise_scales(self.sigmas, self.sampling.noise_level, self.sampling.sde_type, range(start, end))
-
-    @torch.no_grad()
     def sample(
         self,
         prompts: list[str],
@@ -298,44 +265,12 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         sampler: str = "sde",
         generator: Optional[torch.Generator] = None,
         weights: str = "policy",
+        images: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] of `prompts` from `noise` (B, ...) with the run's sampler (sigmas,
         guidance; "sde": the training SDE, its noise from `generator`; "ode": Euler on every step) and one
-        weight set of the policy. The one way callbacks and benchmarks sample from a run."""
-        if sampler not in ("sde", "ode"):
-            raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
-        use_cfg = self.backbone.uses_true_cfg and self.sampling.guidance_scale > 1.0
-        cond = self.backbone.encode_prompts(prompts, with_negative=use_cfg)
-        scales = self.noise_scales if sampler == "sde" else torch.zeros_like(self.noise_scales)
-        with self.policy.use_weights(weights) as transformer:
-            trajectory = self._sample(transformer, cond, noise, scales, generator)
-        return self.backbone.decode(trajectory.final_latents)
-
-    def _sample(
-        self,
-        transformer,
-        cond,
-        noise,
-        scales,
-        generator,
-        storage_dtype=torch.float32,
-        shared_prefix_group_size=1,
-    ) -> Trajectory:
-        guidance, reduction = self.sampling.guidance_scale, self.sampling.log_prob_reduction
-        return sample_trajectory(
-            self.backbone,
-            transformer,
-            cond,
-            noise,
-            self.sigmas,
-            scales,
-            guidance,
-            reduction,
-            generator,
-            storage_dtype,
-            sde_type=self.sampling.sde_type,
-            shared_prefix_group_size=shared_prefix_group_size,
-        )
+        weight set of the policy. The one way callbacks and benchmarks sample from a run (run_sampling.py)."""
+        return sample_images(self, prompts, noise, sampler, generator, weights, images)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and

@@ -22,12 +22,15 @@ class PromptBatch:
 
     Sample i belongs to group i // group_size: the members of a group are contiguous and a group never spans
     ranks. `stream_position` is the number of prompts this rank had consumed after this batch, so a
-    resumed run can continue the stream where it stopped.
+    resumed run can continue the stream where it stopped. `images`: editing models' conditioning images
+    (data.image_field), one (3, H, W) float tensor in [0, 1] per sample, repeated like the prompts; None for
+    text-to-image.
     """
 
     prompts: list[str]
     group_size: int
     stream_position: int = 0
+    images: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

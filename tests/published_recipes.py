@@ -136,6 +136,291 @@ def _grpo_guard_sd35m(config: str, clip: float) -> dict[str, Published]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Flow-Factory's recipes for the newer models (X-GenGroup/Flow-Factory, cited per row)
+# --------------------------------------------------------------------------------------------------------
+
+FF_KLEIN = "X-GenGroup/Flow-Factory examples/grpo/lora/flux2_klein_base/default.yaml (a0b2bc5a)"
+FF_TRAINING_ARGS = "X-GenGroup/Flow-Factory src/flow_factory/hparams/training_args.py (a0b2bc5a)"
+FF_KLEIN_ADAPTER = "X-GenGroup/Flow-Factory src/flow_factory/models/flux/flux2_klein.py (a0b2bc5a)"
+FF_SCHEDULER = "X-GenGroup/Flow-Factory src/flow_factory/scheduler/flow_match_euler_discrete.py (a0b2bc5a)"
+FLUX2_KLEIN_RECIPE = {
+    "model.backbone.class_path": Published("guardrl.policy.Flux2KleinBackbone", f"{FF_KLEIN}: flux2-klein"),
+    "model.backbone.init_args.pretrained_model_name_or_path": Published(
+        "black-forest-labs/FLUX.2-klein-base-9B",
+        f"{FF_KLEIN}: model_name_or_path 'black-forest-labs/FLUX.2-klein-base-9B'",
+    ),
+    "model.backbone.init_args.resolution": Published(384, f"{FF_KLEIN}: train.resolution 384"),
+    "model.backbone.init_args.max_sequence_length": Published(
+        512, "Flow-Factory flux2_klein.py encode_prompt(max_sequence_length=512) (the pipeline's default)"
+    ),
+    "model.sampling.num_inference_steps": Published(8, f"{FF_KLEIN}: train.num_inference_steps 8"),
+    "model.sampling.guidance_scale": Published(4.0, f"{FF_KLEIN}: train.guidance_scale 4.0"),
+    "model.sampling.noise_level": Published(0.7, f"{FF_KLEIN}: scheduler.noise_level 0.7"),
+    "model.sampling.sde_type": Published("flow_grpo", f"{FF_KLEIN}: scheduler.dynamics_type Flow-SDE"),
+    "model.sampling.sde_window": Published(
+        [1, 4], f"{FF_KLEIN}: scheduler.sde_steps [1, 2, 3] (steps 1..3 = [1, 4))"
+    ),
+    "model.sampling.sde_window_strategy": Published(
+        "random", f"{FF_KLEIN}: 'noise steps are randomly selected from this list during training'"
+    ),
+    "model.sampling.sde_window_size": Published(1, f"{FF_KLEIN}: scheduler.num_sde_steps 1"),
+    "model.sampling.log_prob_reduction": Published(
+        "mean", f"{FF_SCHEDULER}: log_prob.mean(dim=tuple(range(1, log_prob.ndim)))"
+    ),
+    "model.grpo.clip_range": Published(1e-4, f"{FF_KLEIN}: train.clip_range 1.0e-4"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FF_KLEIN}: train.adv_clip_range 5.0"),
+    "model.grpo.kl_beta": Published(0.0, f"{FF_KLEIN}: train.kl_beta 0"),
+    "model.grpo.std_scope": Published("group", f"{FF_KLEIN}: train.global_std false"),
+    "model.grpo.num_inner_epochs": Published(1, f"{FF_TRAINING_ARGS}: num_inner_epochs default 1"),
+    "model.grpo.minibatch_size": Published(1, f"{FF_KLEIN}: train.per_device_batch_size 1"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FF_KLEIN}: train.max_grad_norm 1.0"),
+    "optimizer_steps_per_iteration": Published(2, f"{FF_KLEIN}: train.gradient_step_per_epoch 2"),
+    "model.lora.rank": Published(64, f"{FF_KLEIN}: model.lora_rank 64"),
+    "model.lora.alpha": Published(128, f"{FF_KLEIN}: model.lora_alpha 128"),
+    "model.lora.target_modules": Published(
+        sorted(
+            [
+                "attn.to_q",
+                "attn.to_k",
+                "attn.to_v",
+                "attn.to_out.0",
+                "attn.add_q_proj",
+                "attn.add_k_proj",
+                "attn.add_v_proj",
+                "attn.to_add_out",
+                "ff.linear_in",
+                "ff.linear_out",
+                "ff_context.linear_in",
+                "ff_context.linear_out",
+                "attn.to_qkv_mlp_proj",
+            ]
+        ),
+        f"{FF_KLEIN}: target_modules 'default' = {FF_KLEIN_ADAPTER} default_target_modules (its single-block "
+        "'attn.to_out.0', listed twice, matches nothing there)",
+    ),
+    "model.optimizer.class_path": Published("torch.optim.AdamW", f"{FF_KLEIN}: adam_* settings (AdamW)"),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FF_KLEIN}: train.learning_rate 3.0e-4"),
+    "model.optimizer.init_args.weight_decay": Published(1e-4, f"{FF_KLEIN}: train.adam_weight_decay 1e-4"),
+    "model.optimizer.init_args.betas": Published([0.9, 0.999], f"{FF_KLEIN}: train.adam_betas"),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FF_KLEIN}: train.adam_epsilon 1.0e-8"),
+    "data.group_size": Published(16, f"{FF_KLEIN}: train.group_size 16"),
+    "data.prompts_per_batch": Published(
+        6, f"{FF_KLEIN}: unique_sample_num_per_epoch 48 over num_processes 8 = 6 per rank"
+    ),
+    "trainer.devices": Published(8, f"{FF_KLEIN}: num_processes 8"),
+    "seed_everything": Published(42, f"{FF_KLEIN}: train.seed 42"),
+}
+
+
+FF_ZIMAGE = "X-GenGroup/Flow-Factory examples/grpo/lora/z_image_turbo/default.yaml (commit a0b2bc5)"
+Z_IMAGE_RECIPE = {
+    "model.backbone.init_args.resolution": Published(512, f"{FF_ZIMAGE}: train.resolution 512"),
+    "model.sampling.num_inference_steps": Published(6, f"{FF_ZIMAGE}: train.num_inference_steps 6"),
+    # Flow-Factory / ZImagePipeline guidance_scale 0 (no CFG) is guardrl's 1.0 (ZImageBackbone docstring)
+    "model.sampling.guidance_scale": Published(
+        1.0, f"{FF_ZIMAGE}: train.guidance_scale 0 (pipeline convention)"
+    ),
+    "model.sampling.noise_level": Published(0.7, f"{FF_ZIMAGE}: scheduler.noise_level 0.7"),
+    "model.sampling.sde_type": Published("flow_grpo", f"{FF_ZIMAGE}: scheduler.dynamics_type Flow-SDE"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FF_ZIMAGE}: train.adv_clip_range 5.0"),
+    "model.grpo.std_scope": Published("group", f"{FF_ZIMAGE}: train.global_std false"),
+    "model.grpo.kl_beta": Published(0.0, f"{FF_ZIMAGE}: train.kl_beta 0"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FF_ZIMAGE}: train.max_grad_norm 1.0"),
+    "model.lora.rank": Published(64, f"{FF_ZIMAGE}: model.lora_rank 64"),
+    "model.lora.alpha": Published(128, f"{FF_ZIMAGE}: model.lora_alpha 128"),
+    "model.lora.target_modules": Published(
+        sorted(["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]),
+        "X-GenGroup/Flow-Factory src/flow_factory/models/z_image/z_image.py default_target_modules: "
+        "attention.to_{k,q,v,out.0}, feed_forward.w{1,2,3}",
+    ),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FF_ZIMAGE}: train.learning_rate 3.0e-4"),
+    "model.optimizer.init_args.weight_decay": Published(1e-4, f"{FF_ZIMAGE}: train.adam_weight_decay 1.0e-4"),
+    "model.optimizer.init_args.betas": Published([0.9, 0.999], f"{FF_ZIMAGE}: train.adam_betas [0.9, 0.999]"),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FF_ZIMAGE}: train.adam_epsilon 1.0e-8"),
+    "data.group_size": Published(16, f"{FF_ZIMAGE}: train.group_size 16"),
+    "model.backbone.init_args.pretrained_model_name_or_path": Published(
+        "Tongyi-MAI/Z-Image-Turbo",
+        f"{FF_ZIMAGE}: model.model_name_or_path Tongyi-MAI/Z-Image-Turbo",
+    ),
+    "model.backbone.init_args.max_sequence_length": Published(
+        512,
+        "X-GenGroup/Flow-Factory src/flow_factory/models/z_image/z_image.py: _encode_prompt("
+        "max_sequence_length=512)",
+    ),
+    "model.grpo.ratio_variant": Published(
+        "flow_grpo", f"{FF_ZIMAGE}: trainer_type grpo, r = exp(log_prob - old)"
+    ),
+    "model.grpo.clip_range": Published(1e-4, f"{FF_ZIMAGE}: train.clip_range 1.0e-4"),
+    "model.sampling.log_prob_reduction": Published(
+        "mean",
+        "X-GenGroup/Flow-Factory src/flow_factory/scheduler/flow_match_euler_discrete.py: log_prob.mean over "
+        "the latent dimensions",
+    ),
+    "model.sampling.sde_window": Published([1, 4], f"{FF_ZIMAGE}: scheduler.sde_steps [1, 2, 3]"),
+    "model.sampling.sde_window_strategy": Published(
+        "random",
+        "X-GenGroup/Flow-Factory trainers/grpo.py: scheduler.set_seed(epoch + seed), then current_sde_steps "
+        "draws num_sde_steps of sde_steps",
+    ),
+    "model.sampling.sde_window_size": Published(1, f"{FF_ZIMAGE}: scheduler.num_sde_steps 1"),
+    "model.grpo.minibatch_size": Published(1, f"{FF_ZIMAGE}: train.per_device_batch_size 1"),
+    "model.grpo.num_inner_epochs": Published(
+        1,
+        "X-GenGroup/Flow-Factory hparams/training_args.py: num_inner_epochs 1",
+    ),
+    # 48 prompts x 16 samples over 8 ranks = 96 per rank, 1 per minibatch, 2 steps: accumulation 48
+    "model.grpo.gradient_accumulation_steps": Published(48, f"{FF_ZIMAGE}: gradient_step_per_epoch 2 (auto)"),
+    "trainer.devices": Published(8, f"{FF_ZIMAGE}: num_processes 8"),
+    "optimizer_steps_per_iteration": Published(2, f"{FF_ZIMAGE}: train.gradient_step_per_epoch 2"),
+}
+
+
+FF_KONTEXT = "X-GenGroup/Flow-Factory examples/grpo/lora/flux1_kontext/default.yaml (commit b30dc00)"
+FF_KONTEXT_ADAPTER = "X-GenGroup/Flow-Factory src/flow_factory/models/flux/flux1_kontext.py"
+
+KONTEXT_RECIPE = {
+    "model.backbone.init_args.pretrained_model_name_or_path": Published(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        f"{FF_KONTEXT}: model.model_name_or_path = 'black-forest-labs/FLUX.1-Kontext-dev'",
+    ),
+    "model.backbone.init_args.resolution": Published(384, f"{FF_KONTEXT}: train.resolution = 384"),
+    "model.backbone.init_args.condition_image_size": Published(
+        384, f"{FF_KONTEXT}: train.condition_image_size = 384"
+    ),
+    "model.backbone.init_args.max_sequence_length": Published(
+        512, f"{FF_KONTEXT_ADAPTER}: encode_prompt(max_sequence_length=512)"
+    ),
+    "model.sampling.num_inference_steps": Published(10, f"{FF_KONTEXT}: train.num_inference_steps = 10"),
+    "model.sampling.guidance_scale": Published(2.5, f"{FF_KONTEXT}: train.guidance_scale = 2.5"),
+    "model.sampling.noise_level": Published(0.9, f"{FF_KONTEXT}: scheduler.noise_level = 0.9"),
+    "model.sampling.sde_type": Published("flow_grpo", f"{FF_KONTEXT}: scheduler.dynamics_type = Flow-SDE"),
+    "model.sampling.sde_window": Published([1, 4], f"{FF_KONTEXT}: scheduler.sde_steps = [1, 2, 3]"),
+    "model.sampling.sde_window_strategy": Published(
+        "random", f"{FF_KONTEXT}: noise steps randomly selected from scheduler.sde_steps"
+    ),
+    "model.sampling.sde_window_size": Published(1, f"{FF_KONTEXT}: scheduler.num_sde_steps = 1"),
+    "model.grpo.ratio_variant": Published("flow_grpo", f"{FF_KONTEXT}: train.trainer_type = 'grpo'"),
+    "model.grpo.clip_range": Published(1e-4, f"{FF_KONTEXT}: train.clip_range = 1.0e-4"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FF_KONTEXT}: train.adv_clip_range = 5.0"),
+    "model.grpo.std_scope": Published("group", f"{FF_KONTEXT}: train.global_std = false"),
+    "model.grpo.kl_beta": Published(0.0, f"{FF_KONTEXT}: train.kl_beta = 0"),
+    "model.grpo.minibatch_size": Published(1, f"{FF_KONTEXT}: train.per_device_batch_size = 1"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FF_KONTEXT}: optimizers[0].max_grad_norm = 1.0"),
+    "model.lora.rank": Published(64, f"{FF_KONTEXT}: model.lora_rank = 64"),
+    "model.lora.alpha": Published(128, f"{FF_KONTEXT}: model.lora_alpha = 128"),
+    "model.lora.target_modules": Published(
+        sorted(
+            ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+            + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+        ),
+        f"{FF_KONTEXT_ADAPTER}: Flux1KontextAdapter.default_target_modules (target_modules 'default')",
+    ),
+    "model.optimizer.class_path": Published("torch.optim.AdamW", f"{FF_KONTEXT}: optimizers (AdamW)"),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FF_KONTEXT}: optimizers[0].learning_rate = 3.0e-4"),
+    "model.optimizer.init_args.weight_decay": Published(
+        1e-4, f"{FF_KONTEXT}: optimizers[0].weight_decay = 1.0e-4"
+    ),
+    "model.optimizer.init_args.betas": Published([0.9, 0.999], f"{FF_KONTEXT}: optimizers[0].betas"),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FF_KONTEXT}: optimizers[0].eps = 1.0e-8"),
+    "data.group_size": Published(16, f"{FF_KONTEXT}: train.group_size = 16"),
+    "data.image_field": Published(
+        "image", "Flow-Factory README, Image-to-Image: {'prompt': ..., 'image': ...}"
+    ),
+    "trainer.devices": Published(8, f"{FF_KONTEXT}: num_processes = 8"),
+    "seed_everything": Published(42, f"{FF_KONTEXT}: train.seed = 42"),
+    "optimizer_steps_per_iteration": Published(2, f"{FF_KONTEXT}: train.gradient_step_per_epoch = 2"),
+}
+
+
+FF_QWEN_RECIPE = "X-GenGroup/Flow-Factory examples/grpo/lora/qwen_image/default.yaml (a0b2bc5a)"
+FF_QWEN = "X-GenGroup/Flow-Factory src/flow_factory/models/qwen_image/qwen_image.py (a0b2bc5a)"
+FF_CLIP = "X-GenGroup/Flow-Factory src/flow_factory/rewards/clip.py (a0b2bc5a)"
+FF_PICK = "X-GenGroup/Flow-Factory src/flow_factory/rewards/pick_score.py (a0b2bc5a)"
+QWEN_IMAGE_RECIPE = {
+    "model.backbone.class_path": Published(
+        "guardrl.policy.QwenImageBackbone", f"{FF_QWEN_RECIPE}: qwen-image"
+    ),
+    "model.backbone.init_args.pretrained_model_name_or_path": Published(
+        "Qwen/Qwen-Image", f"{FF_QWEN_RECIPE}: model_name_or_path 'Qwen/Qwen-Image or Qwen/Qwen-Image-2512'"
+    ),
+    "model.backbone.init_args.resolution": Published(512, f"{FF_QWEN_RECIPE}: train.resolution 512"),
+    "model.rewards.0.class_path": Published(
+        "guardrl.rewards.CLIPScore", f"{FF_QWEN_RECIPE}: reward_model CLIP"
+    ),
+    "model.rewards.0.init_args.pretrained": Published(
+        "openai/clip-vit-large-patch14", f"{FF_CLIP}: DEFAULT_MODEL"
+    ),
+    "model.rewards.0.init_args.scale": Published(1.0, f"{FF_CLIP}: rewards = cosine similarity"),
+    "model.rewards.0.init_args.clamp_at_zero": Published(False, f"{FF_CLIP}: rewards = cosine similarity"),
+    "model.rewards.0.init_args.weight": Published(1.0, f"{FF_QWEN_RECIPE}: text_alignment weight 1.0"),
+    "model.rewards.1.class_path": Published("guardrl.rewards.PickScore", f"{FF_QWEN_RECIPE}: PickScore"),
+    "model.rewards.1.init_args.scale": Published(26.0, f"{FF_PICK}: scores = scores / 26"),
+    "model.rewards.1.init_args.weight": Published(0.5, f"{FF_QWEN_RECIPE}: pick_score weight 0.5"),
+    "model.sampling.num_inference_steps": Published(10, f"{FF_QWEN_RECIPE}: train.num_inference_steps 10"),
+    "model.sampling.guidance_scale": Published(4.0, f"{FF_QWEN_RECIPE}: train.guidance_scale 4"),
+    "model.sampling.noise_level": Published(1.0, f"{FF_QWEN_RECIPE}: scheduler.noise_level 1.0"),
+    "model.sampling.sde_type": Published("flow_grpo", f"{FF_QWEN_RECIPE}: scheduler.dynamics_type Flow-SDE"),
+    "model.sampling.sde_window": Published(
+        [1, 4], f"{FF_QWEN_RECIPE}: scheduler.sde_steps [1, 2, 3] (steps 1..3 = [1, 4))"
+    ),
+    "model.sampling.sde_window_strategy": Published(
+        "random", f"{FF_QWEN_RECIPE}: 'noise steps are randomly selected from this list during training'"
+    ),
+    "model.sampling.sde_window_size": Published(1, f"{FF_QWEN_RECIPE}: scheduler.num_sde_steps 1"),
+    "model.sampling.log_prob_reduction": Published(
+        "mean", f"{FF_SCHEDULER}: log_prob.mean(dim=tuple(range(1, log_prob.ndim)))"
+    ),
+    "model.grpo.clip_range": Published(1e-4, f"{FF_QWEN_RECIPE}: train.clip_range 1.0e-4"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FF_QWEN_RECIPE}: train.adv_clip_range 5.0"),
+    "model.grpo.kl_beta": Published(0.0, f"{FF_QWEN_RECIPE}: train.kl_beta 0"),
+    "model.grpo.std_scope": Published("group", f"{FF_QWEN_RECIPE}: train.global_std false"),
+    "model.grpo.num_inner_epochs": Published(1, f"{FF_TRAINING_ARGS}: num_inner_epochs default 1"),
+    "model.grpo.minibatch_size": Published(1, f"{FF_QWEN_RECIPE}: train.per_device_batch_size 1"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FF_QWEN_RECIPE}: train.max_grad_norm 1.0"),
+    "optimizer_steps_per_iteration": Published(2, f"{FF_QWEN_RECIPE}: train.gradient_step_per_epoch 2"),
+    "model.lora.rank": Published(64, f"{FF_QWEN_RECIPE}: model.lora_rank 64"),
+    "model.lora.alpha": Published(128, f"{FF_QWEN_RECIPE}: model.lora_alpha 128"),
+    "model.lora.target_modules": Published(
+        sorted(
+            [
+                "attn.to_q",
+                "attn.to_k",
+                "attn.to_v",
+                "attn.to_out.0",
+                "attn.add_q_proj",
+                "attn.add_k_proj",
+                "attn.add_v_proj",
+                "attn.to_add_out",
+                "img_mlp.net.0.proj",
+                "txt_mlp.net.0.proj",
+            ]
+        ),
+        f"{FF_QWEN_RECIPE}: target_modules 'default' = {FF_QWEN} default_target_modules (its "
+        "'img_mlp.net.2.proj' and 'txt_mlp.net.2.proj' match nothing: net.2 is the Linear itself)",
+    ),
+    "model.performance.gradient_checkpointing": Published(
+        True, f"{FF_QWEN_RECIPE}: train.enable_gradient_checkpointing true"
+    ),
+    "model.optimizer.class_path": Published(
+        "torch.optim.AdamW", f"{FF_QWEN_RECIPE}: adam_* settings (AdamW)"
+    ),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FF_QWEN_RECIPE}: train.learning_rate 3.0e-4"),
+    "model.optimizer.init_args.weight_decay": Published(
+        1e-4, f"{FF_QWEN_RECIPE}: train.adam_weight_decay 1e-4"
+    ),
+    "model.optimizer.init_args.betas": Published([0.9, 0.999], f"{FF_QWEN_RECIPE}: train.adam_betas"),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FF_QWEN_RECIPE}: train.adam_epsilon 1.0e-8"),
+    "data.group_size": Published(16, f"{FF_QWEN_RECIPE}: train.group_size 16"),
+    "data.prompts_per_batch": Published(
+        6, f"{FF_QWEN_RECIPE}: unique_sample_num_per_epoch 48 over num_processes 8 = 6 per rank"
+    ),
+    "trainer.devices": Published(8, f"{FF_QWEN_RECIPE}: num_processes 8"),
+    "checkpoint.every_n_iterations": Published(20, f"{FF_QWEN_RECIPE}: log.save_freq 20"),
+    "seed_everything": Published(42, f"{FF_QWEN_RECIPE}: train.seed 42"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
 # The table: recipe file (under configs/) -> guardrl option (as `guardrl fit --print_config` writes it) ->
 # the published number. "optimizer_steps_per_iteration" is derived from the batch settings.
 # --------------------------------------------------------------------------------------------------------
@@ -149,6 +434,10 @@ RECIPES: dict[str, dict[str, Published]] = {
     "sd35m/grpo_guard_geneval.yaml": _grpo_guard_sd35m("geneval_sd3_rationorm", 2e-6),
     "sd35m/grpo_guard_ocr.yaml": _grpo_guard_sd35m("general_ocr_sd3_rationorm", 2e-6),
     "sd35m/grpo_guard_pickscore.yaml": _grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),
+    "flux2_klein/grpo_pickscore.yaml": FLUX2_KLEIN_RECIPE,
+    "qwen_image/grpo_clip_pickscore.yaml": QWEN_IMAGE_RECIPE,
+    "z_image/flow_grpo_pickscore_turbo.yaml": Z_IMAGE_RECIPE,
+    "flux_kontext/flow_grpo_pickscore.yaml": KONTEXT_RECIPE,
     # No published SD3.5-Large GRPO recipe: the Medium one's numbers, the Large weights (the config says so)
     "sd35l/grpo_guard_pickscore.yaml": {
         **_grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),

@@ -9,7 +9,7 @@ backbone must do:
 - noise and images: `initial_noise` (B, ...) with `latent_numel` elements per sample, `decode` gives
   (B, 3, height, width) in [0, 1] float32, also for a non-square height x width;
 - FSDP2: `shard_block_names` names ModuleLists of the transformer that hold most of its parameters;
-- LoRA: the default target modules exist in every block;
+- LoRA: the backbone's default target modules (`lora_targets()`) reach every block;
 - editing: only a backbone that takes conditioning images accepts them;
 - and, for every backbone with a stock diffusers pipeline (the tiny ones build it with the same weights):
   guardrl's ODE sampler with `velocity`, `sigmas` and `decode` reproduces the pipeline's own images for the
@@ -34,7 +34,8 @@ from guardrl.policy.backbones import BACKBONE_OF_PIPELINE
 from guardrl.sampling import sample_rollouts
 from guardrl.sharding import transformer_blocks
 
-PROMPTS = ["a red circle", "a blue square on the left", "a red circle"]
+# the middle prompt is the shortest, so a backbone that pads text to the batch's longest has to pad it
+PROMPTS = ["a red circle on the left", "a blue square", "a red circle on the left"]
 STEPS = 3
 
 
@@ -76,6 +77,21 @@ def _build(name: str, **sizes) -> FlowBackbone:
     return backbone
 
 
+def _images(backbone: FlowBackbone, prompts: list[str]) -> list[torch.Tensor] | None:
+    """An editing backbone's conditioning images, one per prompt (the same prompt, the same image); None for
+    a text-to-image one. Its tiny subclass makes them (`example_condition_images`), of a size its stock
+    pipeline, called with `stock_call_kwargs`, preprocesses as the backbone does."""
+    if not backbone.takes_condition_image:
+        return None
+    distinct = list(dict.fromkeys(prompts))
+    pool = backbone.example_condition_images(len(distinct))
+    return [pool[distinct.index(p)] for p in prompts]
+
+
+def _first(images: list[torch.Tensor] | None, start: int, stop: int) -> list[torch.Tensor] | None:
+    return None if images is None else images[start:stop]
+
+
 def _non_square(name: str) -> dict:
     # a height and a width that differ, both multiples of what each model needs (16 px for all of them)
     return {} if name == "ToyBackbone" else {"height": 128, "width": 96}
@@ -88,6 +104,8 @@ def test_every_production_backbone_has_a_tiny_one_with_a_stock_pipeline():
     for cls in production:
         tiny = [BUILDABLE[name] for name in WITH_STOCK if issubclass(BUILDABLE[name], cls)]
         assert tiny, f"{cls.__name__} has no tiny subclass with a stock_pipeline() in guardrl.policy"
+        if cls.takes_condition_image:
+            assert all(hasattr(t, "example_condition_images") for t in tiny), cls.__name__
         # and a directory saved by its pipeline names it (the error that points users at the right class)
         assert BACKBONE_OF_PIPELINE[cls.pipeline_class.__name__].endswith("." + cls.__name__)
 
@@ -95,7 +113,8 @@ def test_every_production_backbone_has_a_tiny_one_with_a_stock_pipeline():
 @pytest.mark.parametrize("name", sorted(BUILDABLE))
 def test_conditioning_is_named_batch_first_and_independent_of_the_batch(name):
     backbone = _build(name)
-    both = backbone.encode_prompts(PROMPTS, with_negative=backbone.uses_true_cfg)
+    images = _images(backbone, PROMPTS)
+    both = backbone.encode_prompts(PROMPTS, with_negative=backbone.uses_true_cfg, images=images)
     assert len(both) == len(PROMPTS) and both.tensors
     for side in (both.tensors, both.negative or {}):
         for tensor in side.values():
@@ -103,10 +122,15 @@ def test_conditioning_is_named_batch_first_and_independent_of_the_batch(name):
     if backbone.uses_true_cfg:
         assert both.negative is not None and set(both.negative) == set(both.tensors)
     fresh = _build(name)
-    alone = fresh.encode_prompts(PROMPTS[1:2], with_negative=False)
+    alone = fresh.encode_prompts(PROMPTS[1:2], with_negative=False, images=_first(images, 1, 2))
     picked = both.select(torch.tensor([1]))
     for key, tensor in alone.tensors.items():
-        assert torch.equal(picked.tensors[key], tensor), key  # bitwise, whatever the batch or cache history
+        # bitwise, whatever the batch or cache history; a backbone that pads variable-length text to the
+        # batch's longest (collate) may only add zeros after the prompt's own tokens (and a mask of 0)
+        row, length = picked.tensors[key], tensor.shape[1]  # every tensor is (B, ...) with ndim >= 2
+        assert row.shape[0] == 1 and row.shape[2:] == tensor.shape[2:], key
+        assert torch.equal(row[:, :length], tensor), key
+        assert not row[:, length:].any(), key
     for key, tensor in both.tensors.items():
         assert torch.equal(tensor[0], tensor[2]), key  # the same prompt twice: the same rows
 
@@ -118,7 +142,8 @@ def test_noise_velocity_and_images_have_the_configured_shape(name):
     height, width = sizes.get("height", backbone.height), sizes.get("width", backbone.width)
     noise = backbone.initial_noise(2, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert noise.shape[0] == 2 and noise[0].numel() == backbone.latent_numel()
-    cond = backbone.encode_prompts(PROMPTS[:2], with_negative=backbone.uses_true_cfg)
+    images = _first(_images(backbone, PROMPTS), 0, 2)
+    cond = backbone.encode_prompts(PROMPTS[:2], with_negative=backbone.uses_true_cfg, images=images)
     with torch.no_grad():
         velocity = backbone.velocity(noise, 0.7, cond, guidance_scale=1.0)
         images = backbone.decode(noise)
@@ -137,10 +162,14 @@ def test_shard_blocks_hold_the_transformer_and_lora_targets_are_in_every_block(n
     in_blocks = sum(p.numel() for block in blocks for p in block.parameters())
     total = sum(p.numel() for p in transformer.parameters())
     assert len(blocks) >= 1 and in_blocks > total / 2, (in_blocks, total)
-    targets = LoraSpec().target_modules
+    # lora.target_modules null: the backbone's targets, matched as peft matches them (a full module name or
+    # a dotted suffix of one), must reach every block
+    targets = LoraSpec().for_backbone(backbone).target_modules
+    full_names = {id(module): name for name, module in transformer.named_modules()}
     for block in blocks:
-        names = {n for n, _ in block.named_modules()}
-        assert any(n == t or n.endswith("." + t) for n in names for t in targets), type(block).__name__
+        prefix = full_names[id(block)]
+        names = {f"{prefix}.{n}" for n, _ in block.named_modules() if n}
+        assert any(n == t or n.endswith("." + t) for n in names for t in targets), prefix
 
 
 @pytest.mark.parametrize("name", sorted(BUILDABLE))
@@ -156,7 +185,7 @@ def test_conditioning_images_only_where_the_backbone_takes_them(name):
 
 def _guardrl_images(backbone, noise, guidance_scale):
     with_negative = backbone.uses_true_cfg and guidance_scale > 1.0
-    cond = backbone.encode_prompts(PROMPTS, with_negative=with_negative)
+    cond = backbone.encode_prompts(PROMPTS, with_negative=with_negative, images=_images(backbone, PROMPTS))
     sigmas = backbone.sigmas(STEPS)
 
     def velocity_fn(latents, t, k):
@@ -174,9 +203,11 @@ def test_the_ode_sampler_reproduces_the_stock_pipeline_non_square(name, guidance
     noise = backbone.initial_noise(len(PROMPTS), torch.Generator().manual_seed(1), torch.device("cpu"))
     ours = _guardrl_images(backbone, noise, guidance_scale)
     pipe = backbone.stock_pipeline()
+    images = _images(backbone, PROMPTS)
     with torch.no_grad():
         stock = pipe(
-            prompt=PROMPTS,
+            **({} if images is None else {"image": torch.stack(images)}),
+            prompt=list(PROMPTS),  # a copy: ZImagePipeline rewrites the list it is given in place
             latents=noise,
             height=backbone.height,
             width=backbone.width,

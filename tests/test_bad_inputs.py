@@ -46,7 +46,18 @@ from guardrl.suggestions import did_you_mean
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
 from guardrl.perf import PerformanceOptions
-from guardrl.policy import FluxBackbone, LoraSpec, RandomSD35MediumBackbone, SD3Backbone, TinySD3Backbone
+from guardrl.policy import (
+    Flux2KleinBackbone,
+    FluxBackbone,
+    LoraSpec,
+    RandomSD35MediumBackbone,
+    SD3Backbone,
+    TinyFluxKontextBackbone,
+    TinySD3Backbone,
+)
+from guardrl.policy.flux2 import TinyFlux2KleinBackbone
+from guardrl.policy.qwen_image import QwenImageBackbone, RandomQwenImageBackbone, TinyQwenImageBackbone
+from guardrl.policy.z_image import RandomZImageTurboBackbone, TinyZImageBackbone
 from guardrl.rewards import JpegCompressibility, RemoteReward, Reward, RewardError
 from guardrl.sampling import flow_match_sigmas, noise_scales, reduce_elements, sample_rollouts
 from tests.conftest import REPO_ROOT, tiny_fit_args
@@ -98,6 +109,14 @@ def data_setup(name: str | None, content: str | bytes | None = None, world_size:
         dm.setup("fit")
 
     return trigger
+
+
+EDIT_LINE = '{"prompt": "a cat", "image": "%s"}\n'
+
+
+def _png_named(tmp_path, name, content=None):
+    """A directory called `name` (content None) or a file with `content`, next to the prompt file."""
+    (tmp_path / name).mkdir() if content is None else write(tmp_path, name, content)
 
 
 def data_setup_on_directory(tmp_path):
@@ -404,7 +423,8 @@ CATALOGUE = [
          r"grpo\.num_train_timesteps", r"=5", r"<= 3 \(the SDE steps of sampling\.sde_window=\[0, 3\]\)"),
     Case("combo-train-timesteps-vs-moving-window", "combinations",
          "trains more timesteps than a moving window has",
-         build(check_compatible, S(sde_window_strategy="random", sde_window_size=3), G(num_train_timesteps=4)),
+         build(check_compatible, S(sde_window_strategy="random", sde_window_size=3),
+               G(num_train_timesteps=4)),
          r"grpo\.num_train_timesteps", r"=4", r"<= 3 .*sampling\.sde_window_size=3"),
     Case("combo-clip-range-units", "combinations",
          "sets a per_sqrt_element clip range that exceeds 1 with sum",
@@ -477,6 +497,27 @@ CATALOGUE = [
          r"rollout_chunks=1", r"needs performance\.rollout_chunks >= 2"),
 
     # ----- data: the module's options and the prompt files
+    Case("data-image-field-empty", "data", "sets data.image_field ''",
+         build(PromptDataModule, "p.jsonl", image_field=""), r"data\.image_field", r"''",
+         r"null \(text-to-image\) or a non-empty string"),
+    Case("data-image-field-txt", "data", "sets data.image_field with a .txt prompt file",
+         data_setup("p.txt", "a cat\n", image_field="image"), r"data\.image_field", r"'image'.*p\.txt",
+         r"needs a \.jsonl prompt file"),
+    Case("prompts-image-field-absent", "data", "has a .jsonl line without the image field",
+         data_setup("p.jsonl", '{"prompt": "a cat", "img": "a.png"}\n', image_field="image"),
+         r"data\.image_field='image'", r"line 1 .*keys \['img', 'prompt'\]",
+         r"every line needs a non-empty string path"),
+    Case("prompts-image-missing", "data", "names a conditioning image that does not exist",
+         data_setup("p.jsonl", EDIT_LINE % "missing.png", image_field="image"), r"data\.image_field",
+         r"line 1 of .*p\.jsonl.*missing\.png", r"no such file; it must be an existing image file"),
+    Case("prompts-image-unreadable", "data", "names a conditioning image that is not an image",
+         lambda tmp_path: (_png_named(tmp_path, "fake.png", "not an image"),
+                           data_setup("p.jsonl", EDIT_LINE % "fake.png", image_field="image")(tmp_path)),
+         r"data\.image_field", r"line 1 of .*fake\.png", r"not a readable image .*PIL can open"),
+    Case("prompts-image-directory", "data", "names a directory as a conditioning image",
+         lambda tmp_path: (_png_named(tmp_path, "d.png"),
+                           data_setup("p.jsonl", EDIT_LINE % "d.png", image_field="image")(tmp_path)),
+         r"data\.image_field", r"line 1 of .*d\.png", r"a directory; it must be an existing image file"),
     Case("data-group-size-1", "data", "sets data.group_size 1",
          build(PromptDataModule, "p.txt", group_size=1), r"data\.group_size", r"\b1\b",
          r"integer >= 2 \(a group-relative advantage"),
@@ -562,6 +603,55 @@ CATALOGUE = [
          r"=120", r"multiple of 16 .* e\.g\. 112 or 128"),
     Case("backbone-width-small", "backbone", "asks for 8-pixel-wide images", build(TinySD3Backbone, width=8),
          r"model\.backbone\.init_args\.width", r"\b8\b", r"integer >= 16"),
+    Case("backbone-klein-out-layers", "backbone", "gives FLUX.2-klein text_encoder_out_layers a word",
+         build(Flux2KleinBackbone, "x", text_encoder_out_layers="9"),
+         r"model\.backbone\.init_args\.text_encoder_out_layers", r"'9'", r"non-empty list of integers >= 0"),
+    Case("backbone-klein-out-layers-deep", "backbone", "asks FLUX.2-klein for a Qwen3 layer it does not have",
+         lambda t: TinyFlux2KleinBackbone(text_encoder_out_layers=[1, 2, 4]).load(),
+         r"model\.backbone\.init_args\.text_encoder_out_layers", r"\[1, 2, 4\]", r"must be in \[0, 3\]"),
+    Case("backbone-klein-out-layers-width", "backbone",
+         "stacks fewer Qwen3 layers than the FLUX.2-klein transformer takes",
+         lambda t: TinyFlux2KleinBackbone(text_encoder_out_layers=[1, 2]).load(),
+         r"model\.backbone\.init_args\.text_encoder_out_layers", r"\[1, 2\]",
+         r"takes 48 \(joint_attention_dim\): give 3 layers"),
+    Case("backbone-klein-tiny-distilled", "backbone", "gives the tiny FLUX.2-klein `is_distilled: \"yes\"`",
+         build(TinyFlux2KleinBackbone, is_distilled="yes"), r"model\.backbone\.init_args\.is_distilled",
+         r"'yes'", r"true or false"),
+    Case("backbone-z-image-sequence-rope", "backbone",
+         "sets a Z-Image max_sequence_length beyond the transformer's RoPE table",
+         lambda t: RandomZImageTurboBackbone(small=True, resolution=64, max_sequence_length=1505).load(),
+         r"model\.backbone\.init_args\.max_sequence_length", r"=1505", r"at most 1504"),
+    Case("backbone-z-image-resolution-rope", "backbone", "asks Z-Image for images larger than its RoPE table",
+         lambda t: TinyZImageBackbone(resolution=1024).load(), r"model\.backbone\.init_args\.resolution",
+         r"=1024", r"at most 512 pixels"),
+    Case("backbone-condition-image-size-small", "backbone", "sets condition_image_size 8",
+         build(TinyFluxKontextBackbone, condition_image_size=8),
+         r"model\.backbone\.init_args\.condition_image_size", r"\b8\b", r"null .* or an integer >= 16"),
+    Case("backbone-condition-image-size-multiple", "backbone", "sets condition_image_size 40",
+         lambda tmp_path: TinyFluxKontextBackbone(condition_image_size=40).load(),
+         r"model\.backbone\.init_args\.condition_image_size", r"=40\b", r"multiple of 16.*32 or 48"),
+    Case("backbone-condition-images-mixed-sizes", "backbone",
+         "gives one batch images that resize to different sizes",
+         lambda tmp_path: TinyFluxKontextBackbone().collate(
+             [{"image_latents": torch.zeros(1, 4, 16)}, {"image_latents": torch.zeros(1, 8, 16)}]),
+         r"model\.backbone\.init_args\.condition_image_size", r"\[\(4, 16\), \(8, 16\)\]",
+         r"images of one aspect ratio"),
+    Case("backbone-qwen-sequence-length", "backbone", "sets max_sequence_length 2048 for Qwen-Image",
+         build(QwenImageBackbone, "x", max_sequence_length=2048),
+         r"model\.backbone\.init_args\.max_sequence_length", r"\b2048\b", r"integer in \[1, 1024\]"),
+    Case("backbone-qwen-resolution-vae", "backbone",
+         "asks Qwen-Image for a resolution the VAE and patching cannot take",
+         lambda t: TinyQwenImageBackbone(resolution=120).load(), r"model\.backbone\.init_args\.resolution",
+         r"=120", r"multiple of 16 .* e\.g\. 112 or 128"),
+    Case("backbone-qwen-tiny-layers", "backbone", "builds the tiny Qwen-Image with 0 layers",
+         build(TinyQwenImageBackbone, num_layers=0), r"model\.backbone\.init_args\.num_layers", r"\b0\b",
+         r"integer >= 1"),
+    Case("backbone-qwen-random-small", "backbone", "gives RandomQwenImageBackbone `small: \"yes\"`",
+         build(RandomQwenImageBackbone, small="yes"), r"model\.backbone\.init_args\.small", r"'yes'",
+         r"true or false"),
+    Case("backbone-wrong-pipeline-qwen", "backbone", "loads a Qwen-Image directory with SD3Backbone",
+         pipeline_dir('{"_class_name": "QwenImagePipeline"}'), r"pretrained_model_name_or_path",
+         r"QwenImagePipeline", r"use model\.backbone\.class_path: guardrl\.policy\.QwenImageBackbone"),
     Case("backbone-resolution-small", "backbone", "asks for 8-pixel images",
          build(TinySD3Backbone, resolution=8),
          r"resolution", r"\b8\b", r"integer >= 16"),

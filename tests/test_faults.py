@@ -70,9 +70,7 @@ def test_nan_reward_skips_the_update_counts_it_and_the_run_continues(prompt_file
     )
     model = cli.model
     assert (
-        model.num_iterations == 3
-        and model.num_skipped_updates == 1
-        and model.skipped_updates.in_a_row == 0
+        model.num_iterations == 3 and model.num_skipped_updates == 1 and model.skipped_updates.in_a_row == 0
     )
     assert _scalars(tmp_path, "train/skipped_update") == [(0, 0.0), (1, 1.0), (2, 0.0)]
     assert _scalars(tmp_path, "train/num_skipped_updates") == [(0, 0.0), (1, 1.0), (2, 1.0)]

@@ -40,6 +40,7 @@ DATA_SETTINGS = (
     "prompts_per_batch",
     "batch_size",
     "prompt_field",
+    "image_field",
     "shuffle_buffer_size",
     "seed",
 )

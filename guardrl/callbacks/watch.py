@@ -104,6 +104,13 @@ class OverOptimizationWatch(Callback):
 
     # ----- when
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.backbone.takes_condition_image:
+            # its evaluation prompts carry no conditioning images: it cannot sample an editing model
+            raise ValueError(
+                f"OverOptimizationWatch: {type(pl_module.backbone).__name__} edits images, and the watch's "
+                "eval_prompts have no conditioning images; remove the watch from trainer.callbacks for "
+                "editing runs"
+            )
         if self.reference is None:
             self._evaluate(trainer, pl_module, iteration=pl_module.num_iterations)
 

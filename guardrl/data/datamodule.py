@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from guardrl.data.prompts import PromptStream, check_prompt_file, count_prompts
+from guardrl.data.prompts import PromptStream, check_image_field, check_prompt_file, count_prompts
 
 
 def _is_int(value) -> bool:
@@ -21,6 +21,7 @@ class PromptDataModule(L.LightningDataModule):
         prompt_field: str = "prompt",
         shuffle_buffer_size: int = 0,
         seed: int = 0,
+        image_field: str | None = None,
     ) -> None:
         """
         Args:
@@ -31,6 +32,8 @@ class PromptDataModule(L.LightningDataModule):
             prompt_field: the key of the prompt in a .jsonl line.
             shuffle_buffer_size: shuffle within a buffer of this many prompts (0: file order).
             seed: seed of the shuffle.
+            image_field: editing models: the key of each prompt's conditioning image path in a .jsonl line
+                (relative to the .jsonl file's directory, or absolute); null: text-to-image.
         """
         super().__init__()
         if not _is_int(group_size) or group_size < 2:
@@ -49,6 +52,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.prompt_field must be a non-empty string (the .jsonl key), got {prompt_field!r}"
             )
+        check_image_field(image_field)
+        self.image_field = image_field
         self.train_prompts = train_prompts
         self.group_size = group_size
         self.prompts_per_batch = prompts_per_batch
@@ -65,9 +70,12 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         # Checked here, before the model loads its weights, rather than when the first batch is read.
         check_prompt_file(self.train_prompts)
+        check_image_field(self.image_field, self.train_prompts)
         world_size = self.trainer.world_size if self.trainer is not None else 1
         # Reads at most world_size prompts: the file is never loaded whole.
-        found = count_prompts(self.train_prompts, self.prompt_field, limit=max(world_size, 1))
+        found = count_prompts(
+            self.train_prompts, self.prompt_field, limit=max(world_size, 1), image_field=self.image_field
+        )
         if found == 0:
             raise ValueError(
                 f"data.train_prompts={self.train_prompts!r} contains no prompt (empty, or only blank "
@@ -92,6 +100,7 @@ class PromptDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
             start_position=self.start_position,
+            image_field=self.image_field,
         )
         # batch_size=None: the stream yields whole PromptBatches; reading lines needs no worker processes.
         return DataLoader(stream, batch_size=None, num_workers=0)

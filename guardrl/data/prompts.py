@@ -4,6 +4,10 @@ Formats: `.txt` (one prompt per line; blank lines skipped) and `.jsonl` (one JSO
 under `prompt_field`). The stream is endless: after the last prompt it starts the file again (epoch + 1).
 Shuffling, when asked, uses a bounded buffer seeded by (seed, epoch), so order is reproducible without
 holding the file in memory.
+
+Editing models (data.image_field): each .jsonl line also names a conditioning image under `image_field`, a
+path relative to the .jsonl file's directory (or absolute). The stream carries paths; a batch's images are
+read when the batch is built (each once, repeated group_size times like its prompt), never all at once.
 """
 
 from __future__ import annotations
@@ -12,12 +16,63 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset
 
 from guardrl.types import PromptBatch
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+IMAGE_OPTION = "data.image_field"
+
+
+class PromptRecord(NamedTuple):
+    """One prompt of a file: its text, its 1-based line number, and (data.image_field set) the resolved path
+    of its conditioning image."""
+
+    prompt: str
+    line_number: int
+    image_path: str | None = None
+
+
+def check_image_field(image_field, path: str | None = None) -> None:
+    """data.image_field is null (text-to-image) or a non-empty .jsonl key, and needs a .jsonl prompt file."""
+    if image_field is None:
+        return
+    if not isinstance(image_field, str) or not image_field:
+        raise ValueError(
+            f"{IMAGE_OPTION} must be null (text-to-image) or a non-empty string (the .jsonl key of each "
+            f"prompt's conditioning image path), got {image_field!r}"
+        )
+    if path is not None and not str(path).endswith(".jsonl"):
+        raise ValueError(
+            f"{IMAGE_OPTION}={image_field!r} needs a .jsonl prompt file (one JSON object per line, the image "
+            f"path under {image_field!r}), but data.train_prompts={path!r} is not one"
+        )
+
+
+def load_condition_image(record: PromptRecord, source: str) -> torch.Tensor:
+    """The conditioning image of `record` (a line of the prompt file `source`): (3, H, W) float32 in [0, 1],
+    RGB."""
+    where = f"{IMAGE_OPTION}: line {record.line_number} of {source!r} names the image {record.image_path!r}"
+    if not os.path.isfile(record.image_path):
+        what = "a directory" if os.path.isdir(record.image_path) else "no such file"
+        raise ValueError(
+            f"{where}: {what}; it must be an existing image file (PNG, JPEG, ...; a relative path is read "
+            "from the .jsonl file's directory)"
+        )
+    try:
+        with Image.open(record.image_path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{where}, which is not a readable image ({type(e).__name__}: {e}): it must be an image file "
+            "that PIL can open (PNG, JPEG, WebP, ...)"
+        ) from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
 
 
 def check_prompt_file(path: str, option: str = "data.train_prompts") -> None:
@@ -38,10 +93,15 @@ def check_prompt_file(path: str, option: str = "data.train_prompts") -> None:
         )
 
 
-def count_prompts(path: str, prompt_field: str = "prompt", limit: int | None = None) -> int:
-    """How many prompts the file holds, reading at most `limit` of them (the file is never loaded whole)."""
+def count_prompts(
+    path: str, prompt_field: str = "prompt", limit: int | None = None, image_field: str | None = None
+) -> int:
+    """How many prompts the file holds, reading at most `limit` of them (the file is never loaded whole).
+    With `image_field`, the images of the prompts read are opened too, so that a bad one fails early."""
     count = 0
-    for _ in iter_prompt_file(path, prompt_field):
+    for record in iter_prompt_records(path, prompt_field, image_field):
+        if image_field is not None:
+            load_condition_image(record, path)
         count += 1
         if limit is not None and count >= limit:
             break
@@ -52,7 +112,20 @@ def iter_prompt_file(
     path: str, prompt_field: str = "prompt", option: str = "data.train_prompts"
 ) -> Iterator[str]:
     """Yield the prompts of a file in order, one line at a time."""
+    for record in iter_prompt_records(path, prompt_field, None, option):
+        yield record.prompt
+
+
+def iter_prompt_records(
+    path: str,
+    prompt_field: str = "prompt",
+    image_field: str | None = None,
+    option: str = "data.train_prompts",
+) -> Iterator[PromptRecord]:
+    """Yield the `PromptRecord`s of a file in order, one line at a time (image paths resolved, not read)."""
     is_jsonl = path.endswith(".jsonl")
+    check_image_field(image_field, path)
+    base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
@@ -67,7 +140,7 @@ def iter_prompt_file(
             if not line:
                 continue
             if not is_jsonl:
-                yield line
+                yield PromptRecord(line, line_number)
                 continue
             try:
                 record = json.loads(line)
@@ -92,7 +165,22 @@ def iter_prompt_file(
                     f"{option}={path!r}: line {line_number} has an empty {prompt_field!r}: every JSON line "
                     "must hold a non-empty prompt"
                 )
-            yield record[prompt_field]
+            image_path = None
+            if image_field is not None:
+                image_path = record.get(image_field)
+                if not isinstance(image_path, str) or not image_path.strip():
+                    found = (
+                        f"{repr(image_path)[:40]} under {image_field!r}"
+                        if image_field in record
+                        else f"keys {sorted(record)[:8]}"
+                    )
+                    raise ValueError(
+                        f"{IMAGE_OPTION}={image_field!r}: line {line_number} of {path!r} has no image path "
+                        f"(found {found}): with data.image_field set, every line needs a non-empty string "
+                        f"path under {image_field!r} (relative to the .jsonl file's directory, or absolute)"
+                    )
+                image_path = os.path.join(base, os.path.expanduser(image_path))
+            yield PromptRecord(record[prompt_field], line_number, image_path)
 
 
 class PromptStream(IterableDataset):
@@ -100,7 +188,7 @@ class PromptStream(IterableDataset):
 
     Rank r of W takes the prompts whose index in the (shuffled) pass satisfies i % W == r, so every group
     lives on one rank. Each batch holds `prompts_per_batch` distinct prompts, each repeated `group_size`
-    times.
+    times; with `image_field`, their conditioning images too (read when the batch is built).
     """
 
     def __init__(
@@ -114,7 +202,9 @@ class PromptStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start_position: int = 0,
+        image_field: str | None = None,
     ) -> None:
+        check_image_field(image_field, path)
         self.path = path
         self.group_size = group_size
         self.prompts_per_batch = prompts_per_batch
@@ -124,30 +214,31 @@ class PromptStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.start_position = start_position
+        self.image_field = image_field
 
-    def _one_pass(self, epoch: int) -> Iterator[str]:
-        prompts = iter_prompt_file(self.path, self.prompt_field)
+    def _one_pass(self, epoch: int) -> Iterator[PromptRecord]:
+        records = iter_prompt_records(self.path, self.prompt_field, self.image_field)
         if self.shuffle_buffer_size <= 1:
-            yield from prompts
+            yield from records
             return
         rng = random.Random(f"{self.seed}-{epoch}")
-        buffer: list[str] = []
-        for prompt in prompts:
-            buffer.append(prompt)
+        buffer: list[PromptRecord] = []  # records hold image paths, never images
+        for record in records:
+            buffer.append(record)
             if len(buffer) >= self.shuffle_buffer_size:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
-    def _rank_prompts(self) -> Iterator[tuple[int, int, str]]:
-        """(epoch, global index within the pass, prompt) for this rank, forever."""
+    def _rank_prompts(self) -> Iterator[tuple[int, int, PromptRecord]]:
+        """(epoch, global index within the pass, record) for this rank, forever."""
         epoch = 0
         while True:
             found = False
-            for index, prompt in enumerate(self._one_pass(epoch)):
+            for index, record in enumerate(self._one_pass(epoch)):
                 if index % self.world_size == self.rank:
                     found = True
-                    yield epoch, index, prompt
+                    yield epoch, index, record
             if not found:
                 raise ValueError(
                     f"data.train_prompts={self.path!r} has no prompt for rank {self.rank} of "
@@ -158,14 +249,21 @@ class PromptStream(IterableDataset):
 
     def __iter__(self) -> Iterator[PromptBatch]:
         position = 0
-        pending: list[tuple[int, int, str]] = []
-        for item in self._rank_prompts():
+        pending: list[PromptRecord] = []
+        for _, _, record in self._rank_prompts():
             position += 1
             if position <= self.start_position:
-                continue  # resuming: skip what an earlier run consumed
-            pending.append(item)
+                continue  # resuming: skip what an earlier run consumed (its images are never read)
+            pending.append(record)
             if len(pending) < self.prompts_per_batch:
                 continue
-            prompts = [p for _, _, p in pending for _ in range(self.group_size)]
-            yield PromptBatch(prompts=prompts, group_size=self.group_size, stream_position=position)
+            prompts = [r.prompt for r in pending for _ in range(self.group_size)]
+            images = None
+            if self.image_field is not None:
+                # each image read once, the same tensor repeated for its group
+                images = [load_condition_image(r, self.path) for r in pending]
+                images = [image for image in images for _ in range(self.group_size)]
+            yield PromptBatch(
+                prompts=prompts, group_size=self.group_size, stream_position=position, images=images
+            )
             pending = []

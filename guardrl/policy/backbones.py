@@ -67,6 +67,10 @@ OPTION = "model.backbone.init_args"
 BACKBONE_OF_PIPELINE = {
     "StableDiffusion3Pipeline": "guardrl.policy.SD3Backbone",
     "FluxPipeline": "guardrl.policy.FluxBackbone",
+    "QwenImagePipeline": "guardrl.policy.QwenImageBackbone",
+    "Flux2KleinPipeline": "guardrl.policy.Flux2KleinBackbone",
+    "FluxKontextPipeline": "guardrl.policy.FluxKontextBackbone",
+    "ZImagePipeline": "guardrl.policy.ZImageBackbone",
 }
 
 
@@ -197,7 +201,11 @@ class FlowBackbone(nn.Module):
                 module.eval()
                 setattr(self, name, module)  # registered as a child: moved by Lightning, in state_dict
         self._pipe = pipe
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        # the pipeline's own factor (SD3, Flux, Qwen-Image, ... define it; Qwen-Image's VAE has no
+        # block_out_channels), else the VAE's downsampling blocks
+        vae_scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (
+            len(pipe.vae.config.block_out_channels) - 1
+        )
         self.vae_scale_factor = vae_scale
         multiple = vae_scale * self.latent_patch_multiple
         for option, size in (("height", self.height), ("width", self.width)):
@@ -284,6 +292,11 @@ class FlowBackbone(nn.Module):
     # Editing models take a conditioning image per prompt (encode_prompts(..., images=...)).
     takes_condition_image = False
 
+    def lora_targets(self) -> list[str]:
+        """The modules LoRA adapts when lora.target_modules is null (peft names: a module name or a dotted
+        suffix). They must reach every block in `shard_block_names` (the contract test checks it)."""
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+
     def _encode(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """The conditioning tensors of `prompts` (each (B, ...), named as `_transformer_forward` reads them)
         from the frozen text encoders (on `device` while this runs). Called with one prompt at a time."""
@@ -341,9 +354,12 @@ class FlowBackbone(nn.Module):
         take one conditioning image (3, H, W) in [0, 1] per prompt."""
         if (images is not None) != self.takes_condition_image:
             needs = (
-                "needs a conditioning image per prompt" if self.takes_condition_image else "takes no images"
+                "needs a conditioning image per prompt: set data.image_field (a JSONL prompt file with an "
+                "image path on every line)"
+                if self.takes_condition_image
+                else "takes no images: set data.image_field to null, or use an editing backbone"
             )
-            raise ValueError(f"{type(self).__name__} {needs} (prompts with an 'image' field)")
+            raise ValueError(f"{type(self).__name__} {needs}")
         device = self.transformer.device
         unique = list(dict.fromkeys(prompts + ([""] if with_negative else [])))
         missing = [p for p in unique if p not in self._prompt_cache]
@@ -430,8 +446,13 @@ class FlowBackbone(nn.Module):
                 .float()
                 .chunk(2)
             )
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
+            return self._guide(v_uncond, v_cond, guidance_scale)
         return self._transformer_forward(transformer, x, t_B, cond.tensors, guidance_scale).float()
+
+    def _guide(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the two float32 velocities; a backbone whose pipeline guides otherwise
+        (Qwen-Image rescales the result) overrides this."""
+        return v_uncond + scale * (v_cond - v_uncond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], float32."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 from peft import LoraConfig
 
@@ -22,8 +25,10 @@ class LoraSpec:
     """Adapter rank r (FlowGRPO SD3.5 recipes: 32; Flux: 64)."""
     alpha: float = 64.0
     """lora_alpha; the update is scaled by alpha / rank."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Leaf module names to adapt (diffusers attention projections by default)."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt (peft: a name or a dotted suffix). null: the backbone's `lora_targets()`, the
+    diffusers attention projections to_q, to_k, to_v, to_out.0 for most models (FLUX.2 adds its single
+    blocks' fused projections)."""
     dropout: float = 0.0
     """Must be 0: the policy runs in eval mode (dropout would make the recomputed mean differ from the
     rollout's), so a LoRA dropout would never be applied. Kept as an option only to refuse it clearly."""
@@ -39,14 +44,14 @@ class LoraSpec:
                 "lora.alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
                 f"{self.alpha!r}"
             )
-        if (
+        if self.target_modules is not None and (
             isinstance(self.target_modules, str)
             or not self.target_modules
             or not all(isinstance(m, str) and m for m in self.target_modules)
         ):
             raise ValueError(
                 "lora.target_modules must be a non-empty list of module names (e.g. [to_q, to_k, to_v, "
-                "to_out.0]), "
+                "to_out.0]) or null (the backbone's), "
                 f"got {self.target_modules!r}"
             )
         if not (_is_number(self.dropout) and self.dropout == 0.0):
@@ -63,7 +68,15 @@ class LoraSpec:
                 f"base model and the reference is the base model), got {self.init!r}"
             )
 
+    def for_backbone(self, backbone) -> LoraSpec:
+        """This spec with null target_modules resolved to the backbone's `lora_targets()`."""
+        if self.target_modules is not None:
+            return self
+        return dataclasses.replace(self, target_modules=list(backbone.lora_targets()))
+
     def to_peft_config(self) -> LoraConfig:
+        if self.target_modules is None:
+            raise ValueError("lora.target_modules is null: resolve it with LoraSpec.for_backbone(backbone)")
         init = True if self.init == "default" else self.init
         return LoraConfig(
             r=self.rank,

@@ -61,6 +61,8 @@ class FlowPolicy(nn.Module):
         self.backbone.load()
         transformer = self.backbone.transformer
         if self.lora is not None:
+            # lora.target_modules null: the backbone's own targets (known only once it is loaded)
+            self.lora = self.lora.for_backbone(self.backbone)
             config = self.lora.to_peft_config()
             names = ["default", "old"] + (["ema"] if self.ema_decay is not None else [])
             with warnings.catch_warnings():

@@ -20,8 +20,20 @@ from guardrl.algorithm.ratios import RATIO_VARIANTS
 from guardrl.toy.benchmark_recorder import BenchmarkRecorder
 from guardrl.toy.files import write_json_atomic
 
-# Every registered ratio variant and the null control; each runs configs/toy/<name>.yaml.
-VARIANTS = (*RATIO_VARIANTS, "null_control")
+# The repository's toy configs (the commands' --configs default, run from the repository root).
+TOY_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "toy")
+
+
+def _benchmarked(variants) -> tuple[str, ...]:
+    # A registered variant joins the benchmark with its configs/toy/<name>.yaml (CONTRIBUTING.md, "add a
+    # ratio variant"); without the repository's configs at hand, every registered one.
+    if not os.path.isdir(TOY_CONFIGS):
+        return tuple(variants)
+    return tuple(v for v in variants if os.path.isfile(os.path.join(TOY_CONFIGS, f"{v}.yaml")))
+
+
+# The registered ratio variants with a toy config, and the null control; each runs configs/toy/<name>.yaml.
+VARIANTS = (*_benchmarked(RATIO_VARIANTS), "null_control")
 CLIP_MODES = ("published", "matched")
 
 
