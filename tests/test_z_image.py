@@ -6,12 +6,11 @@ resume, LoRA export into the stock pipeline, the published 6B shapes, the recipe
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, tiny_fit_args
+from conftest import tiny_fit_args
 from guardrl.cli import main
 from guardrl.export import export_lora
 from guardrl.policy import FlowPolicy, LoraSpec, SD3Backbone, ZImageBackbone
@@ -23,7 +22,6 @@ from guardrl.policy.z_image import (
     make_tiny_z_image_pipeline,
 )
 from guardrl.sampling import sample_rollouts
-from tests.published_recipes import Z_IMAGE_RECIPE
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 
@@ -300,42 +298,9 @@ def test_small_random_z_image_captions_are_a_fixed_function_of_prompt_and_seed()
     assert not torch.equal(embed(["a dog"], seed=1)["prompt_embeds"][0], first["prompt_embeds"][1])
 
 
-# ----- the recipe
+# ----- the recipe: tests/published_recipes.py (Z_IMAGE_RECIPE), checked by tests/test_cli.py
 
-
-RECIPE = os.path.join("configs", "z_image", "flow_grpo_pickscore_turbo.yaml")
-
-
-def test_recipe_parses_through_the_cli(monkeypatch, capsys):
-    import yaml
-
-    from guardrl.checks import check_batch_sizes
-    from guardrl.options import GRPOOptions, SamplingOptions, check_compatible
-
-    monkeypatch.chdir(REPO_ROOT)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", RECIPE, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
-    model, data = config["model"], config["data"]
-    grpo = GRPOOptions(**model["grpo"])
-    check_compatible(SamplingOptions(**model["sampling"]), grpo)
-    check_batch_sizes(grpo, data["prompts_per_batch"], data["group_size"])
-    assert model["backbone"]["class_path"] == "guardrl.policy.ZImageBackbone"
-    assert model["backbone"]["init_args"]["pretrained_model_name_or_path"] == "Tongyi-MAI/Z-Image-Turbo"
-    samples = data["prompts_per_batch"] * data["group_size"]
-    steps = grpo.num_inner_epochs * (samples // grpo.minibatch_size) // grpo.gradient_accumulation_steps
-    assert len(Z_IMAGE_RECIPE) >= 10
-    for option, row in Z_IMAGE_RECIPE.items():
-        value = config
-        for key in option.split(".") if option != "optimizer_steps_per_iteration" else ():
-            value = value[key]
-        value = steps if option == "optimizer_steps_per_iteration" else value
-        value = sorted(value) if option.endswith("target_modules") else value
-        assert value == row.value, f"{option}={value!r}; {row.source}"
-
-
-# ----- bad inputs (messages listed for tests/test_bad_inputs.py in the helper's report)
+# ----- bad inputs (also in tests/test_bad_inputs.py's catalogue)
 
 
 def test_a_caption_length_beyond_the_rope_table_names_max_sequence_length():
