@@ -540,11 +540,33 @@ class SD3Backbone(FlowBackbone):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-class FluxBackbone(FlowBackbone):
+class PackedLatents:
+    """Latents packed 2 x 2 into tokens, (B, h/2 * w/2, 4C), as FluxPipeline and QwenImagePipeline draw them
+    (their `prepare_latents`: 2 * (height // (vae_scale_factor * 2)), the same for the width, then
+    `_pack_latents`); the dynamic shift counts those tokens."""
+
+    latent_patch_multiple = 2
+
+    def _latent_hw(self) -> tuple[int, int]:
+        unit = self.vae_scale_factor * 2
+        return 2 * (self.height // unit), 2 * (self.width // unit)
+
+    def image_seq_len(self) -> int:
+        h, w = self._latent_hw()
+        return (h // 2) * (w // 2)
+
+    def initial_noise(self, batch_size, generator, device):
+        # Qwen-Image draws (B, 1, C, h, w) (one frame): the same numbers in the same order as (B, C, h, w)
+        c = self.transformer.config.in_channels // 4
+        h, w = self._latent_hw()
+        noise = torch.randn((batch_size, c, h, w), generator=generator, device=generator.device)
+        return self.pipeline._pack_latents(noise, batch_size, c, h, w).to(device)
+
+
+class FluxBackbone(PackedLatents, FlowBackbone):
     """FLUX.1 (packed 2x2 latents, rotary image/text ids, distilled guidance embedding, dynamic shift)."""
 
     pipeline_class = FluxPipeline
-    latent_patch_multiple = 2
     shard_block_names = ("transformer_blocks", "single_transformer_blocks")  # double, then single blocks
 
     @property
@@ -556,21 +578,6 @@ class FluxBackbone(FlowBackbone):
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-    def _latent_hw(self) -> tuple[int, int]:
-        # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2)), the same for the width
-        unit = self.vae_scale_factor * 2
-        return 2 * (self.height // unit), 2 * (self.width // unit)
-
-    def image_seq_len(self) -> int:
-        h, w = self._latent_hw()
-        return (h // 2) * (w // 2)
-
-    def initial_noise(self, batch_size, generator, device):
-        c = self.transformer.config.in_channels // 4
-        h, w = self._latent_hw()
-        noise = torch.randn((batch_size, c, h, w), generator=generator, device=generator.device)
-        return self.pipeline._pack_latents(noise, batch_size, c, h, w).to(device)
 
     def _transformer_forward(self, transformer, latents, t, conditioning, guidance_scale):
         h, w = self._latent_hw()

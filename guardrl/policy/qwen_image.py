@@ -34,7 +34,7 @@ from diffusers import (
 from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from guardrl.policy.backbones import OPTION, TRUNCATION_MESSAGE, FlowBackbone, _is_int
+from guardrl.policy.backbones import OPTION, TRUNCATION_MESSAGE, FlowBackbone, PackedLatents, _is_int
 from guardrl.policy.random_weights import _cast, _default_dtype, prompt_seed
 from guardrl.policy.tiny import TINY_WORDS, _bytes_to_unicode, _eval
 
@@ -42,12 +42,11 @@ from guardrl.policy.tiny import TINY_WORDS, _bytes_to_unicode, _eval
 MAX_SEQUENCE_LENGTH = 1024
 
 
-class QwenImageBackbone(FlowBackbone):
+class QwenImageBackbone(PackedLatents, FlowBackbone):
     """Qwen-Image (MMDiT with a Qwen2.5-VL text encoder, variable-length masked text, true CFG with the
     pipeline's norm rescale, packed 2x2 latents, dynamic exponential shift)."""
 
     pipeline_class = QwenImagePipeline
-    latent_patch_multiple = 2
     shard_block_names = ("transformer_blocks",)  # 60 dual-stream blocks in the released model
 
     def __init__(
@@ -124,23 +123,6 @@ class QwenImageBackbone(FlowBackbone):
             if name not in out:
                 out[name] = torch.cat([row[name] for row in rows])
         return out
-
-    # ----- latents
-    def _latent_hw(self) -> tuple[int, int]:
-        # QwenImagePipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2)), the same for the width
-        unit = self.vae_scale_factor * 2
-        return 2 * (self.height // unit), 2 * (self.width // unit)
-
-    def image_seq_len(self) -> int:
-        h, w = self._latent_hw()
-        return (h // 2) * (w // 2)
-
-    def initial_noise(self, batch_size, generator, device):
-        c = self.transformer.config.in_channels // 4
-        h, w = self._latent_hw()
-        # the pipeline draws (B, 1, C, h, w) (one frame); the same numbers in the same order as (B, C, h, w)
-        noise = torch.randn((batch_size, c, h, w), generator=generator, device=generator.device)
-        return self.pipeline._pack_latents(noise, batch_size, c, h, w).to(device)
 
     # ----- velocity
     def _transformer_forward(self, transformer, latents, t, conditioning, guidance_scale):
