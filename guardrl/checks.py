@@ -62,6 +62,22 @@ def check_rewards(rewards: Sequence) -> None:
             )
 
 
+def check_reward_aggregation(aggregation: str, rewards: Sequence) -> None:
+    """grpo.reward_aggregation "gdpo" normalises each reward on its own before their weighted sum: with fewer
+    than two rewards that count (a non-zero weight) there is nothing to aggregate, and the run would silently
+    train GRPO on one reward with an extra batch normalisation."""
+    if aggregation != "gdpo":
+        return
+    counted = [reward.name for reward in rewards if getattr(reward, "weight", 1.0) != 0]
+    if len(counted) < 2:
+        raise ValueError(
+            f"grpo.reward_aggregation='gdpo' needs at least two rewards with a non-zero weight in "
+            f"model.rewards, got {len(counted)} ({', '.join(counted) or 'none'}): GDPO normalises each "
+            "reward on its own before their weighted sum. Allowed: add a reward, or use "
+            "grpo.reward_aggregation='weighted_sum' (the default) for one reward"
+        )
+
+
 def check_batch_sizes(
     grpo: GRPOOptions, prompts_per_batch: int, group_size: int, rollout_chunks: int = 1
 ) -> None:

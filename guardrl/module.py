@@ -10,7 +10,8 @@
 
 Only the iteration lives here. Everything backbone-specific is behind `FlowBackbone` and `FlowPolicy`
 (adapters, snapshots, compile); the math is in sampling/ and algorithm/; sampling and scoring images in
-rollouts.py, which noise, weights and SDE window a run samples with in run_sampling.py; the update phase
+rollouts.py, which noise, weights and SDE window a run samples with in run_sampling.py; the advantages
+(group or GDPO, over ranks, null control) in run_advantages.py; the update phase
 (step 4) in update.py; non-finite handling in faults.py; the checkpoint format
 in checkpointing.py (`TrainableStateCheckpointing`); the iteration's scalars in logs.py. Manual
 optimization, because one iteration takes several optimizer steps.
@@ -29,9 +30,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from guardrl.algorithm import RATIO_VARIANTS, effective_clip_range, group_advantages, shuffle_within_groups
+from guardrl.algorithm import RATIO_VARIANTS, effective_clip_range
 from guardrl.checkpointing import TrainableStateCheckpointing
-from guardrl.checks import check_batch_sizes, check_group_size, check_optimizer_for_strategy, check_rewards
+from guardrl.checks import (
+    check_batch_sizes,
+    check_group_size,
+    check_optimizer_for_strategy,
+    check_reward_aggregation,
+    check_rewards,
+)
 from guardrl.faults import SkippedUpdates, nonfinite_on_any_rank
 from guardrl.logs import flush_loggers, log_iteration, write_scalars
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
@@ -39,6 +46,7 @@ from guardrl.perf import PerformanceOptions, PhaseMeter, compute_dtype, peak_flo
 from guardrl.policy import FlowBackbone, FlowPolicy, LoraSpec
 from guardrl.rewards import Reward
 from guardrl.rollouts import rollout_and_score, score_images
+from guardrl.run_advantages import iteration_advantages, null_control
 from guardrl.run_sampling import old_policy_rollout, sample_images
 from guardrl.sampling import noise_scales
 from guardrl.sharding import shard_policy
@@ -82,6 +90,7 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         """
         super().__init__()
         check_rewards(rewards)
+        check_reward_aggregation(grpo.reward_aggregation, rewards)
         check_group_size(group_size)
         if max_iterations is not None and max_iterations < 1:
             raise ValueError(f"model.max_iterations must be >= 1 or null, got {max_iterations}")
@@ -203,7 +212,11 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             },
         )
         usable = rewards.masked_fill(dropped_N.repeat_interleave(self.group_size), 0.0)
-        advantages = self._control(self._advantages(usable)) if problem is None else torch.zeros_like(rewards)
+        advantages = (
+            null_control(self, iteration_advantages(self, usable, per_reward, dropped_N))
+            if problem is None
+            else torch.zeros_like(rewards)
+        )
         step_stats, losses = [], {"loss": [], "kl": [], "grad_norm": []}
         if problem is None:
             with self._phase("update"):
@@ -277,24 +290,6 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         timeout, the total their weighted sum. The one way the run, its callbacks and the benchmarks score
         images."""
         return score_images(self.rewards, images, prompts, self.faults)
-
-    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        # Groups never span ranks, so group statistics are local; the global std needs every rank's rewards.
-        if self.grpo.std_scope == "global" and self.trainer.world_size > 1:
-            gathered = self.all_gather(rewards).reshape(-1)
-            advantages = group_advantages(gathered, self.group_size, "global", clip=self.grpo.adv_clip_max)
-            start = self.global_rank * rewards.numel()
-            return advantages[start : start + rewards.numel()]
-        return group_advantages(rewards, self.group_size, self.grpo.std_scope, clip=self.grpo.adv_clip_max)
-
-    def _control(self, advantages: torch.Tensor) -> torch.Tensor:
-        """grpo.null_control: advantages permuted within each group (keyed by iteration and rank, so a resumed
-        run draws the same permutation)."""
-        if not self.grpo.null_control:
-            return advantages
-        seed = self.iteration_seed(self.num_iterations, self.global_rank, 0xC0)
-        generator = torch.Generator().manual_seed(seed)
-        return shuffle_within_groups(advantages, self.group_size, generator)
 
     # ------------------------------------------------------------------ around the iterations
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

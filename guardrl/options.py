@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from guardrl.algorithm.advantages import STD_SCOPES
+from guardrl.algorithm.advantages import REWARD_AGGREGATIONS, STD_SCOPES
 from guardrl.algorithm.loss import CLIP_RANGE_UNITS
 from guardrl.algorithm.ratios import RATIO_VARIANTS, VARIANCE_NORMALIZED_VARIANTS
 from guardrl.algorithm.timesteps import TIMESTEP_SELECTIONS
@@ -23,6 +23,7 @@ WindowStrategy = Literal[tuple(WINDOW_STRATEGIES)]  # type: ignore[valid-type]
 LogProbReduction = Literal[tuple(LOG_PROB_REDUCTIONS)]  # type: ignore[valid-type]
 ClipRangeUnit = Literal[tuple(CLIP_RANGE_UNITS)]  # type: ignore[valid-type]
 StdScope = Literal[tuple(STD_SCOPES)]  # type: ignore[valid-type]
+RewardAggregation = Literal[tuple(REWARD_AGGREGATIONS)]  # type: ignore[valid-type]
 TimestepSelection = Literal[tuple(TIMESTEP_SELECTIONS)]  # type: ignore[valid-type]
 
 
@@ -203,7 +204,12 @@ class GRPOOptions:
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]; None: no clip."""
     std_scope: StdScope = "group"
     """Divide advantages by each group's reward std ("group") or the std over all ranks' samples
-    ("global")."""
+    ("global"). With reward_aggregation "gdpo": each reward's std, in the group or over all ranks' samples."""
+    reward_aggregation: RewardAggregation = "weighted_sum"
+    """How several rewards make one advantage. "weighted_sum": the rewards' weighted sum, normalised in its
+    group. "gdpo": each reward normalised in its group first, then their weighted sum divided by its std over
+    all ranks' samples (GDPO; Flow-Factory's advantage_aggregation: gdpo; docs/math.md). Needs at least two
+    rewards with a non-zero weight."""
     null_control: bool = False
     """Shuffle each group's advantages among its samples before the update: same update size and noise, no
     reward signal. The control run of an over-optimization study (what drift alone does to the gold
@@ -258,6 +264,7 @@ class GRPOOptions:
             note=" (null: no clip)",
         )
         _require_choice("grpo.std_scope", self.std_scope, STD_SCOPES)
+        _require_choice("grpo.reward_aggregation", self.reward_aggregation, REWARD_AGGREGATIONS)
         _require_number("grpo.kl_beta", self.kl_beta, minimum=0.0, note=" (0 = no KL penalty)")
         for name in ("num_inner_epochs", "gradient_accumulation_steps", "old_policy_sync_every"):
             _require_int(f"grpo.{name}", getattr(self, name), minimum=1)

@@ -417,6 +417,9 @@ QWEN_IMAGE_RECIPE = {
     "trainer.devices": Published(8, f"{FF_QWEN_RECIPE}: num_processes 8"),
     "checkpoint.every_n_iterations": Published(20, f"{FF_QWEN_RECIPE}: log.save_freq 20"),
     "seed_everything": Published(42, f"{FF_QWEN_RECIPE}: train.seed 42"),
+    "model.grpo.reward_aggregation": Published(
+        "gdpo", f"{FF_QWEN_RECIPE}: advantage_aggregation 'gdpo' (per-reward group normalisation)"
+    ),
 }
 
 

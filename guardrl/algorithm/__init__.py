@@ -1,7 +1,13 @@
 """Pure GRPO math: advantages, the five ratio variants, the clipped loss, the KL. No Lightning, no
 diffusers."""
 
-from guardrl.algorithm.advantages import STD_SCOPES, group_advantages, shuffle_within_groups
+from guardrl.algorithm.advantages import (
+    REWARD_AGGREGATIONS,
+    STD_SCOPES,
+    gdpo_advantages,
+    group_advantages,
+    shuffle_within_groups,
+)
 from guardrl.algorithm.loss import (
     CLIP_RANGE_UNITS,
     LossStats,
@@ -26,6 +32,7 @@ from guardrl.algorithm.ratios import (
 __all__ = [
     "CLIP_RANGE_UNITS",
     "RATIO_VARIANTS",
+    "REWARD_AGGREGATIONS",
     "STD_SCOPES",
     "VARIANCE_NORMALIZED_VARIANTS",
     "LossStats",
@@ -36,6 +43,7 @@ __all__ = [
     "compute_ratio_terms",
     "effective_clip_range",
     "flow_grpo_ratio",
+    "gdpo_advantages",
     "group_advantages",
     "shuffle_within_groups",
     "grpo_guard_ratio",
