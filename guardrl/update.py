@@ -3,8 +3,10 @@
 For each inner epoch, minibatch and trained denoising step: recompute mu_theta at the stored latents, take the
 configured ratio variant, the clipped loss (+ beta KL to the reference), backward; an optimizer step every
 `grpo.gradient_accumulation_steps` minibatches, after one agreement across ranks that the losses and the
-gradient norm are finite. Per-step statistics (log-ratios, the loss's own clip flags, KL, gradient norms) are
-collected into `StepStats` for the callbacks.
+gradient norm are finite. Under DDP the gradients are all-reduced once per optimizer step, in its last
+backward (`gradient_sync`), unless `grpo.log_step_grad_norms` needs every backward's reduced gradient.
+Per-step statistics (log-ratios, the loss's own clip flags, KL, gradient norms) are collected into `StepStats`
+for the callbacks.
 
 It takes the module for what only a LightningModule has (its optimizer and scheduler, `manual_backward`,
 `clip_gradients`, the strategy) and for the run's options; the math is in algorithm/ and sampling/.
@@ -12,9 +14,11 @@ It takes the module for what only a LightningModule has (its optimizer and sched
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ContextManager, Optional
 
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from guardrl.algorithm import clipped_policy_loss, compute_ratio_terms, kl_to_reference
 from guardrl.algorithm.timesteps import choose_trained_steps
@@ -27,6 +31,26 @@ if TYPE_CHECKING:
     from guardrl.module import GRPOModule
 
 Losses = dict[str, list]
+
+# Internal, not an option: True restores one gradient all-reduce per backward under DDP (the behaviour before
+# issue 20), which tests/test_ddp_sync.py and bench/ddp_sync_bench.py compare against.
+_SYNC_EVERY_BACKWARD = False
+
+
+def gradient_sync(module: GRPOModule, sync: bool) -> ContextManager:
+    """The context of one `manual_backward`: under DDP with `sync` False, the backward only accumulates this
+    rank's gradient locally, and the next synchronised backward all-reduces the sum. Averaging is linear, so
+    the optimizer sees the same gradient (up to float order) for one all-reduce per optimizer step instead of
+    one per backward.
+
+    `ParallelStrategy.block_backward_sync` is Lightning's public switch for this (DDP's `no_sync`); Lightning
+    calls DDP's `prepare_for_backward` in `manual_backward` only when the sync is on, so wrapping the backward
+    alone suffices. It does nothing for a model that is not wrapped in DDP: FSDP2 (ModelParallelStrategy)
+    still reduce-scatters in every backward, as before, and a single device has nothing to sync."""
+    strategy = module.trainer.strategy
+    if sync or _SYNC_EVERY_BACKWARD or not isinstance(strategy, ParallelStrategy):
+        return nullcontext()
+    return strategy.block_backward_sync()
 
 
 def update_policy(
@@ -50,16 +74,22 @@ def update_policy(
     losses: Losses = {"loss": [], "kl": [], "grad_norm": []}
     num_minibatches = 0
     pending_losses: list[torch.Tensor] = []
+    # grad/norm_t{k} is the norm of each step's rank-averaged gradient: only a backward that all-reduces
+    # gives it, so logging it keeps the sync on every backward.
+    sync_every_backward = grpo.log_step_grad_norms
     for _ in range(grpo.num_inner_epochs):
         # Same sample order as the rollout when one minibatch covers the batch: then the first update
         # recomputes the rollout's forward exactly and the ratio is exactly 1.
         order = torch.arange(size) if minibatch == size else torch.randperm(size, generator=choice_gen)
         for start in range(0, size, minibatch):
             index = order[start : start + minibatch].to(module.device)
-            for j in positions:
+            steps_after = (num_minibatches + 1) % accumulation == 0  # an optimizer step after this minibatch
+            for position, j in enumerate(positions):
                 before = grad_snapshot(params) if grpo.log_step_grad_norms else None
                 loss, kl = step_loss(module, trajectory, j, index, cond, advantages, step_stats[j])
-                module.manual_backward(loss * loss_scale)
+                last = steps_after and position == len(positions) - 1
+                with gradient_sync(module, sync_every_backward or last):
+                    module.manual_backward(loss * loss_scale)
                 losses["loss"].append(loss.detach())
                 pending_losses.append(loss.detach())
                 losses["kl"].append(kl)

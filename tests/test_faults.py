@@ -127,10 +127,14 @@ def test_skips_that_are_not_in_a_row_do_not_stop_the_run(prompt_file, tmp_path):
     assert cli.model.num_iterations == 4 and cli.model.num_skipped_updates == 2
 
 
-def test_nan_loss_in_the_middle_of_an_update_skips_it_before_the_optimizer_step(prompt_file, tmp_path):
+def test_nan_loss_in_the_middle_of_an_update_skips_it_before_the_optimizer_step(
+    prompt_file, tmp_path, monkeypatch
+):
+    import guardrl.update
+
     cli = main(_fit_args(prompt_file, tmp_path, **{"--model.max_iterations": "2"})[1:], run=False)
     model = cli.model
-    original = model._step_loss
+    original = guardrl.update.step_loss
     calls = {"n": 0}
 
     def loss_with_a_nan(*args, **kwargs):
@@ -140,7 +144,7 @@ def test_nan_loss_in_the_middle_of_an_update_skips_it_before_the_optimizer_step(
             loss = loss * float("nan")
         return loss, kl
 
-    model._step_loss = loss_with_a_nan
+    monkeypatch.setattr(guardrl.update, "step_loss", loss_with_a_nan)  # the update's per-step loss
     cli.trainer.fit(model, cli.datamodule)
     assert model.num_skipped_updates == 1
     # 4 sampler steps - 1 ODE step = 3 trained steps (3 losses per update); 2 inner epochs of 1 minibatch:
