@@ -73,8 +73,10 @@ def test_variant_learns_against_the_null_control(variant, null_gain, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_flipped_advantages_do_not_pass(null_gain, tmp_path, monkeypatch):
-    real = guardrl.module.group_advantages
-    monkeypatch.setattr(guardrl.module, "group_advantages", lambda *a, **k: -real(*a, **k))
+    import guardrl.run_advantages
+
+    real = guardrl.run_advantages.group_advantages  # where the iteration's advantages are computed
+    monkeypatch.setattr(guardrl.run_advantages, "group_advantages", lambda *a, **k: -real(*a, **k))
     gain = _gain(str(tmp_path), "flow_grpo", "flipped")
     assert not _learns(gain, null_gain), (gain, null_gain)
     assert gain < null_gain  # it learns the opposite way
