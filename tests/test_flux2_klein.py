@@ -199,6 +199,7 @@ def _assert_same_checkpoint(a: dict, b: dict) -> None:
     }
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_grpo_on_tiny_klein_trains_single_blocks_and_resumes_exactly(tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red circle\na blue square\na green triangle\ntwo yellow circles\n")
@@ -234,6 +235,7 @@ def test_grpo_on_tiny_klein_trains_single_blocks_and_resumes_exactly(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA export
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_exported_lora_in_a_stock_pipeline_reproduces_the_policys_images(tmp_path):
     policy = FlowPolicy(
         TinyFlux2KleinBackbone(seed=0), LoraSpec(rank=2, alpha=8, target_modules=TINY_TARGETS)

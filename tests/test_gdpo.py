@@ -233,6 +233,7 @@ class _RecordAdvantages(L.Callback):
         self.advantages.append(outputs["advantages"])
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_fit_with_two_rewards_and_gdpo(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")

@@ -287,6 +287,7 @@ def straight(tmp_path_factory):
     return edit_file, cli, str(root / "straight")
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_grpo_iterations_through_guardrl_fit_condition_on_the_images(straight):
     edit_file, cli, log_root = straight
     module = cli.model
@@ -308,6 +309,7 @@ def test_grpo_iterations_through_guardrl_fit_condition_on_the_images(straight):
     assert (first - second).abs().max() > 1e-3
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_a_resumed_kontext_run_equals_the_straight_run(straight, tmp_path):
     edit_file, _, straight_root = straight
     log_root = str(tmp_path / "resumed")

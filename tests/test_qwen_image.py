@@ -224,6 +224,7 @@ def straight(tmp_path_factory):
     return cli, prompt_file, _last_checkpoint(root / "straight")
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_two_grpo_iterations_on_tiny_qwen_image_train_the_lora(straight):
     cli, _, checkpoint = straight
     assert cli.model.num_iterations == 2 and isinstance(cli.model.backbone, TinyQwenImageBackbone)
@@ -233,6 +234,7 @@ def test_two_grpo_iterations_on_tiny_qwen_image_train_the_lora(straight):
     assert lora and any(bool(v.abs().max() > 0) for v in lora.values())  # B starts at 0 and has moved
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_a_stopped_and_resumed_run_equals_the_straight_run_bitwise(straight, tmp_path, caplog):
     _, prompt_file, expected = straight
     main(["fit", *_fit_args(prompt_file, tmp_path, 1)])
@@ -253,6 +255,7 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run_bitwise(straight, tmp
     assert expected["global_step"] == resumed["global_step"]
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
 def test_exported_lora_in_a_stock_pipeline_reproduces_the_policy(straight, tmp_path, guidance_scale):
     cli, _, _ = straight

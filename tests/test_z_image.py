@@ -161,6 +161,7 @@ def _fit(prompt_file, root, iterations, ckpt_path=None):
     return cli
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_grpo_on_tiny_z_image_trains_and_a_stopped_run_resumes_bitwise(prompt_file, tmp_path):
     straight = _fit(prompt_file, tmp_path / "straight", 2)
     assert straight.model.num_iterations == 2
@@ -190,6 +191,7 @@ def test_grpo_on_tiny_z_image_trains_and_a_stopped_run_resumes_bitwise(prompt_fi
 # ----- LoRA export into the stock pipeline
 
 
+@pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_exported_lora_in_the_stock_z_image_pipeline_reproduces_the_policys_images(tmp_path):
     targets = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]  # the recipe's (Flow-Factory's default)
     policy = FlowPolicy(TinyZImageBackbone(seed=0), LoraSpec(rank=2, alpha=8, target_modules=targets))
