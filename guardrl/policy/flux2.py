@@ -424,7 +424,7 @@ class TinyFlux2KleinBackbone(Flux2KleinBackbone):
     def stock_pipeline(self) -> Flux2KleinPipeline:
         """A fresh stock diffusers pipeline with the same weights (see TinySD3Backbone.stock_pipeline in
         guardrl/policy/tiny.py)."""
-        return make_tiny_flux2_klein_pipeline(self.seed, self.is_distilled)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         # A distilled pipeline ignores guidance_scale (and warns); a base one runs true CFG against "".

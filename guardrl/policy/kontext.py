@@ -229,7 +229,7 @@ class TinyFluxKontextBackbone(FluxKontextBackbone):
 
     def stock_pipeline(self) -> FluxKontextPipeline:
         """A fresh stock diffusers pipeline with the same weights (see TinySD3Backbone.stock_pipeline)."""
-        return make_tiny_flux_kontext_pipeline(self.seed, self.guidance_embeds)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         """The stock call's arguments that match this backbone's sampling. `max_area` keeps the pipeline at

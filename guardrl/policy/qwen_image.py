@@ -334,7 +334,7 @@ class TinyQwenImageBackbone(QwenImageBackbone):
 
     def stock_pipeline(self) -> QwenImagePipeline:
         """A fresh stock diffusers pipeline with the same weights (tests/test_backbone_contract.py)."""
-        return make_tiny_qwen_image_pipeline(self.seed, self.num_layers)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         """The stock pipeline's call arguments that match this backbone's sampling at `guidance_scale`: true

@@ -268,7 +268,7 @@ class TinySD3Backbone(SD3Backbone):
     def stock_pipeline(self) -> StableDiffusion3Pipeline:
         """A fresh stock diffusers pipeline with the same weights (tests/test_backbone_contract.py samples
         with it and with guardrl's sampler and compares the images)."""
-        return make_tiny_sd3_pipeline(self.seed, self.num_layers)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         """The stock pipeline's call arguments that match this backbone's sampling at `guidance_scale`."""
@@ -308,7 +308,7 @@ class TinyFluxBackbone(FluxBackbone):
 
     def stock_pipeline(self) -> FluxPipeline:
         """A fresh stock diffusers pipeline with the same weights (see TinySD3Backbone.stock_pipeline)."""
-        return make_tiny_flux_pipeline(self.seed, self.guidance_embeds)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         # FLUX.1's guidance is the distilled embedding (guidance_scale); true CFG stays off (true_cfg_scale 1)

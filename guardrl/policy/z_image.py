@@ -384,7 +384,7 @@ class TinyZImageBackbone(ZImageBackbone):
 
     def stock_pipeline(self) -> ZImagePipeline:
         """A fresh stock diffusers pipeline with the same weights (tests/test_backbone_contract.py)."""
-        return make_tiny_z_image_pipeline(self.seed)
+        return self._load_pipeline()  # built in code: a fresh one with the same weights
 
     def stock_call_kwargs(self, guidance_scale: float) -> dict:
         # The pipeline's scale is guardrl's minus one (pos + g (pos - neg)); its CFG options stay at their
