@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 
 def write_scalars(trainer: L.Trainer, metrics: Mapping[str, float | torch.Tensor], iteration: int) -> None:
@@ -34,6 +34,9 @@ def flush_loggers(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.flush()
+        elif isinstance(logger, CSVLogger):
+            # CSVLogger keeps rows in memory until every flush_logs_every_n_steps-th step (default 100).
+            logger.save()
 
 
 def should_log(trainer: L.Trainer, iteration: int) -> bool:

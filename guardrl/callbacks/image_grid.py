@@ -1,4 +1,4 @@
-"""ImageGridCallback: the iteration's samples in TensorBoard, one row per prompt group, with their rewards.
+"""ImageGridCallback: the iteration's samples in the run's loggers, a row per prompt group, with rewards.
 
     images/groups            one image: a row per prompt group (at most max_groups), a column per sample,
                              each sample's proxy reward written under it; rows in the batch's order
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
+
+from guardrl.logger_media import log_image, log_text
 
 PAD = 2  # pixels between cells and around the grid
 LABEL_HEIGHT = 14  # the strip under each sample that holds its reward
@@ -98,12 +99,11 @@ class ImageGridCallback(Callback):
         iteration = pl_module.num_iterations - 1  # the iteration just finished
         if iteration % self.every_n_iterations and not trainer.should_stop:
             return
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not writers:
+        if not trainer.loggers:
             return
         group_size = pl_module.group_size
         grid = make_grid(outputs["images"], outputs["rewards"], group_size, self.max_groups)
         text = captions(list(outputs["prompts"]), outputs["rewards"], group_size, self.max_groups)
-        for writer in writers:
-            writer.add_image("images/groups", grid, iteration)
-            writer.add_text("images/groups_captions", text, iteration)
+        # TensorBoard, W&B, MLflow, CSV; other loggers are warned about once (guardrl/logger_media.py).
+        log_image(trainer, "images/groups", grid, iteration)
+        log_text(trainer, "images/groups_captions", text, iteration)

@@ -1,4 +1,4 @@
-"""RatioStatsCallback: the per-denoising-step diagnostics of the GRPO-Guard paper, in TensorBoard.
+"""RatioStatsCallback: the per-denoising-step diagnostics of the GRPO-Guard paper, in the run's loggers.
 
 For each trained sampler step k (0 = pure noise), over all updates of one GRPO iteration and all ranks:
     ratio/mean_t{k}, ratio/std_t{k}     of the ratio used for clipping (exp of the variant's log-ratio)
@@ -7,7 +7,8 @@ For each trained sampler step k (0 = pure noise), over all updates of one GRPO i
     grad/norm_t{k}                      norm of the gradient of step k's loss (mean over updates)
     ratio/log_ratio_t{k}      histogram of the log-ratio used for clipping
     ratio/raw_log_ratio_t{k}  histogram of the plain log r, whatever the variant
-The x axis is the GRPO iteration, as for every scalar guardrl logs.
+The x axis is the GRPO iteration, as for every scalar guardrl logs. Loggers without a histogram type (MLflow,
+CSV) get each histogram's summary scalars instead (guardrl/logger_media.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from guardrl.algorithm import clip_shares
+from guardrl.logger_media import log_histogram
 from guardrl.logs import write_scalars
 
 
@@ -45,7 +46,6 @@ class RatioStatsCallback(Callback):
             and trainer.is_global_zero
             and (iteration + 1) % self.histogram_every_n_iterations == 0
         )
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         metrics: dict[str, torch.Tensor | float] = {}
         for stats in outputs["step_stats"]:
             k = stats.step_index
@@ -69,8 +69,7 @@ class RatioStatsCallback(Callback):
             if stats.grad_norms:
                 metrics[f"grad/norm_t{k}"] = float(sum(stats.grad_norms) / len(stats.grad_norms))
             if write_histograms:
-                for writer in writers:
-                    writer.add_histogram(f"ratio/log_ratio_t{k}", log_ratio.cpu(), iteration)
-                    writer.add_histogram(f"ratio/raw_log_ratio_t{k}", raw_log_ratio.cpu(), iteration)
+                log_histogram(trainer, f"ratio/log_ratio_t{k}", log_ratio.cpu(), iteration)
+                log_histogram(trainer, f"ratio/raw_log_ratio_t{k}", raw_log_ratio.cpu(), iteration)
         # Only the steps trained in this iteration are written: no stale values for the others (logs.py).
         write_scalars(trainer, metrics, iteration)

@@ -1,7 +1,8 @@
 """RunSummaryCallback: what this run is at its start, and how it went at its end.
 
-At the start, in TensorBoard and on the console:
-    config (TensorBoard text, at step = the iteration the run starts from)
+At the start, in the run's loggers and on the console:
+    config (text: TensorBoard's Text tab, a W&B table, an MLflow or CSV file; at step = the iteration the
+        run starts from)
         markdown tables of the model's resolved hyperparameters (pl_module.hparams, nested options as
         dotted keys), the objects hparams leaves out (backbone, rewards, optimizer), the data settings
         and the trainer's devices and precision
@@ -28,8 +29,9 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm import tqdm
+
+from guardrl.logger_media import log_text
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +244,7 @@ class RunSummaryCallback(Callback):
         if not trainer.is_global_zero:
             return
         text = summary_markdown(trainer, pl_module, log_dir)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("config", text, start)
+        log_text(trainer, "config", text, start)  # every logger that takes text (guardrl/logger_media.py)
         if self.console:
             # tqdm.write clears any progress bar, prints above it and redraws it (a plain print would
             # break the bar's line); with no bar it is a plain print to stdout.
