@@ -6,11 +6,13 @@ from guardrl.rewards.calling import RewardError, score_with_retries
 from guardrl.rewards.clip_rewards import CLIPScore, PickScore
 from guardrl.rewards.faults import FaultInjectionReward
 from guardrl.rewards.geneval import ClipColorClassifier, GenEval, Mask2FormerDetector
+from guardrl.rewards.group import GroupRank, GroupReward, PairwiseFromScores, PairwiseReward
 from guardrl.rewards.hps import HPSv21
 from guardrl.rewards.image_reward import ImageReward
 from guardrl.rewards.jpeg import JpegCompressibility, jpeg_size_kb
 from guardrl.rewards.ocr import OcrReward, Recognizer, TrOCRRecognizer
 from guardrl.rewards.remote import RemoteReward
+from guardrl.rewards.vlm_judge import VLMJudgeReward
 
 __all__ = [
     "FaultInjectionReward",
@@ -32,3 +34,5 @@ __all__ += [
 ]
 __all__ += ["ClipColorClassifier", "GenEval", "Mask2FormerDetector"]
 __all__ += ["ImageReward"]
+__all__ += ["VLMJudgeReward"]
+__all__ += ["GroupRank", "GroupReward", "PairwiseFromScores", "PairwiseReward"]
