@@ -3,6 +3,7 @@
     guardrl fit --config configs/tiny/grpo_guard.yaml [--model.grpo.clip_range 1e-5] [--ckpt_path ...]
     guardrl fit --config configs/tiny/grpo_guard.yaml --print_config
     guardrl fit --config configs/tiny/grpo_guard.yaml --ckpt_path last      # resume the newest run in place
+    guardrl validate --config runs/guardrl/version_0/config.yaml --ckpt_path last   # its Evaluation callbacks
 
 Every run gets these callbacks whatever the config says (their options are top-level groups):
 `ratio_stats` (RatioStatsCallback), `checkpoint` (IterationCheckpoint, atomic writes),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from guardrl.callbacks import (
+    Evaluation,
     GracefulShutdown,
     GRPOProgressBar,
     ImageGridCallback,
@@ -34,7 +37,7 @@ from guardrl.compat import check_lightning_cli_hooks
 from guardrl.checkpointing import AtomicCheckpointIO, IterationCheckpoint
 from guardrl.data import PromptDataModule
 from guardrl.module import GRPOModule
-from guardrl.runs import describe_run, refuse_taken_run_folder, resolve_resume
+from guardrl.runs import describe_run, refuse_taken_run_folder, resolve_checkpoint_to_evaluate, resolve_resume
 from guardrl.runs import find_last_checkpoint as _find_last_checkpoint  # noqa: F401 - re-exported, below
 from guardrl.suggestions import did_you_mean
 
@@ -57,9 +60,9 @@ class _Parser(LightningArgumentParser):
 class GuardRLCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # Only `fit`: GRPOModule has no validation/test/predict step, and offering those subcommands would let
-        # a user run one and fail deep inside Lightning. (Evaluation of a checkpoint is a planned addition.)
-        return {"fit": LightningCLI.subcommands()["fit"]}
+        # `fit`, and `validate` (the run's Evaluation callbacks on a checkpoint); no test/predict: GRPOModule
+        # has no such step, and offering them would let a user run one and fail deep inside Lightning.
+        return {name: LightningCLI.subcommands()[name] for name in ("fit", "validate")}
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
@@ -106,8 +109,33 @@ class GuardRLCLI(LightningCLI):
         if self.subcommand == "fit":
             refuse_taken_run_folder(self.config["fit"])
             resolve_resume(self.config["fit"])
+        if self.subcommand == "validate":
+            resolve_checkpoint_to_evaluate(self.config["validate"])
+
+    def validate(self, model, ckpt_path=None, weights_only=None, **_unused) -> None:
+        """`guardrl validate`: every Evaluation callback of the config (Evaluation, OverOptimizationWatch)
+        once, on the checkpoint's weights (EMA by default when the run keeps one), into a new log version; the
+        results are printed and written to <log dir>/evaluation.json."""
+        if not any(isinstance(c, Evaluation) for c in self.trainer.callbacks):
+            raise ValueError(
+                "guardrl validate: the config has no evaluation; add guardrl.callbacks.Evaluation (its "
+                "prompts and metrics) or guardrl.callbacks.OverOptimizationWatch to trainer.callbacks "
+                "(docs/evaluation.md)"
+            )
+        # one item per rank only starts the validation loop; the callbacks sample their own prompts
+        # (the datamodule and `verbose` LightningCLI passes are not used: the callbacks print their table)
+        with warnings.catch_warnings():
+            # the run's checkpoint callback wrote its state into the checkpoint; an evaluation needs none
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
+            self.trainer.validate(
+                model, dataloaders=[[0]], ckpt_path=ckpt_path, verbose=False, weights_only=weights_only
+            )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        if self.subcommand == "validate":
+            # an evaluation writes no checkpoint (and the run's checkpoint callback state is not its own)
+            callbacks = [c for c in callbacks if not isinstance(c, IterationCheckpoint)]
+            config["enable_checkpointing"] = False
         if config.get("enable_checkpointing") is False:
             # Lightning refuses a ModelCheckpoint when checkpointing is off; the forced one goes quietly.
             callbacks = [c for c in callbacks if not isinstance(c, IterationCheckpoint)]
@@ -173,6 +201,8 @@ EXPECTED_WARNINGS = (
     # guardrl's own programmatic callers (the benchmarks, the toy learning runs) pass `args` on purpose while
     # their process has its own command line; Lightning's warning would dump the whole 4 KB config.
     r"LightningCLI's args parameter is intended to run from within Python",
+    # GRPOModule.validation_step exists for `guardrl validate` only; fit has no validation loop by design.
+    r"You defined a `validation_step` but have no `val_dataloader`",
 )
 
 

@@ -279,17 +279,26 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
         generator: Optional[torch.Generator] = None,
         weights: str = "policy",
         images: Optional[list[torch.Tensor]] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] of `prompts` from `noise` (B, ...) with the run's sampler (sigmas,
         guidance; "sde": the training SDE, its noise from `generator`; "ode": Euler on every step) and one
-        weight set of the policy. The one way callbacks and benchmarks sample from a run (run_sampling.py)."""
-        return sample_images(self, prompts, noise, sampler, generator, weights, images)
+        weight set of the policy; an evaluation may give its own step count and guidance. The one way
+        callbacks and benchmarks sample from a run (run_sampling.py)."""
+        return sample_images(
+            self, prompts, noise, sampler, generator, weights, images, num_inference_steps, guidance_scale
+        )
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and
         timeout, the total their weighted sum. The one way the run, its callbacks and the benchmarks score
         images."""
         return score_images(self.rewards, images, prompts, self.faults)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """`guardrl validate` runs the run's Evaluation callbacks (guardrl/callbacks/evaluation.py) on the
+        loaded checkpoint; the step itself has nothing to do (its one-item loader only starts the loop)."""
 
     # ------------------------------------------------------------------ around the iterations
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

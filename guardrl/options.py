@@ -42,6 +42,10 @@ def _require_int(option: str, value, minimum: int, allow_none: bool = False) -> 
         raise ValueError(f"{option} must be an integer >= {minimum}{null}, got {value!r}")
 
 
+# Other modules' options (guardrl/evaluation.py, the Evaluation callback) are checked with the same words.
+require_int = _require_int
+
+
 def _require_number(
     option: str, value, minimum: float, strict: bool = False, allow_none: bool = False, note: str = ""
 ) -> None:
@@ -51,6 +55,9 @@ def _require_number(
         bound = f"{'>' if strict else '>='} {minimum:g}"
         null = " or null" if allow_none else ""
         raise ValueError(f"{option} must be a finite number {bound}{null}{note}, got {value!r}")
+
+
+require_number = _require_number
 
 
 def _require_choice(option: str, value, choices: tuple[str, ...]) -> None:

@@ -5,7 +5,7 @@ GRPOModule, the data module, the Trainer and the callbacks). A misspelt option, 
 or a config file that is missing should not cost that wait, so the console script first runs `check` here,
 with the standard library and PyYAML only (about 0.1 s):
 
-- the subcommand is `fit`;
+- the subcommand is `fit` or `validate`;
 - every `--config` file exists, is readable, is YAML and holds a mapping;
 - every option named in a config file or on the command line exists, down to the option groups whose shape is
   known (GRPOModule's arguments and its option dataclasses, the data module, the Trainer, the forced
@@ -44,8 +44,9 @@ GROUP_CLASSES: dict[str, tuple[str, str]] = {
     "progress_bar": ("guardrl.callbacks.progress", "GRPOProgressBar"),
 }
 # The fit subcommand's other top-level options (LightningCLI's).
-OTHER_TOP_LEVEL = ("config", "print_config", "seed_everything", "ckpt_path")
-SUBCOMMANDS = ("fit",)
+# (`validate` also takes `verbose`.)
+OTHER_TOP_LEVEL = ("config", "print_config", "seed_everything", "ckpt_path", "verbose")
+SUBCOMMANDS = ("fit", "validate")
 OPEN = None  # an option whose inside preflight does not know (a class_path, a dict, **kwargs)
 
 
@@ -347,7 +348,8 @@ def check(argv: Sequence[str]) -> None:
         close = close_keys(argv[first], SUBCOMMANDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise PreflightError(
-            f"unknown subcommand {argv[first]!r}{hint}; guardrl has one: fit (`guardrl fit --config FILE`)"
+            f"unknown subcommand {argv[first]!r}{hint}; guardrl has two: fit (`guardrl fit --config FILE`) "
+            "and validate (`guardrl validate --config FILE --ckpt_path CKPT`)"
         )
     rest = argv[first + 1 :]
     i = 0

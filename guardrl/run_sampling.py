@@ -73,17 +73,36 @@ def sample_images(
     generator: Optional[torch.Generator] = None,
     weights: str = "policy",
     images: Optional[list[torch.Tensor]] = None,
+    num_inference_steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """`GRPOModule.sample`: images (B, 3, H, W) in [0, 1] with the run's sigmas and guidance, "sde" (the
-    training SDE over the whole window range, its noise from `generator`) or "ode" (Euler on every step)."""
+    training SDE over the whole window range, its noise from `generator`) or "ode" (Euler on every step).
+
+    An evaluation samples with its own `num_inference_steps` and `guidance_scale` (None: the run's), and at
+    its own image size when called inside `backbone.at_image_size` (the sigmas follow the size: the dynamic
+    shift counts image tokens)."""
     if sampler not in ("sde", "ode"):
         raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
-    backbone = module.backbone
-    use_cfg = backbone.uses_true_cfg and module.sampling.guidance_scale > 1.0
+    backbone, options = module.backbone, module.sampling
+    guidance = options.guidance_scale if guidance_scale is None else guidance_scale
+    use_cfg = backbone.uses_true_cfg and guidance > 1.0
     cond = backbone.encode_prompts(prompts, with_negative=use_cfg, images=images)
-    scales = module.noise_scales if sampler == "sde" else torch.zeros_like(module.noise_scales)
+    # the image size is the trained one unless called inside backbone.at_image_size (the noise tells)
+    trained_size = noise[0].numel() == module.num_latent_elements
+    if trained_size and num_inference_steps in (None, options.num_inference_steps):
+        sigmas, scales = module.sigmas, module.noise_scales
+    else:
+        steps = options.num_inference_steps if num_inference_steps is None else num_inference_steps
+        sigmas = backbone.sigmas(steps)
+        # the SDE on every step but the last (a step count of its own has no training window)
+        scales = noise_scales(sigmas, options.noise_level, options.sde_type, range(0, steps - 1))
+    if sampler == "ode":
+        scales = torch.zeros_like(scales)
     with module.policy.use_weights(weights) as transformer:
-        trajectory = run_trajectory(module, transformer, cond, noise, scales, generator)
+        trajectory = run_trajectory(
+            module, transformer, cond, noise, scales, generator, sigmas=sigmas, guidance_scale=guidance
+        )
     return backbone.decode(trajectory.final_latents)
 
 
@@ -96,17 +115,20 @@ def run_trajectory(
     generator: Optional[torch.Generator],
     storage_dtype: torch.dtype = torch.float32,
     shared_prefix_group_size: int = 1,
+    sigmas: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[float] = None,
 ) -> Trajectory:
-    """`rollouts.sample_trajectory` with the run's sigmas, guidance, log-prob reduction and SDE type."""
+    """`rollouts.sample_trajectory` with the run's sigmas, guidance (unless given), log-prob reduction and SDE
+    type."""
     sampling = module.sampling
     return sample_trajectory(
         module.backbone,
         transformer,
         cond,
         noise,
-        module.sigmas,
+        module.sigmas if sigmas is None else sigmas,
         scales,
-        sampling.guidance_scale,
+        sampling.guidance_scale if guidance_scale is None else guidance_scale,
         sampling.log_prob_reduction,
         generator,
         storage_dtype,

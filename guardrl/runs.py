@@ -97,6 +97,29 @@ def resolve_resume(config: Namespace) -> None:
         logger["purge_step"] = iterations
 
 
+def resolve_checkpoint_to_evaluate(config: Namespace) -> None:
+    """`guardrl validate --ckpt_path`: a guardrl checkpoint file, or 'last' (the newest last.ckpt of this run,
+    as for fit), or none (the base model). The evaluation logs to a new version folder, not the run's."""
+    ckpt_path: Optional[str] = config.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    if ckpt_path == "last":
+        found = find_last_checkpoint(config, _tensorboard_logger_args(config))
+        if found is None:
+            raise ValueError(
+                "ckpt_path='last': this run has no checkpoint yet; pass a .ckpt file, or leave ckpt_path "
+                "unset to evaluate the base model"
+            )
+        config["ckpt_path"] = ckpt_path = found
+        log.warning("guardrl: --ckpt_path last resolved to %s", ckpt_path)
+    elif not is_checkpoint(ckpt_path):
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r}: no such file; pass a .ckpt file written by guardrl (a directory with "
+            f"{DISTRIBUTED_METADATA} under FSDP2), or 'last' for the newest last.ckpt of this run"
+        )
+    _iterations_in(ckpt_path)  # refuses a file that is not a readable guardrl checkpoint
+
+
 def find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Optional[str]:
     """The newest complete `last.ckpt` in checkpoint.dirpath, else in the logger's version folders; None (with
     a warning) when there is none. A ValueError when the config says neither where to look."""

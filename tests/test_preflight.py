@@ -27,9 +27,8 @@ def _parser_keys() -> set[str]:
 def test_known_options_match_the_full_parser():
     """Every key preflight knows exists in the full parser, and every closed group it knows has exactly the
     full parser's options: a new field or argument is picked up from the source, no list to update."""
-    parser = _parser_keys() | {
-        "ckpt_path"
-    }  # ckpt_path exists on the fit subcommand only (run=False has none)
+    # ckpt_path exists on the subcommands only (run=False has none); verbose on `validate` only
+    parser = _parser_keys() | {"ckpt_path", "verbose"}
     known = set(known_keys())
     assert known - parser == set()
 
@@ -141,7 +140,7 @@ def test_what_the_full_parser_accepts_passes(args):
         ),
         (["fit", "--config", "/no/such.yaml"], "--config '/no/such.yaml' does not exist"),
         (["fitt", "--config", QUICKSTART], "unknown subcommand 'fitt' (did you mean 'fit'?)"),
-        (["validate", "--config", QUICKSTART], "unknown subcommand 'validate'; guardrl has one: fit"),
+        (["test", "--config", QUICKSTART], "unknown subcommand 'test'; guardrl has two: fit (`guardrl fit"),
         (["fit", "--config"], "--config needs a file path"),
     ],
 )

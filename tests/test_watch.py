@@ -20,7 +20,7 @@ from guardrl.cli import main
 from guardrl.gold import ImageDetail
 
 
-def _watch_args(prompt_file, eval_file, log_dir, **watch):
+def _watch_args(prompt_file, eval_file, log_dir, max_iterations=8, **watch):
     settings = {
         "eval_prompts": eval_file,
         "gold": [{"class_path": "guardrl.gold.ImageDetail"}],
@@ -35,7 +35,7 @@ def _watch_args(prompt_file, eval_file, log_dir, **watch):
             prompt_file,
             log_dir,
             **{
-                "--model.max_iterations": "8",
+                "--model.max_iterations": str(max_iterations),
                 "--trainer.callbacks": callbacks,
                 "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
                 "--model.grpo.ratio_variant": "flow_grpo",
@@ -60,11 +60,14 @@ def test_watch_fires_stops_and_keeps_the_best_gold_checkpoint(files, tmp_path, c
     train, held_out = files
     with caplog.at_level(logging.WARNING, logger="guardrl.callbacks.watch"):
         cli = main(
-            _watch_args(train, held_out, str(tmp_path / "runs"), tolerance=0.005, stop_on_divergence=True)
+            # evaluation seed 0: gold first rises (best at iteration 6), then falls while the proxy rises
+            _watch_args(
+                train, held_out, str(tmp_path / "runs"), 12, tolerance=0.005, stop_on_divergence=True, seed=0
+            )
         )
     watch = next(c for c in cli.trainer.callbacks if isinstance(c, OverOptimizationWatch))
     assert watch.fired_at is not None and "over-optimization at iteration" in caplog.text
-    assert cli.model.num_iterations == watch.fired_at < 8  # stopped right there
+    assert cli.model.num_iterations == watch.fired_at < 12  # stopped right there
 
     scalars = load_scalars(str(tmp_path / "runs" / "guardrl"))
     series = {tag: dict(zip(frame.step, frame.value)) for tag, frame in scalars.groupby("tag")}
@@ -116,6 +119,7 @@ def test_image_detail_is_the_mean_per_image_std_and_sums_over_updates():
         ({"gold": []}, r"watch.gold must list at least one gold metric"),
         ({"every_n_iterations": 0}, r"watch.every_n_iterations must be an integer >= 1, got 0"),
         ({"sampler": "dpm"}, r"watch.sampler must be 'ode' or 'sde', got 'dpm'"),
+        ({"gold": [ImageDetail(), ImageDetail()]}, r"watch.gold: two metrics are named 'image_detail'"),
         ({"patience": 0}, r"watch.patience must be an integer >= 1, got 0"),
         ({"eval_prompts": "missing.txt"}, r"watch.eval_prompts='missing.txt'"),
     ],

@@ -36,6 +36,7 @@ class PromptRecord(NamedTuple):
     prompt: str
     line_number: int
     image_path: str | None = None
+    fields: dict | None = None  # a .jsonl line's whole object (evaluation groups read it); None for .txt
 
 
 def check_image_field(image_field, path: str | None = None) -> None:
@@ -180,7 +181,7 @@ def iter_prompt_records(
                         f"path under {image_field!r} (relative to the .jsonl file's directory, or absolute)"
                     )
                 image_path = os.path.join(base, os.path.expanduser(image_path))
-            yield PromptRecord(record[prompt_field], line_number, image_path)
+            yield PromptRecord(record[prompt_field], line_number, image_path, record)
 
 
 class PromptStream(IterableDataset):

@@ -207,18 +207,40 @@ class FlowBackbone(nn.Module):
             len(pipe.vae.config.block_out_channels) - 1
         )
         self.vae_scale_factor = vae_scale
-        multiple = vae_scale * self.latent_patch_multiple
-        for option, size in (("height", self.height), ("width", self.width)):
+        # a square image is configured by `resolution`: name the option the config used
+        square = self.height == self.width == self.resolution
+        self.check_image_size(
+            self.height, self.width, f"{OPTION}.resolution" if square else f"{OPTION}.height",
+            f"{OPTION}.resolution" if square else f"{OPTION}.width",
+        )
+
+    def check_image_size(self, height: int, width: int, height_option: str, width_option: str) -> None:
+        """Refuse a height or width this model cannot sample (not a multiple of the VAE's downsampling times
+        the transformer's patching); the options are named as the caller's config writes them."""
+        multiple = self.vae_scale_factor * self.latent_patch_multiple
+        for option, size in ((height_option, height), (width_option, width)):
+            if not _is_int(size) or size < 16:
+                raise ValueError(f"{option} must be an integer >= 16 (pixels), got {size!r}")
             if size % multiple:
-                # a square image is configured by `resolution`: name the option the config used
-                option = "resolution" if self.height == self.width == self.resolution else option
                 lower = size // multiple * multiple
                 nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
                 raise ValueError(
-                    f"{OPTION}.{option}={size} is not allowed for this model: it must be a "
-                    f"multiple of {multiple} (VAE downsampling x{vae_scale} times the transformer's patching "
-                    f"x{self.latent_patch_multiple}), e.g. {nearest}"
+                    f"{option}={size} is not allowed for this model: it must be a "
+                    f"multiple of {multiple} (VAE downsampling x{self.vae_scale_factor} times the "
+                    f"transformer's patching x{self.latent_patch_multiple}), e.g. {nearest}"
                 )
+
+    @contextmanager
+    def at_image_size(self, height: int, width: int, height_option: str, width_option: str):
+        """Sample (noise, sigmas, decode) at `height` x `width` inside the block (an evaluation at another
+        resolution than training); the trained size comes back on exit, whatever happens inside."""
+        self.check_image_size(height, width, height_option, width_option)
+        trained = self.height, self.width
+        self.height, self.width = height, width
+        try:
+            yield
+        finally:
+            self.height, self.width = trained
 
     def _load_pipeline(self):
         path = self.pretrained_model_name_or_path

@@ -77,6 +77,16 @@ class ToyBackbone(FlowBackbone):
             scheduler=FlowMatchEulerDiscreteScheduler(shift=self.shift),
         )
 
+    def check_image_size(self, height, width, height_option, width_option) -> None:
+        # pixel space at the pretrained size only: its positional embedding was trained at that size
+        size = self.transformer.config.sample_size
+        for option, value in ((height_option, height), (width_option, width)):
+            if value != size:
+                raise ValueError(
+                    f"{option}={value!r} is not allowed for this model: the toy model was trained on "
+                    f"{size} x {size} images"
+                )
+
     # The same transformer class as SD3, called the same way: SD3's patch multiple and forward (timesteps on
     # the 0..1000 scale), not a copy of them.
     latent_patch_multiple = SD3Backbone.latent_patch_multiple
