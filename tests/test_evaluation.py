@@ -233,3 +233,46 @@ def test_metric_that_is_neither_reward_nor_metric_is_refused(files):
         Evaluation(held_out, metrics=[torch.nn.Identity()])
     assert "evaluation.metrics[0] must be a guardrl Reward" in str(raised.value)
     assert "got Identity" in str(raised.value)
+
+
+def _commented_watch_block(path: str) -> dict:
+    import yaml
+
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = lines.index("# trainer:")
+    block = [line[2:] for line in lines[start:] if line.startswith("# ") or line == "#"]
+    return yaml.safe_load("\n".join(block))
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        os.path.join(d, f)
+        for d in ("configs/sd35m", "configs/flux")
+        for f in os.listdir(d)
+        if f.endswith(".yaml")
+    ),
+)
+def test_each_published_recipe_carries_a_watch_block_that_fits_the_classes(path):
+    """The commented evaluation block of each SD3.5-M / FLUX.1 recipe, uncommented, names real classes and
+    only arguments they take (their weights need the hub, so they are not built here)."""
+    import importlib
+    import inspect
+
+    callbacks = _commented_watch_block(path)["trainer"]["callbacks"]
+
+    def check(spec):
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        assert set(spec.get("init_args", {})) <= accepted, (spec["class_path"], spec.get("init_args"))
+        return cls
+
+    from guardrl.callbacks import OverOptimizationWatch
+    from guardrl.rewards import Reward
+
+    (watch,) = callbacks
+    assert check(watch) is OverOptimizationWatch
+    assert watch["init_args"]["num_inference_steps"] == (28 if "flux" in path else 40)
+    assert [issubclass(check(g), Reward) for g in watch["init_args"]["gold"]] == [True, True, True]
+    assert ("group_field" in watch["init_args"]) == ("geneval" in path)
