@@ -197,7 +197,8 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             self.performance.overlap_rewards,
             self._rollout,
             self.backbone.decode,
-            self.score,
+            # whole groups of group_size, so a groupwise reward never merges two groups with one prompt
+            lambda images, prompts: self.score(images, prompts, self.group_size),
             self._phase,
         )
         # A group with a non-finite reward is dropped from the update (zero advantages) and the others train;
@@ -290,11 +291,14 @@ class GRPOModule(TrainableStateCheckpointing, L.LightningModule):
             self, prompts, noise, sampler, generator, weights, images, num_inference_steps, guidance_scale
         )
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], group_size: Optional[int] = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with the run's retries and
         timeout, the total their weighted sum. The one way the run, its callbacks and the benchmarks score
-        images."""
-        return score_images(self.rewards, images, prompts, self.faults)
+        images. `group_size`: the images are consecutive groups of that many per prompt (a groupwise reward
+        scores each; training passes model.group_size)."""
+        return score_images(self.rewards, images, prompts, self.faults, group_size)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """`guardrl validate` runs the run's Evaluation callbacks (guardrl/callbacks/evaluation.py) on the

@@ -90,10 +90,11 @@ def sample_trajectory(
 
 
 def score_images(
-    rewards: Sequence, images: torch.Tensor, prompts: list[str], faults
+    rewards: Sequence, images: torch.Tensor, prompts: list[str], faults, group_size: Optional[int] = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total, per reward) for images (B, 3, H, W) in [0, 1]: every reward with `faults`' retries and timeout
-    (FaultOptions), the total their weighted sum."""
+    (FaultOptions), the total their weighted sum. `group_size`: the batch is consecutive groups of this many
+    images of one prompt (groupwise rewards score each group; None: they find runs of equal prompts)."""
     per_reward = {
         reward.name: score_with_retries(
             reward,
@@ -102,6 +103,7 @@ def score_images(
             faults.reward_max_attempts,
             faults.reward_retry_delay_s,
             faults.reward_timeout_s,
+            group_size,
         )
         for reward in rewards
     }

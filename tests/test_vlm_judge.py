@@ -288,7 +288,8 @@ def test_the_default_question_and_a_full_endpoint_url(serve):
 def test_jpeg_images(serve):
     server = serve(yes_06_no_02)
     images = constant_images([200, 40], size=16)
-    judge(server, image_format="jpeg")(images, ["a", "b"])
+    # one request at a time: server.requests is in arrival order, compared with the images' order below
+    judge(server, image_format="jpeg", max_concurrency=1)(images, ["a", "b"])
     for request, level in zip(server.requests, [200, 40]):
         url = request["body"]["messages"][0]["content"][0]["image_url"]["url"]
         assert url.startswith("data:image/jpeg;base64,")

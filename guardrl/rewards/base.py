@@ -37,8 +37,17 @@ class Reward(nn.Module):
         """images: (B, 3, H, W) float in [0, 1]; returns (B,) rewards."""
         raise NotImplementedError
 
+    # True for rewards that score a prompt's images together (guardrl.rewards.GroupReward): they get the
+    # batch's group size
+    scores_groups = False
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, prompts: list[str], group_size: int | None = None
+    ) -> torch.Tensor:
+        """Score and check. `group_size`: the batch is consecutive groups of this many images of one prompt
+        (GRPO's data.group_size in training, samples_per_prompt in an evaluation); only rewards that score
+        groups use it."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"reward {self.name!r}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}"
@@ -48,7 +57,10 @@ class Reward(nn.Module):
                 f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts; it needs one "
                 "prompt per image"
             )
-        rewards = self.score(images, prompts)
+        if self.scores_groups and group_size is not None:
+            rewards = self.score(images, prompts, group_size=group_size)  # type: ignore[call-arg]
+        else:
+            rewards = self.score(images, prompts)
         if not isinstance(rewards, torch.Tensor):
             raise ValueError(
                 f"reward {self.name!r} returned a {type(rewards).__name__}, expected a tensor of shape "

@@ -29,12 +29,13 @@ def score_with_retries(
     max_attempts: int = 3,
     retry_delay_s: float = 1.0,
     timeout_s: Optional[float] = None,
+    group_size: Optional[int] = None,
 ) -> torch.Tensor:
     errors: list[str] = []
     delay = retry_delay_s
     for attempt in range(1, max_attempts + 1):
         try:
-            return _call(reward, images, prompts, timeout_s)
+            return _call(reward, images, prompts, timeout_s, group_size)
         except Exception as error:  # noqa: BLE001 - any failure of user/remote code is retried, then reported
             errors.append(f"attempt {attempt}: {type(error).__name__}: {error}")
             if attempt < max_attempts and delay > 0:
@@ -47,15 +48,19 @@ def score_with_retries(
 
 
 def _call(
-    reward: Reward, images: torch.Tensor, prompts: list[str], timeout_s: Optional[float]
+    reward: Reward,
+    images: torch.Tensor,
+    prompts: list[str],
+    timeout_s: Optional[float],
+    group_size: Optional[int] = None,
 ) -> torch.Tensor:
     if timeout_s is None:
-        return reward(images, prompts)
+        return reward(images, prompts, group_size)
     # A fresh single-use thread per call: a hung call must not block the next attempt.
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix=f"reward-{reward.name}"
     )
-    future = executor.submit(reward, images, prompts)
+    future = executor.submit(reward, images, prompts, group_size)
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:

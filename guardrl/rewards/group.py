@@ -27,21 +27,25 @@ from guardrl.rewards.base import Reward, build_component
 class GroupReward(Reward):
     """A reward that scores each prompt's images together. Subclasses implement `score_group`.
 
-    `score(images, prompts)` splits the batch into runs of consecutive equal prompts (the groups) and calls
-    `score_group` on each. A run shorter than `min_group_size` (class attribute, default 2: a rank or a win
-    rate within a group of one means nothing) is refused with an error; a subclass that can score a lone image
-    sets `min_group_size = 1`.
+    `score(images, prompts, group_size)` splits the batch into its groups and calls `score_group` on each: the
+    run passes its group size (training: data.group_size; an evaluation: samples_per_prompt), so two adjacent
+    groups with one prompt text stay two groups; called without one (a user's own code), the groups are the
+    runs of consecutive equal prompts. A group smaller than `min_group_size` (class attribute, default 2: a
+    rank or a win rate within a group of one means nothing) is refused with an error; a subclass that can
+    score a lone image sets `min_group_size = 1`.
     """
 
     min_group_size: int = 2
+    scores_groups = True  # Reward.forward passes the batch's group size
 
     def score_group(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """images: (G, 3, H, W) float in [0, 1], all for `prompt`; returns (G,) rewards."""
         raise NotImplementedError
 
-    def groups(self, prompts: list[str]) -> list[slice]:
-        """The runs of consecutive equal prompts, each at least `min_group_size` long."""
-        runs = prompt_runs(prompts)
+    def groups(self, prompts: list[str], group_size: int | None = None) -> list[slice]:
+        """The groups: consecutive slices of `group_size` (each of one prompt), or without it the runs of
+        consecutive equal prompts; each at least `min_group_size` long."""
+        runs = prompt_runs(prompts) if group_size is None else self._fixed_groups(prompts, group_size)
         for run in runs:
             size = run.stop - run.start
             if size < self.min_group_size:
@@ -56,9 +60,24 @@ class GroupReward(Reward):
                 )
         return runs
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _fixed_groups(self, prompts: list[str], group_size: int) -> list[slice]:
+        if len(prompts) % group_size:
+            raise ValueError(
+                f"reward {self.name!r}: {len(prompts)} images are not whole groups of {group_size} (the "
+                "batch must hold each prompt's images next to each other)"
+            )
+        runs = [slice(i, i + group_size) for i in range(0, len(prompts), group_size)]
+        for run in runs:
+            if len(set(prompts[run])) != 1:
+                raise ValueError(
+                    f"reward {self.name!r}: images {run.start}..{run.stop - 1} should be one group of "
+                    f"{group_size} with one prompt but have {len(set(prompts[run]))} different prompts"
+                )
+        return runs
+
+    def score(self, images: torch.Tensor, prompts: list[str], group_size: int | None = None) -> torch.Tensor:
         parts = []
-        for run in self.groups(prompts):
+        for run in self.groups(prompts, group_size):
             parts.append(self._checked_group(self.score_group(images[run], prompts[run.start]), run, prompts))
         return torch.cat(parts)
 
@@ -153,8 +172,8 @@ class GroupRank(GroupReward):
         self.base = built
         self.higher_is_better = higher_is_better
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        runs = self.groups(prompts)  # refuse a lone image before running the base reward
+    def score(self, images: torch.Tensor, prompts: list[str], group_size: int | None = None) -> torch.Tensor:
+        runs = self.groups(prompts, group_size)  # refuse a lone image before running the base reward
         scores = self.base(images, prompts)  # one call for the whole batch
         return torch.cat([self._ranks(scores[run]) for run in runs])
 
