@@ -247,8 +247,10 @@ class GRPOOptions:
     ema_decay: Optional[float] = None
     """Keep an EMA of the trained weights with this decay, updated after every optimizer step; None: no
     EMA."""
-    log_step_grad_norms: bool = True
-    """Log grad/norm_t{k}, the gradient norm each denoising step contributes (costs one gradient copy)."""
+    log_step_grad_norms: Optional[bool] = None
+    """Log grad/norm_t{k}, the gradient norm each denoising step contributes (costs one gradient copy). null:
+    on, except under DDP with several processes, where each step's rank-averaged gradient would need an
+    all-reduce in every backward instead of one per optimizer step (true logs it there too, at that cost)."""
 
     def __post_init__(self) -> None:
         _require_choice("grpo.ratio_variant", self.ratio_variant, tuple(RATIO_VARIANTS))

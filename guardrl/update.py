@@ -4,7 +4,8 @@ For each inner epoch, minibatch and trained denoising step: recompute mu_theta a
 configured ratio variant, the clipped loss (+ beta KL to the reference), backward; an optimizer step every
 `grpo.gradient_accumulation_steps` minibatches, after one agreement across ranks that the losses and the
 gradient norm are finite. Under DDP the gradients are all-reduced once per optimizer step, in its last
-backward (`gradient_sync`), unless `grpo.log_step_grad_norms` needs every backward's reduced gradient.
+backward (`gradient_sync`), unless `grpo.log_step_grad_norms: true` asks for every backward's reduced gradient
+(its default is off under DDP, on elsewhere).
 Per-step statistics (log-ratios, the loss's own clip flags, KL, gradient norms) are collected into `StepStats`
 for the callbacks.
 
@@ -18,7 +19,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, ContextManager, Optional
 
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 
 from guardrl.algorithm import clipped_policy_loss, compute_ratio_terms, kl_to_reference
 from guardrl.algorithm.timesteps import choose_trained_steps
@@ -53,6 +54,16 @@ def gradient_sync(module: GRPOModule, sync: bool) -> ContextManager:
     return strategy.block_backward_sync()
 
 
+def step_grad_norms_on(module: GRPOModule) -> bool:
+    """grpo.log_step_grad_norms, its null default resolved: on unless DDP syncs gradients between processes
+    (there it would cost an all-reduce per backward; FSDP2 reduce-scatters in every backward anyway)."""
+    option = module.grpo.log_step_grad_norms
+    if option is not None:
+        return option
+    strategy = module.trainer.strategy
+    return not (isinstance(strategy, DDPStrategy) and module.trainer.world_size > 1)
+
+
 def update_policy(
     module: GRPOModule, trajectory: Trajectory, cond, advantages: torch.Tensor
 ) -> tuple[list[StepStats], Losses, Optional[str]]:
@@ -76,7 +87,8 @@ def update_policy(
     pending_losses: list[torch.Tensor] = []
     # grad/norm_t{k} is the norm of each step's rank-averaged gradient: only a backward that all-reduces
     # gives it, so logging it keeps the sync on every backward.
-    sync_every_backward = grpo.log_step_grad_norms
+    log_step_norms = step_grad_norms_on(module)
+    sync_every_backward = log_step_norms
     for _ in range(grpo.num_inner_epochs):
         # Same sample order as the rollout when one minibatch covers the batch: then the first update
         # recomputes the rollout's forward exactly and the ratio is exactly 1.
@@ -85,7 +97,7 @@ def update_policy(
             index = order[start : start + minibatch].to(module.device)
             steps_after = (num_minibatches + 1) % accumulation == 0  # an optimizer step after this minibatch
             for position, j in enumerate(positions):
-                before = grad_snapshot(params) if grpo.log_step_grad_norms else None
+                before = grad_snapshot(params) if log_step_norms else None
                 loss, kl = step_loss(module, trajectory, j, index, cond, advantages, step_stats[j])
                 last = steps_after and position == len(positions) - 1
                 with gradient_sync(module, sync_every_backward or last):

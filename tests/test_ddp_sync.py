@@ -148,6 +148,7 @@ def runs(tmp_path_factory):
             root / "old", *no_step_norms, "--trainer.callbacks.init_args.sync_every_backward", "true"
         ),
         "step_norms": fit_two_ranks(root / "norms", "--model.grpo.log_step_grad_norms", "true"),
+        "default": fit_two_ranks(root / "default"),
     }
 
 
@@ -164,6 +165,8 @@ def test_one_gradient_all_reduce_per_optimizer_step(runs):
         assert runs["once_per_step"][rank]["all_reduces"] == [OPTIMIZER_STEPS] * ITERATIONS == [2, 2]
         # grad/norm_t{k} needs each backward's rank-averaged gradient, so logging it syncs every backward
         assert runs["step_norms"][rank]["all_reduces"] == [12, 12]
+        # the default (log_step_grad_norms null) leaves them out under DDP: one sync per optimizer step
+        assert runs["default"][rank]["all_reduces"] == [2, 2]
 
 
 def _relative_differences(a: dict, b: dict) -> dict[str, float]:
