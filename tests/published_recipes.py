@@ -423,6 +423,60 @@ QWEN_IMAGE_RECIPE = {
 }
 
 
+FF_QWEN_EDIT = "X-GenGroup/Flow-Factory examples/grpo/lora/qwen_image_edit_plus/default.yaml (commit 5f6cda1)"
+# Numbers as FF's Qwen-Image-Edit-Plus recipe gives them; the model (Qwen/Qwen-Image-Edit, not -2509), the
+# condition-size rule, the LoRA targets and the missing EMA are deviations, in the recipe's header.
+QWEN_IMAGE_EDIT_RECIPE = {
+    "model.backbone.class_path": Published(
+        "guardrl.policy.QwenImageEditBackbone", f"{FF_QWEN_EDIT}: model_type qwen-image-edit-plus"
+    ),
+    "model.backbone.init_args.resolution": Published(384, f"{FF_QWEN_EDIT}: train.resolution 384"),
+    "model.backbone.init_args.condition_image_size": Published(
+        384, f"{FF_QWEN_EDIT}: train.condition_image_size [384, 384]"
+    ),
+    "model.rewards.0.class_path": Published("guardrl.rewards.PickScore", f"{FF_QWEN_EDIT}: PickScore"),
+    "model.rewards.0.init_args.scale": Published(26.0, f"{FF_PICK}: scores = scores / 26"),
+    "model.sampling.num_inference_steps": Published(10, f"{FF_QWEN_EDIT}: train.num_inference_steps 10"),
+    "model.sampling.guidance_scale": Published(4.0, f"{FF_QWEN_EDIT}: train.guidance_scale 4"),
+    "model.sampling.noise_level": Published(1.0, f"{FF_QWEN_EDIT}: scheduler.noise_level 1.0"),
+    "model.sampling.sde_type": Published("flow_grpo", f"{FF_QWEN_EDIT}: scheduler.dynamics_type Flow-SDE"),
+    "model.sampling.sde_window": Published([1, 4], f"{FF_QWEN_EDIT}: scheduler.sde_steps [1, 2, 3]"),
+    "model.sampling.sde_window_strategy": Published(
+        "random", f"{FF_QWEN_EDIT}: noise steps randomly selected from scheduler.sde_steps"
+    ),
+    "model.sampling.sde_window_size": Published(1, f"{FF_QWEN_EDIT}: scheduler.num_sde_steps 1"),
+    "model.grpo.ratio_variant": Published("flow_grpo", f"{FF_QWEN_EDIT}: train.trainer_type 'grpo'"),
+    "model.grpo.clip_range": Published(1e-4, f"{FF_QWEN_EDIT}: train.clip_range 1.0e-4"),
+    "model.grpo.adv_clip_max": Published(5.0, f"{FF_QWEN_EDIT}: train.adv_clip_range 5.0"),
+    "model.grpo.std_scope": Published("group", f"{FF_QWEN_EDIT}: train.global_std false"),
+    "model.grpo.kl_beta": Published(0.0, f"{FF_QWEN_EDIT}: train.kl_beta 0"),
+    "model.grpo.minibatch_size": Published(1, f"{FF_QWEN_EDIT}: train.per_device_batch_size 1"),
+    "model.grpo.max_grad_norm": Published(1.0, f"{FF_QWEN_EDIT}: optimizers[0].max_grad_norm 1.0"),
+    "model.lora.rank": Published(64, f"{FF_QWEN_EDIT}: model.lora_rank 64"),
+    "model.lora.alpha": Published(128, f"{FF_QWEN_EDIT}: model.lora_alpha 128"),
+    "model.performance.gradient_checkpointing": Published(
+        True, f"{FF_QWEN_EDIT}: train.enable_gradient_checkpointing true"
+    ),
+    "model.optimizer.class_path": Published("torch.optim.AdamW", f"{FF_QWEN_EDIT}: optimizers (AdamW)"),
+    "model.optimizer.init_args.lr": Published(3e-4, f"{FF_QWEN_EDIT}: optimizers[0].learning_rate 3.0e-4"),
+    "model.optimizer.init_args.weight_decay": Published(
+        1e-4, f"{FF_QWEN_EDIT}: optimizers[0].weight_decay 1.0e-4"
+    ),
+    "model.optimizer.init_args.betas": Published([0.9, 0.999], f"{FF_QWEN_EDIT}: optimizers[0].betas"),
+    "model.optimizer.init_args.eps": Published(1e-8, f"{FF_QWEN_EDIT}: optimizers[0].eps 1.0e-8"),
+    "data.group_size": Published(16, f"{FF_QWEN_EDIT}: train.group_size 16"),
+    "data.prompts_per_batch": Published(
+        6, f"{FF_QWEN_EDIT}: unique_sample_num_per_epoch 48 over num_processes 8 = 6 per rank"
+    ),
+    "data.image_field": Published(
+        "image", "Flow-Factory README, Image-to-Image: {'prompt': ..., 'image': ...}"
+    ),
+    "trainer.devices": Published(8, f"{FF_QWEN_EDIT}: num_processes 8"),
+    "checkpoint.every_n_iterations": Published(20, f"{FF_QWEN_EDIT}: log.save_freq 20"),
+    "seed_everything": Published(42, f"{FF_QWEN_EDIT}: train.seed 42"),
+    "optimizer_steps_per_iteration": Published(2, f"{FF_QWEN_EDIT}: train.gradient_step_per_epoch 2"),
+}
+
 # --------------------------------------------------------------------------------------------------------
 # The table: recipe file (under configs/) -> guardrl option (as `guardrl fit --print_config` writes it) ->
 # the published number. "optimizer_steps_per_iteration" is derived from the batch settings.
@@ -441,6 +495,7 @@ RECIPES: dict[str, dict[str, Published]] = {
     "qwen_image/grpo_clip_pickscore.yaml": QWEN_IMAGE_RECIPE,
     "z_image/flow_grpo_pickscore_turbo.yaml": Z_IMAGE_RECIPE,
     "flux_kontext/flow_grpo_pickscore.yaml": KONTEXT_RECIPE,
+    "qwen_image_edit/flow_grpo_pickscore.yaml": QWEN_IMAGE_EDIT_RECIPE,
     # No published SD3.5-Large GRPO recipe: the Medium one's numbers, the Large weights (the config says so)
     "sd35l/grpo_guard_pickscore.yaml": {
         **_grpo_guard_sd35m("pickscore_hps_sd3_ratio_norm", 4e-6),

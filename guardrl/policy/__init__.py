@@ -2,18 +2,23 @@
 snapshot, reference, EMA."""
 
 from guardrl.policy.backbones import Conditioning, FlowBackbone, FluxBackbone, SD3Backbone
-from guardrl.policy.flux2 import Flux2KleinBackbone
-from guardrl.policy.kontext import FluxKontextBackbone, TinyFluxKontextBackbone
+from guardrl.policy.flux2 import Flux2KleinBackbone, RandomFlux2Klein4BBackbone, RandomFlux2Klein9BBackbone
+from guardrl.policy.kontext import FluxKontextBackbone, RandomFluxKontextBackbone, TinyFluxKontextBackbone
 from guardrl.policy.lora import LoraSpec
 from guardrl.policy.policy import WEIGHT_SETS, FlowPolicy
-from guardrl.policy.qwen_image import QwenImageBackbone
+from guardrl.policy.qwen_image import QwenImageBackbone, RandomQwenImageBackbone
+from guardrl.policy.qwen_image_edit import (
+    QwenImageEditBackbone,
+    RandomQwenImageEditBackbone,
+    TinyQwenImageEditBackbone,
+)
 from guardrl.policy.random_weights import (
     RandomFluxDevBackbone,
     RandomSD35LargeBackbone,
     RandomSD35MediumBackbone,
 )
 from guardrl.policy.tiny import TinyFluxBackbone, TinySD3Backbone
-from guardrl.policy.z_image import ZImageBackbone
+from guardrl.policy.z_image import RandomZImageTurboBackbone, ZImageBackbone
 
 __all__ = [
     "WEIGHT_SETS",
@@ -25,12 +30,20 @@ __all__ = [
     "FluxKontextBackbone",
     "LoraSpec",
     "QwenImageBackbone",
+    "QwenImageEditBackbone",
+    "RandomFlux2Klein4BBackbone",
+    "RandomFlux2Klein9BBackbone",
     "RandomFluxDevBackbone",
+    "RandomFluxKontextBackbone",
+    "RandomQwenImageBackbone",
+    "RandomQwenImageEditBackbone",
     "RandomSD35LargeBackbone",
     "RandomSD35MediumBackbone",
+    "RandomZImageTurboBackbone",
     "SD3Backbone",
     "TinyFluxBackbone",
     "TinyFluxKontextBackbone",
+    "TinyQwenImageEditBackbone",
     "TinySD3Backbone",
     "ZImageBackbone",
 ]

@@ -70,6 +70,7 @@ BACKBONE_OF_PIPELINE = {
     "QwenImagePipeline": "guardrl.policy.QwenImageBackbone",
     "Flux2KleinPipeline": "guardrl.policy.Flux2KleinBackbone",
     "FluxKontextPipeline": "guardrl.policy.FluxKontextBackbone",
+    "QwenImageEditPipeline": "guardrl.policy.QwenImageEditBackbone",
     "ZImagePipeline": "guardrl.policy.ZImageBackbone",
 }
 
