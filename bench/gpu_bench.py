@@ -1,26 +1,35 @@
-"""Throughput, memory and model FLOP utilisation at the real SD3.5-Medium and FLUX.1-dev shapes, random
-weights (issue 4; docs/benchmarks.md), against this device's measured matmul ceiling.
+"""Throughput, memory and model FLOP utilisation at the real shapes of every model guardrl trains
+(SD3.5-Medium and -Large, FLUX.1-dev, Qwen-Image, FLUX.2 [klein] 4B / 9B, Z-Image-Turbo, FLUX.1-Kontext-dev),
+random weights (issues 4 and 19; docs/benchmarks.md), against this device's measured matmul ceiling.
 
     python bench/gpu_bench.py               # a GPU: full shapes at 512 px, bf16
     python bench/gpu_bench.py --small       # any machine: the same code on shrunken shapes (CPU: float32)
     python bench/gpu_bench.py --count-only  # any machine: full-shape parameters and FLOPs per image,
                                             # built on the meta device (no memory, no compute)
+    python bench/gpu_bench.py --models qwen_image,flux2_klein_4b,flux2_klein_9b,z_image_turbo,flux_kontext
 
 No download: the transformers and VAEs are built from their published configs with random weights
-(`guardrl.policy.random_weights`; only the shapes matter for speed). Text encoders are not run: the prompt
-embeddings are random tensors of the real shapes (SD3: 77 CLIP + 256 T5 tokens of width 4096 and a 2048-wide
-pooled vector; Flux: 512 T5 tokens, 768 pooled), as a run with a warm prompt cache sees them. Per model:
+(`guardrl.policy.random_weights` and the Random*Backbone of each model's module; only the shapes matter for
+speed). Text encoders are not run: the prompt embeddings are random tensors of the real shapes (SD3: 77 CLIP +
+256 T5 tokens of width 4096 and a 2048-wide pooled vector; Flux and Kontext: 512 T5 tokens, 768 pooled;
+Qwen-Image: 512 tokens of width 3584, the benchmark's prompts being long enough to fill max_sequence_length;
+klein: 512 tokens of 7680 / 12288; Z-Image: 512 caption tokens of 2560), as a run with a warm prompt cache
+sees them. FLUX.1-Kontext edits: every prompt comes with a random conditioning image of the configured size
+(`condition_image_size` = `--resolution`, as its recipe has it), encoded by the VAE, whose tokens double the
+transformer's image sequence. Per model:
 
 1. The bare transformer, the upper bound of what any trainer can reach:
    - rollout: `--steps` forwards of `--batch` images (SD3 with and without CFG, which doubles the batch in one
      forward; Flux-dev has guidance as an embedding, one forward), images/s and MFU;
    - update: one forward + backward + AdamW step on `--minibatch` images at one timestep, seconds and MFU;
-   both with the recipe's LoRA adapters (a LoRA policy's rollouts run them too; configs/<model>/
-   grpo_guard_pickscore.yaml: SD3.5-M rank 32, Flux rank 64, attention projections of both streams) and
-   under bf16 autocast with float32 adapters, as guardrl runs them.
+   both with the recipe's LoRA adapters (a LoRA policy's rollouts run them too; `RECIPES`: SD3.5-M rank 32,
+   Flux rank 64, attention projections of both streams; the newer models' Flow-Factory recipes rank 64) and
+   under bf16 autocast with float32 adapters, as guardrl runs them. The newer models' transformers are called
+   through their backbone's own forward (`velocity`: ids, masks, the Kontext image tokens, as guardrl's
+   rollout calls them); models with true CFG (SD3.5, Qwen-Image, Z-Image) get a row with it too.
 2. A real GRPO iteration through guardrl (`guardrl fit` in this process, `--iterations` timed after the first,
-   which counts FLOPs): the model's GRPO-Guard recipe (configs/<model>/grpo_guard_pickscore.yaml: sampler,
-   CFG, LoRA rank and targets, all SDE steps trained) on the random-weight backbone, with `--batch` images per
+   which counts FLOPs): the model's recipe (`RECIPES`: sampler, CFG, LoRA rank and targets, the SDE steps it
+   trains, gradient checkpointing where it has it) on the random-weight backbone, with `--batch` images per
    iteration in groups of `--group-size`, `--steps` sampler steps, minibatches of `--minibatch`, one optimizer
    step per iteration, and the JPEG-compressibility reward (no weights; PickScore's 0.4B-parameter CLIP would
    add its own time). Per phase (rollout, decode, reward, update, the whole iteration): seconds, TFLOP and
@@ -43,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import resource
@@ -59,7 +69,11 @@ import yaml
 from guardrl.perf import FlopCounter
 from guardrl.policy import LoraSpec
 from guardrl.policy import RandomFluxDevBackbone, RandomSD35LargeBackbone, RandomSD35MediumBackbone
+from guardrl.policy.flux2 import RandomFlux2Klein4BBackbone, RandomFlux2Klein9BBackbone
+from guardrl.policy.kontext import RandomFluxKontextBackbone
+from guardrl.policy.qwen_image import RandomQwenImageBackbone
 from guardrl.policy.random_weights import build_transformer, transformer_config
+from guardrl.policy.z_image import RandomZImageTurboBackbone
 
 VAE_FACTOR, LATENT_CHANNELS = 8, 16
 SMALL_MAX_SEQUENCE_LENGTH = 16  # --small
@@ -67,23 +81,121 @@ BACKBONES = {
     "sd35m": RandomSD35MediumBackbone,
     "sd35l": RandomSD35LargeBackbone,
     "flux": RandomFluxDevBackbone,
+    "qwen_image": RandomQwenImageBackbone,
+    "flux2_klein_4b": RandomFlux2Klein4BBackbone,
+    "flux2_klein_9b": RandomFlux2Klein9BBackbone,
+    "z_image_turbo": RandomZImageTurboBackbone,
+    "flux_kontext": RandomFluxKontextBackbone,
 }
+# The models whose bare transformer this script calls itself (`inputs`); the others through their backbone.
+DIRECT = ("sd35m", "sd35l", "flux")
 RECIPES = {
     "sd35m": "configs/sd35m/grpo_guard_pickscore.yaml",
     "sd35l": "configs/sd35l/grpo_guard_pickscore.yaml",
     "flux": "configs/flux/grpo_guard_pickscore.yaml",
+    "qwen_image": "configs/qwen_image/grpo_clip_pickscore.yaml",
+    # the klein recipe is klein-base-9B's (true CFG 4.0); the random-weight klein backbones are the
+    # step-distilled ones (no CFG), so the iteration runs one forward per step
+    "flux2_klein_4b": "configs/flux2_klein/grpo_pickscore.yaml",
+    "flux2_klein_9b": "configs/flux2_klein/grpo_pickscore.yaml",
+    "z_image_turbo": "configs/z_image/flow_grpo_pickscore_turbo.yaml",
+    "flux_kontext": "configs/flux_kontext/flow_grpo_pickscore.yaml",
+}
+# The sizes the model cards publish, in billions, and the decimals they round to; compared with the
+# transformer's weights as released (its state dict: SD3's position table is a buffer in diffusers, in the
+# weights file all the same). The same figures the tests check (tests/test_random_weights.py,
+# test_qwen_image.py, test_flux2_klein.py, test_z_image.py).
+PUBLISHED_BILLIONS = {
+    "sd35m": (2.5, 1, "Stability AI, SD3.5 Medium: 2.5 billion parameters"),
+    "sd35l": (8.1, 1, "stabilityai/stable-diffusion-3.5-large: an 8.1 billion parameter MMDiT"),
+    "flux": (12, 0, "black-forest-labs/FLUX.1-dev: a 12 billion parameter rectified flow transformer"),
+    "qwen_image": (20, 0, "QwenLM/Qwen-Image: a 20B MMDiT image foundation model"),
+    "flux2_klein_4b": (4, 0, "black-forest-labs/FLUX.2-klein-4B: 4B"),
+    "flux2_klein_9b": (9, 0, "black-forest-labs/FLUX.2-klein-9B: 9B"),
+    "z_image_turbo": (6.15, 2, "Z-Image technical report (arXiv 2511.22699): 6.15B parameters"),
+    "flux_kontext": (
+        12,
+        0,
+        "black-forest-labs/FLUX.1-Kontext-dev: a 12 billion parameter rectified flow transformer",
+    ),
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def max_sequence_length(kind: str, small: bool) -> int:
-    """T5 tokens per prompt: the model's own (SD3.5-Medium 256, FLUX.1-dev 512), or 16 for --small."""
-    return SMALL_MAX_SEQUENCE_LENGTH if small else BACKBONES[kind].default_max_sequence_length
+    """Text tokens per prompt: the model's own (SD3.5 256 T5 tokens, the others 512), or 16 for --small."""
+    if small:
+        return SMALL_MAX_SEQUENCE_LENGTH
+    cls = BACKBONES[kind]
+    default = getattr(cls, "default_max_sequence_length", None)
+    return default or inspect.signature(cls.__init__).parameters["max_sequence_length"].default
 
 
 def text_tokens(kind: str, small: bool) -> int:
-    """Prompt-embedding tokens of one prompt: SD3 puts 77 CLIP tokens before the T5 ones; Flux has T5 only."""
-    return BACKBONES[kind].clip_tokens + max_sequence_length(kind, small)
+    """Prompt-embedding tokens of one prompt: SD3 puts 77 CLIP tokens before the T5 ones; the others have
+    their one text encoder's (Qwen-Image: the benchmark's prompts fill max_sequence_length)."""
+    return getattr(BACKBONES[kind], "clip_tokens", 0) + max_sequence_length(kind, small)
+
+
+def bench_prompt(index: int, kind: str, small: bool) -> str:
+    """A prompt with enough words to fill max_sequence_length where the text length follows the prompt
+    (RandomQwenImageBackbone: one token per word plus the chat template's 5), so every model's text is at its
+    cap (the others pad to it or are random at it anyway)."""
+    return f"benchmark prompt {index} " + " ".join(["word"] * max_sequence_length(kind, small))
+
+
+def condition_images(count: int, resolution: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random conditioning images (3, resolution, resolution) in [0, 1], for an editing model."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, resolution, resolution, generator=generator) for _ in range(count)]
+
+
+def backbone_init_args(kind: str, small: bool, dtype: torch.dtype, resolution: int) -> dict:
+    """The Random*Backbone's init_args: dtype, size, text length, small; an editing model's conditioning
+    images are resized to the resolution (configs/flux_kontext: condition_image_size 384 at 384 px)."""
+    args = {
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "resolution": resolution,
+        "max_sequence_length": max_sequence_length(kind, small),
+        "small": small,
+    }
+    if BACKBONES[kind].takes_condition_image:
+        args["condition_image_size"] = resolution
+    return args
+
+
+def recipe_guidance(kind: str) -> float:
+    with open(os.path.join(REPO_ROOT, RECIPES[kind])) as f:
+        return float(yaml.safe_load(f)["model"]["sampling"].get("guidance_scale", 1.0))
+
+
+def load_backbone(kind: str, small: bool, device: torch.device, dtype: torch.dtype, resolution: int):
+    """The random-weight backbone, loaded on `device` in `dtype` (on the meta device: no memory)."""
+    backbone = BACKBONES[kind](**backbone_init_args(kind, small, dtype, resolution))
+    with device:
+        backbone.load()
+    backbone.transformer.requires_grad_(False)
+    return backbone
+
+
+def backbone_velocity(backbone, kind: str, batch: int, cfg: bool, small: bool, resolution: int):
+    """A no-argument function that runs the backbone's transformer on `batch` images (with true CFG: 2 x
+    `batch` in one forward) as guardrl's rollout calls it, at sigma 0.5 with the recipe's guidance."""
+    device = backbone.transformer.device
+    prompts = [bench_prompt(i, kind, small) for i in range(batch)]
+    images = condition_images(batch, resolution) if backbone.takes_condition_image else None
+    cond = backbone.encode_prompts(prompts, with_negative=cfg, images=images)
+    if device.type == "meta":
+        # text masks must be read (Qwen-Image: any padding? Z-Image: each caption's tokens); the bench's
+        # are all ones, so they are exact on the CPU
+        for side in (cond.tensors, cond.negative or {}):
+            for name, t in side.items():
+                if "mask" in name:
+                    side[name] = torch.ones(t.shape, dtype=t.dtype)
+    x = backbone.initial_noise(batch, torch.Generator().manual_seed(0), device)
+    # without CFG, a true-CFG model's forward ignores the scale; an embedded guidance (Flux, Kontext) takes it
+    guidance = recipe_guidance(kind) if cfg or not backbone.uses_true_cfg else 1.0
+    return lambda transformer: backbone.velocity(x, 0.5, cond, guidance, transformer)
 
 
 def _sync(device: torch.device) -> None:
@@ -173,7 +285,22 @@ def recipe_lora(kind: str) -> LoraSpec:
 def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
     """The bare transformer with the recipe's LoRA adapters (rollouts of a LoRA policy run them too), under
     the autocast a bf16-mixed run uses: rollouts (no grad) and one update step."""
-    transformer, config = build(kind, args.small, device, dtype)
+    if kind in DIRECT:
+        transformer, config = build(kind, args.small, device, dtype)
+        true_cfg = kind.startswith("sd35")
+    else:
+        backbone = load_backbone(kind, args.small, device, dtype, args.resolution)
+        transformer = backbone.transformer
+        true_cfg = backbone.uses_true_cfg
+    recipe_cfg = true_cfg and recipe_guidance(kind) > 1.0  # the recipe's rollout runs CFG
+
+    def forward(batch: int, cfg: bool):
+        if kind in DIRECT:
+            kwargs = inputs(kind, config, batch * (2 if cfg else 1), args.resolution, device, dtype, tokens)
+            return lambda: transformer(**kwargs)[0]
+        run = backbone_velocity(backbone, kind, batch, cfg, args.small, args.resolution)
+        return lambda: run(transformer)
+
     lora = recipe_lora(kind)
     # Adapters in float32 as guardrl keeps them; AdamW over the adapters only.
     transformer.add_adapter(lora.to_peft_config())
@@ -186,16 +313,16 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
         torch.cuda.reset_peak_memory_stats(device)
     tokens = text_tokens(kind, args.small)
     rows = []
-    cfg_modes = (False, True) if kind.startswith("sd35") else (False,)
+    # a recipe with CFG: the rollout without it too (the cost CFG adds); Z-Image-Turbo's runs none
+    cfg_modes = (False, True) if recipe_cfg else (False,)
     for cfg in cfg_modes:
-        forward_batch = args.batch * (2 if cfg else 1)
-        kwargs = inputs(kind, config, forward_batch, args.resolution, device, dtype, tokens)
+        step = forward(args.batch, cfg)
 
         @torch.no_grad()
         def rollout():
             with autocast:
                 for _ in range(args.steps):
-                    transformer(**kwargs)
+                    step()
 
         seconds = _median_seconds(rollout, device, args.repeats)
         flops = flops_of(rollout)
@@ -204,6 +331,7 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
                 "model": kind,
                 "phase": "rollout" + (" + CFG" if cfg else ""),
                 "cfg": cfg,
+                "as_recipe": cfg == recipe_cfg,
                 "batch": args.batch,
                 "seconds": seconds,
                 "images_per_s": args.batch / seconds,
@@ -213,11 +341,11 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
         )
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    kwargs = inputs(kind, config, args.minibatch, args.resolution, device, dtype, tokens)
+    step = forward(args.minibatch, False)
 
     def update():
         with autocast:
-            out = transformer(**kwargs)[0]
+            out = step()
         out.float().square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -239,22 +367,57 @@ def bench_model(kind: str, args, device: torch.device, dtype: torch.dtype, ceili
     return rows  # the model is freed with this frame; _guarded empties the CUDA cache before the next
 
 
-def count_only(models: list[str], resolution: int) -> None:
-    """Full shapes on the meta device: parameter counts and the exact forward FLOPs of one image."""
+def count_only(models: list[str], resolution: int) -> list[dict]:
+    """Full shapes on the meta device: parameter counts (against the published sizes) and the exact forward
+    FLOPs of one image (no CFG). Prints a table; returns its rows."""
     meta = torch.device("meta")
     print(f"full shapes on the meta device, {resolution} px, 1 image")
-    print("| model | transformer parameters | forward TFLOP per image | image tokens | text tokens |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | transformer parameters | weights (state dict) | published | forward TFLOP per image | "
+        "image tokens | text tokens |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rows = []
     for kind in models:
-        with meta:
-            transformer, config = build(kind, False, meta, torch.bfloat16)
-        tokens = text_tokens(kind, small=False)
-        kwargs = inputs(kind, config, 1, resolution, meta, torch.bfloat16, tokens)
-        with torch.no_grad():
-            flops = flops_of(lambda: transformer(**kwargs))
         image_tokens = (resolution // VAE_FACTOR // 2) ** 2
+        tokens = text_tokens(kind, small=False)
+        if kind in DIRECT:
+            with meta:
+                transformer, config = build(kind, False, meta, torch.bfloat16)
+            kwargs = inputs(kind, config, 1, resolution, meta, torch.bfloat16, tokens)
+            run = lambda: transformer(**kwargs)  # noqa: E731
+        else:
+            backbone = load_backbone(kind, False, meta, torch.bfloat16, resolution)
+            transformer = backbone.transformer
+            step = backbone_velocity(backbone, kind, 1, False, False, resolution)
+            run = lambda: step(transformer)  # noqa: E731
+        with torch.no_grad():
+            flops = flops_of(run)
         parameters = sum(p.numel() for p in transformer.parameters())
-        print(f"| {kind} | {parameters / 1e9:.3f} B | {flops / 1e12:.3f} | {image_tokens} | {tokens} |")
+        weights = sum(t.numel() for t in transformer.state_dict().values())
+        billions, decimals, source = PUBLISHED_BILLIONS[kind]
+        matches = round(weights / 1e9, decimals) == billions
+        # an editing model's sequence holds its conditioning image's tokens after the noisy ones
+        editing = BACKBONES[kind].takes_condition_image
+        shown_tokens = f"{image_tokens} + {image_tokens}" if editing else image_tokens
+        print(
+            f"| {kind} | {parameters / 1e9:.3f} B | {weights:,} | {billions:g} B "
+            f"({'matches' if matches else 'DIFFERS'}) | {flops / 1e12:.3f} | {shown_tokens} | {tokens} |"
+        )
+        rows.append(
+            {
+                "model": kind,
+                "parameters": parameters,
+                "weights": weights,
+                "published_billions": billions,
+                "matches_published": matches,
+                "published_source": source,
+                "forward_flops": flops,
+                "image_tokens": image_tokens * (2 if editing else 1),
+                "text_tokens": tokens,
+            }
+        )
+    return rows
 
 
 class _IterationMetrics(L.Callback):
@@ -289,17 +452,27 @@ def grpo_iteration(
     from guardrl.cli import main as guardrl_main
 
     tmp = tempfile.mkdtemp(prefix="guardrl-gpu-bench-")
-    prompt_file = os.path.join(tmp, "prompts.txt")
+    prompts = [bench_prompt(i, kind, args.small) for i in range(256)]
+    cls = BACKBONES[kind]
+    if cls.takes_condition_image:
+        # an editing recipe reads a .jsonl of prompts and image paths (data.image_field: image); 16 random
+        # images of the configured size, cycled
+        from PIL import Image
+
+        os.makedirs(os.path.join(tmp, "images"))
+        for i, image in enumerate(condition_images(16, args.resolution)):
+            pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(os.path.join(tmp, "images", f"{i}.png"))
+        prompt_file = os.path.join(tmp, "prompts.jsonl")
+        lines = [json.dumps({"prompt": p, "image": f"images/{i % 16}.png"}) for i, p in enumerate(prompts)]
+    else:
+        prompt_file = os.path.join(tmp, "prompts.txt")
+        lines = prompts
     with open(prompt_file, "w") as f:
-        f.write("\n".join(f"benchmark prompt {i}" for i in range(256)) + "\n")
+        f.write("\n".join(lines) + "\n")
     backbone = {
-        "class_path": f"guardrl.policy.{BACKBONES[kind].__name__}",
-        "init_args": {
-            "torch_dtype": str(dtype).replace("torch.", ""),
-            "resolution": args.resolution,
-            "max_sequence_length": max_sequence_length(kind, args.small),
-            "small": args.small,
-        },
+        "class_path": f"{cls.__module__}.{cls.__name__}",
+        "init_args": backbone_init_args(kind, args.small, dtype, args.resolution),
     }
     overrides = {
         "--model.backbone": json.dumps(backbone),
@@ -312,13 +485,14 @@ def grpo_iteration(
                 }
             ]
         ),
+        # one reward here: GDPO (the Qwen-Image recipe's) needs several, guardrl refuses it with one
+        "--model.grpo.reward_aggregation": "weighted_sum",
         "--model.sampling.num_inference_steps": args.steps,
         "--model.grpo.minibatch_size": args.minibatch,
         "--model.grpo.gradient_accumulation_steps": args.batch // args.minibatch,  # one optimizer step
         "--model.max_iterations": args.iterations + warmup,
         "--model.performance.peak_flops": ceiling,
         "--model.performance.throughput_window": max(2, args.iterations),
-        "--model.performance.gradient_checkpointing": str(args.gradient_checkpointing).lower(),
         "--data.train_prompts": prompt_file,
         "--data.group_size": args.group_size,
         "--data.prompts_per_batch": args.batch // args.group_size,
@@ -333,6 +507,8 @@ def grpo_iteration(
         "--trainer.enable_progress_bar": "false",
         "--trainer.enable_model_summary": "false",
     }
+    if args.gradient_checkpointing:  # else the recipe's (Qwen-Image's checkpoints)
+        overrides["--model.performance.gradient_checkpointing"] = "true"
     overrides.update(extra or {})
     argv = ["--config", os.path.join(REPO_ROOT, RECIPES[kind])]
     for option, value in overrides.items():
@@ -349,11 +525,13 @@ def grpo_iteration(
     peak = peak_memory_gib(device)
     measured = metrics.iterations[warmup:]
     lora = cli.model.hparams.get("lora") or {}
-    trained_steps = (
-        len(cli.model.noise_scales.nonzero())
-        if cli.model.grpo.num_train_timesteps is None
-        else (cli.model.grpo.num_train_timesteps)
-    )
+    sampling = cli.model.sampling
+    if cli.model.grpo.num_train_timesteps is not None:
+        trained_steps = cli.model.grpo.num_train_timesteps
+    elif sampling.sde_window_strategy != "fixed":  # a moving window: its steps are this iteration's SDE steps
+        trained_steps = sampling.sde_window_size
+    else:
+        trained_steps = len(cli.model.noise_scales.nonzero())
     # grpo.track_kl (the default) adds a no-grad reference forward (adapters off) per trained step: train/kl.
     kl = " + KL reference forwards" if cli.model.grpo.needs_reference else ""
     names = {
@@ -539,8 +717,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     if unknown:
         raise SystemExit(f"--savers: unknown {unknown}; allowed: {', '.join(savers(torch.device('cpu')))}")
     if args.count_only:
-        count_only(models, args.resolution)
-        return {"bare": [], "iteration": [], "savers": []}
+        return {"bare": [], "iteration": [], "savers": [], "count": count_only(models, args.resolution)}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.small:
         print("no CUDA device: running the small shapes (--small)", file=sys.stderr)
@@ -587,13 +764,10 @@ def main(argv=None) -> dict[str, list[dict]]:
                 "GRPO iteration", kind, lambda: grpo_iteration(kind, args, device, dtype, ceiling)
             )
             # guardrl's rollout against the bare transformer's rollout of the same images (with CFG when the
-            # recipe has it: SD3's guidance 4.5; Flux's guidance is an embedding, no extra forward).
+            # recipe has it: SD3's guidance 4.5, Qwen-Image's 4; Flux's and Kontext's guidance is an
+            # embedding, the distilled klein and Z-Image-Turbo run none: no extra forward).
             reference = [
-                r
-                for r in bare
-                if r["model"] == kind
-                and r["phase"].startswith("rollout")
-                and r["cfg"] == kind.startswith("sd35")
+                r for r in bare if r["model"] == kind and r["phase"].startswith("rollout") and r["as_recipe"]
             ]
             for r in rows:
                 if r["phase"] == "rollout" and reference:
@@ -611,7 +785,7 @@ def main(argv=None) -> dict[str, list[dict]]:
         _print_rows(bare)
     if iteration:
         print(
-            "\nGRPO iteration through guardrl (recipe configs/<model>/grpo_guard_pickscore.yaml, "
+            "\nGRPO iteration through guardrl (the model's recipe, gpu_bench.RECIPES, "
             f"{args.batch} images in groups of {args.group_size}, minibatch {args.minibatch}, "
             f"medians of {args.iterations})"
         )

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pytest
 import torch
 import yaml
+from diffusers import FluxKontextPipeline
 from PIL import Image
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, tiny_fit_args
 from guardrl.cli import main
-from guardrl.policy import FluxBackbone, FluxKontextBackbone, TinyFluxKontextBackbone
-from guardrl.policy.kontext import make_tiny_flux_kontext_pipeline
+from guardrl.export import export_lora
+from guardrl.policy import FlowPolicy, FluxBackbone, FluxKontextBackbone, LoraSpec, TinyFluxKontextBackbone
+from guardrl.policy.kontext import RandomFluxKontextBackbone, make_tiny_flux_kontext_pipeline
 from guardrl.sampling import sample_rollouts
+from tests.published_recipes import MODELS
 
 PROMPTS = ["a red circle", "a blue square on the left", "a red circle"]
 STEPS = 3
@@ -31,18 +36,22 @@ def _tiny(**kwargs) -> TinyFluxKontextBackbone:
     return backbone
 
 
-def _ode_images(backbone, noise, cond, guidance_scale, steps=STEPS):
+def _ode_images(backbone, noise, cond, guidance_scale, steps=STEPS, transformer=None):
     sigmas = backbone.sigmas(steps)
     with torch.no_grad():
         trajectory = sample_rollouts(
-            lambda x, t, k: backbone.velocity(x, t, cond, guidance_scale), noise, sigmas, torch.zeros(steps)
+            lambda x, t, k: backbone.velocity(x, t, cond, guidance_scale, transformer),
+            noise,
+            sigmas,
+            torch.zeros(steps),
         )  # eta = 0: Euler (ODE)
         return backbone.decode(trajectory.final_latents)
 
 
-def _stock_images(backbone, prompts, images, noise, guidance_scale, steps=STEPS):
+def _stock_images(backbone, prompts, images, noise, guidance_scale, steps=STEPS, pipe=None):
+    pipe = backbone.stock_pipeline() if pipe is None else pipe
     with torch.no_grad():
-        return backbone.stock_pipeline()(
+        return pipe(
             image=torch.stack(images),
             prompt=prompts,
             latents=noise,
@@ -87,6 +96,43 @@ def test_auto_resize_takes_the_preferred_kontext_resolution_as_the_pipeline_does
     torch.testing.assert_close(
         ours, _stock_images(backbone, PROMPTS[:1], [image], noise, 2.5, steps=2), rtol=0, atol=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------- LoRA export
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_exported_lora_in_the_stock_kontext_pipeline_reproduces_the_policys_images(tmp_path, guidance_scale):
+    """export_lora writes the adapter in diffusers' format; FluxKontextPipeline.load_lora_weights on the same
+    base weights then samples the policy's images from the same prompts, conditioning images and noise (as
+    tests/test_qwen_image.py and tests/test_z_image.py check for their pipelines)."""
+    with open(os.path.join(REPO_ROOT, RECIPE)) as f:  # the recipe's 12 targets (Flow-Factory's default)
+        targets = yaml.safe_load(f)["model"]["lora"]["target_modules"]
+    assert len(targets) == 12
+    lora = LoraSpec(rank=2, alpha=8, target_modules=targets)
+    policy = FlowPolicy(TinyFluxKontextBackbone(seed=0), lora)
+    policy.build()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a LoRA as if trained: both factors non-zero
+        for p in policy.trainable_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    path = export_lora(policy, str(tmp_path / "lora"))
+    saved = load_file(path)
+    # every adapted module of the tiny transformer (1 double block: 12 targets; 1 single block: to_q/k/v),
+    # two factors each, under diffusers' "transformer." prefix
+    assert len(saved) == 2 * (12 + 3) and all(key.startswith("transformer.") for key in saved)
+
+    backbone = policy.backbone
+    images = backbone.example_condition_images(len(PROMPTS))
+    noise = backbone.initial_noise(len(PROMPTS), torch.Generator().manual_seed(2), torch.device("cpu"))
+    cond = backbone.encode_prompts(PROMPTS, with_negative=False, images=images)
+    with policy.use_weights("policy") as transformer:
+        ours = _ode_images(backbone, noise, cond, guidance_scale, transformer=transformer)
+    stock = backbone.stock_pipeline()  # the same base weights TinyFluxKontextBackbone(seed=0) builds
+    base = _stock_images(backbone, PROMPTS, images, noise, guidance_scale, pipe=stock)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(
+        _stock_images(backbone, PROMPTS, images, noise, guidance_scale, pipe=stock), ours, rtol=0, atol=1e-5
+    )
+    assert (base - ours).abs().max() > 1e-3  # the LoRA changes the images; alpha / rank = 4 was kept
 
 
 # ------------------------------------------------------------------------------------- the conditioning
@@ -229,6 +275,54 @@ def test_kontext_backbone_loads_a_saved_diffusers_directory(tmp_path):
         FluxBackbone(str(tmp_path / "pipe"), resolution=128).load()
 
 
+# ------------------------------------------------------------------------------------- random weights
+def test_random_kontext_backbone_has_flux_dev_shapes_and_edits_at_the_condition_size():
+    """RandomFluxKontextBackbone: FLUX.1-dev's transformer, VAE and schedule (FLUX.1-Kontext-dev ships the
+    same configs) at the published size; its forward carries the conditioning image's tokens."""
+    backbone = RandomFluxKontextBackbone(torch_dtype="bfloat16", resolution=512, condition_image_size=512)
+    with torch.device("meta"):
+        backbone.load()
+    assert type(backbone.pipeline) is FluxKontextPipeline and backbone.takes_condition_image
+    transformer = backbone.transformer
+    for key, row in MODELS["flux"].items():  # tests/published_recipes.py: FLUX.1-dev's released configs
+        if key.startswith("weights"):
+            continue
+        config = backbone.vae.config if key.startswith("vae.") else transformer.config
+        value = config[key.removeprefix("vae.")]
+        assert (list(value) if isinstance(value, tuple) else value) == row.value, (key, row.source)
+    weights = sum(t.numel() for t in transformer.state_dict().values())
+    assert weights == sum(p.numel() for p in transformer.parameters()) == 11_901_408_320  # 12B, as Flux-dev
+    assert backbone.latent_numel() == 16 * 64 * 64
+    # Flux's dynamic shift over the 1024 noisy tokens of 512 px (the image's tokens do not count):
+    # mu = 0.5 + 0.65 * (1024 - 256) / (4096 - 256) = 0.63; step 5 of 10 at t = 0.5
+    sigmas = backbone.sigmas(10)
+    assert sigmas[5].item() == pytest.approx(math.exp(0.63) / (math.exp(0.63) + 1), abs=1e-6)
+
+    small = RandomFluxKontextBackbone(
+        small=True, resolution=64, max_sequence_length=16, condition_image_size=32
+    )
+    small.load()
+    images = [torch.rand(3, 48, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cond = small.encode_prompts(["a cat", "a dog"], with_negative=False, images=images)
+    # 32 px / 8 = 4 x 4 latents, 2 x 2 tokens of 16 x 4 channels; 64 px: 4 x 4 noisy tokens
+    assert cond.tensors["image_latents"].shape == (2, 4, 64) and cond.tensors["prompt_embeds"].shape == (
+        2,
+        16,
+        64,
+    )
+    seen = []
+    hook = small.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape), with_kwargs=True
+    )
+    noise = small.initial_noise(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        velocity = small.velocity(noise, 0.5, cond, 2.5)
+    hook.remove()
+    assert seen == [(2, 16 + 4, 64)] and velocity.shape == noise.shape == (2, 16, 64)
+    with pytest.raises(ValueError, match=r"condition_image_size must be null .* got 8"):
+        RandomFluxKontextBackbone(condition_image_size=8)
+
+
 # ------------------------------------------------------------------------------------- guardrl fit
 TOTAL_ITERATIONS = 2
 EDITS = {"make it red": (255, 0, 0), "a blue square": (0, 0, 255), "a cat": (0, 160, 64)}
@@ -364,7 +458,8 @@ def test_the_kontext_recipe_parses_through_the_cli(monkeypatch, capsys):
 
 
 def test_the_watch_refuses_an_editing_backbone_clearly(tmp_path):
-    # its evaluation prompts carry no conditioning images: a clear refusal, not a crash mid-run
+    # its evaluation prompts carry no conditioning images (no watch.image_field): a clear refusal before any
+    # sampling, not a crash mid-run
     from types import SimpleNamespace
 
     from guardrl.callbacks import OverOptimizationWatch
@@ -374,5 +469,7 @@ def test_the_watch_refuses_an_editing_backbone_clearly(tmp_path):
     prompts.write_text("a red circle\n")
     watch = OverOptimizationWatch(str(prompts), [ImageDetail()])
     module = SimpleNamespace(backbone=TinyFluxKontextBackbone())
-    with pytest.raises(ValueError, match=r"OverOptimizationWatch: TinyFluxKontextBackbone edits images"):
+    with pytest.raises(
+        ValueError, match=r"watch: TinyFluxKontextBackbone edits images .* set watch\.image_field"
+    ):
         watch.on_train_start(None, module)

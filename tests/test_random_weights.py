@@ -188,7 +188,11 @@ def test_guardrl_rollout_does_exactly_the_bare_rollouts_model_flops(gpu_bench_sm
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--models", "sdxl"], "--models: unknown ['sdxl']; allowed: sd35m, sd35l, flux"),
+        (
+            ["--models", "sdxl"],
+            "--models: unknown ['sdxl']; allowed: sd35m, sd35l, flux, qwen_image, flux2_klein_4b, "
+            "flux2_klein_9b, z_image_turbo, flux_kontext",
+        ),
         (["--sections", "warmup"], "--sections: unknown ['warmup']; allowed: bare, iteration, savers"),
         (
             ["--small", "--resolution", "64", "--batch", "6", "--group-size", "4"],

@@ -13,7 +13,8 @@ What Kontext adds to FLUX.1 (ground truth: `FluxKontextPipeline.__call__`, diffu
 
 The image's tensors ride in the `Conditioning` (batch-first, `image_latents` and `image_ids`), so that
 `select` picks them with their prompts. A tiny random-weight version for tests (`TinyFluxKontextBackbone`)
-is at the end of this file.
+and one of the published shapes for timing and memory (`RandomFluxKontextBackbone`, FLUX.1-dev's
+transformer, VAE and scheduler: FLUX.1-Kontext-dev ships the same configs) are at the end of this file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
 from guardrl.policy.backbones import OPTION, FluxBackbone, _is_int
+from guardrl.policy.random_weights import FLUX_DEV_SCHEDULER, FLUX_DEV_TEXT, FLUX_DEV_VAE, _RandomWeights
 from guardrl.policy.tiny import _eval, make_tiny_flux_pipeline
+
+
+def _check_condition_image_size(size) -> None:
+    if size is not None and (not _is_int(size) or size < 16):
+        raise ValueError(
+            f"{OPTION}.condition_image_size must be null (the preferred Kontext resolution nearest each "
+            f"image's aspect ratio) or an integer >= 16 (pixels, a multiple of 16), got {size!r}"
+        )
 
 
 class FluxKontextBackbone(FluxBackbone):
@@ -65,13 +75,7 @@ class FluxKontextBackbone(FluxBackbone):
             height,
             width,
         )
-        size = condition_image_size
-        if size is not None and (not _is_int(size) or size < 16):
-            raise ValueError(
-                f"{OPTION}.condition_image_size must be null (the preferred Kontext resolution nearest each "
-                f"image's aspect ratio) or an integer >= 16 (pixels, a multiple of 16), got "
-                f"{condition_image_size!r}"
-            )
+        _check_condition_image_size(condition_image_size)
         self.condition_image_size = condition_image_size
         self._last_image: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
@@ -250,3 +254,49 @@ class TinyFluxKontextBackbone(FluxKontextBackbone):
         size = self.condition_image_size or 64
         generator = torch.Generator().manual_seed(seed)
         return [torch.rand(3, size, size, generator=generator) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------ random weights
+class RandomFluxKontextBackbone(_RandomWeights, FluxKontextBackbone):
+    """FLUX.1-Kontext-dev's transformer (FLUX.1-dev's shape: 19 double and 38 single blocks, guidance
+    embedding, 11.9B parameters) and VAE with random weights; prompt embeddings random per prompt (no text
+    encoders, guardrl/policy/random_weights.py). The conditioning images are real inputs: each is resized to
+    `condition_image_size` and encoded by the random VAE, and its tokens join the noisy ones in every forward,
+    as in FluxKontextBackbone, so the cost measured is an edit's. For timing and memory only."""
+
+    kind, vae_config, scheduler_config = "flux", FLUX_DEV_VAE, FLUX_DEV_SCHEDULER
+    text_widths, clip_tokens, default_max_sequence_length = FLUX_DEV_TEXT, 0, 512
+    # the contract test's conditioning images (the same as the tiny backbone's)
+    example_condition_images = TinyFluxKontextBackbone.example_condition_images
+
+    def __init__(
+        self,
+        torch_dtype: str = "float32",
+        resolution: int = 512,
+        max_sequence_length: int | None = None,
+        small: bool = False,
+        seed: int = 0,
+        prompt_cache_size: int = 4096,
+        offload_vae: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+        condition_image_size: int | None = None,
+    ) -> None:
+        """
+        Args:
+            condition_image_size: as FluxKontextBackbone's (configs/flux_kontext: 384, the resolution).
+            The others: as RandomFluxDevBackbone's (guardrl/policy/random_weights.py).
+        """
+        super().__init__(
+            torch_dtype,
+            resolution,
+            max_sequence_length,
+            small,
+            seed,
+            prompt_cache_size,
+            offload_vae,
+            height,
+            width,
+        )
+        _check_condition_image_size(condition_image_size)
+        self.condition_image_size = condition_image_size
