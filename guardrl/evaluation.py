@@ -70,8 +70,8 @@ class SamplerSettings:
             raise ValueError(f"{option}.sampler must be 'ode' or 'sde', got {self.sampler!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(
-                f"{option}.weights must be one of {WEIGHTS} (auto: the EMA when the run keeps one), got "
-                f"{self.weights!r}"
+                f"{option}.weights must be one of {', '.join(map(repr, WEIGHTS))} (auto: the EMA when the "
+                f"run keeps one); got {self.weights!r}"
             )
         require_number(f"{option}.guidance_scale", self.guidance_scale, minimum=0, allow_none=True)
         require_int(f"{option}.height", self.height, minimum=16, allow_none=True)
@@ -195,7 +195,8 @@ def check_metrics(metrics: Sequence, option: str, require_direction: bool = Fals
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(
-            f"{option}: two metrics are named {duplicates[0]!r}; give a Reward its own init_args.name"
+            f"{option}: two metrics are named {duplicates[0]!r}; give a Reward its own init_args.name (a "
+            "Metric is named after its class: list it once)"
         )
     if "proxy" in names:
         raise ValueError(f"{option}: 'proxy' is the run's own reward's tag; name the metric otherwise")
@@ -277,6 +278,17 @@ def evaluate(
     rank. Images are scored batch by batch and dropped, except the first `grid_prompts` prompts' (gathered
     to rank zero for the image grid)."""
     backbone = module.backbone
+    has_images = any(p.record is not None for p in prompts)
+    if backbone.takes_condition_image and not has_images:
+        raise ValueError(
+            f"{option}: {type(backbone).__name__} edits images and its evaluation prompts name no "
+            f"conditioning image: set {option}.image_field (a .jsonl file with an image path on every line)"
+        )
+    if has_images and not backbone.takes_condition_image:
+        raise ValueError(
+            f"{option}.image_field is set but {type(backbone).__name__} takes no conditioning image: set "
+            f"{option}.image_field to null"
+        )
     weights = resolve_weights(module, settings.weights, option)
     rank, world = module.global_rank, module.trainer.world_size if module._trainer is not None else 1
     groups = sorted({p.group for p in prompts})
@@ -307,14 +319,8 @@ def evaluate(
             batch = [prompts[i] for i, _ in keys]
             texts = [p.text for p in batch]
             condition = None
-            if backbone.takes_condition_image:
-                if any(p.record is None for p in batch):
-                    raise ValueError(
-                        f"{option}: {type(backbone).__name__} edits images and its evaluation prompts name "
-                        f"no conditioning image: set {option}.image_field (a .jsonl file with an image path "
-                        "on every line)"
-                    )
-                condition = [load_condition_image(p.record, p.source) for p in batch]
+            if has_images:
+                condition = [load_condition_image(p.record, p.source) for p in batch if p.record]
             noise = _noise(module, keys, settings.seed)
             generator = torch.Generator(device=module.device).manual_seed(
                 image_seed(settings.seed, *keys[0]) ^ 0x5DE
@@ -330,12 +336,12 @@ def evaluate(
                 settings.guidance_scale,
             )
             labels = [p.group for p in batch]
-            total, _ = module.score(images, texts)
+            total, _ = module.score(images, texts, per_prompt)
             proxy.add(total, labels)
             for metric in metrics:
                 name = metric_name(metric)
                 if isinstance(metric, Reward):
-                    scores, _ = score_images([metric], images, texts, module.faults)
+                    scores, _ = score_images([metric], images, texts, module.faults, per_prompt)
                     reward_totals[name].add(scores, labels)
                 else:
                     metric.update(images, texts)

@@ -104,11 +104,11 @@ def resolve_checkpoint_to_evaluate(config: Namespace) -> None:
     if ckpt_path is None:
         return
     if ckpt_path == "last":
-        found = find_last_checkpoint(config, _tensorboard_logger_args(config))
+        found, where = _last_checkpoint(config, _tensorboard_logger_args(config))
         if found is None:
             raise ValueError(
-                "ckpt_path='last': this run has no checkpoint yet; pass a .ckpt file, or leave ckpt_path "
-                "unset to evaluate the base model"
+                f"ckpt_path='last': this run has no checkpoint yet (none at {where}); pass a .ckpt file, or "
+                "leave ckpt_path unset to evaluate the base model"
             )
         config["ckpt_path"] = ckpt_path = found
         log.warning("guardrl: --ckpt_path last resolved to %s", ckpt_path)
@@ -123,6 +123,14 @@ def resolve_checkpoint_to_evaluate(config: Namespace) -> None:
 def find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Optional[str]:
     """The newest complete `last.ckpt` in checkpoint.dirpath, else in the logger's version folders; None (with
     a warning) when there is none. A ValueError when the config says neither where to look."""
+    found, where = _last_checkpoint(config, logger)
+    if found is None:
+        log.warning("guardrl: --ckpt_path last: no checkpoint at %s; starting a fresh run", where)
+    return found
+
+
+def _last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> tuple[Optional[str], str]:
+    """(the newest complete last.ckpt or None, where it looked)."""
     dirpath = config.get("checkpoint.dirpath")
     if dirpath:
         candidates = [os.path.join(dirpath, "last.ckpt")]
@@ -143,10 +151,7 @@ def find_last_checkpoint(config: Namespace, logger: Optional[Namespace]) -> Opti
             "ckpt_path='last' needs checkpoint.dirpath or a TensorBoardLogger (trainer.logger) to know where "
             "the run's checkpoints are"
         )
-    found = next((p for p in candidates if is_checkpoint(p)), None)
-    if found is None:
-        log.warning("guardrl: --ckpt_path last: no checkpoint at %s; starting a fresh run", where)
-    return found
+    return next((p for p in candidates if is_checkpoint(p)), None), where
 
 
 def build_model(settings: Mapping[str, Any]) -> GRPOModule:

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.strategies import (
     DDPStrategy,
     FSDPStrategy,
@@ -33,7 +34,7 @@ from guardrl.algorithm import (
     effective_clip_range,
     group_advantages,
 )
-from guardrl.callbacks import RatioStatsCallback
+from guardrl.callbacks import Evaluation, OverOptimizationWatch, RatioStatsCallback
 from guardrl.checkpointing import IterationCheckpoint
 from guardrl.checks import (
     check_batch_sizes,
@@ -42,6 +43,8 @@ from guardrl.checks import (
     check_rewards,
 )
 from guardrl.data import PromptDataModule, PromptStream, iter_prompt_file
+from guardrl.evaluation import resolve_weights
+from guardrl.gold import ImageDetail
 from guardrl.suggestions import did_you_mean
 from guardrl.module import GRPOModule
 from guardrl.options import FaultOptions, GRPOOptions, SamplingOptions, check_compatible
@@ -58,7 +61,17 @@ from guardrl.policy import (
 from guardrl.policy.flux2 import TinyFlux2KleinBackbone
 from guardrl.policy.qwen_image import QwenImageBackbone, RandomQwenImageBackbone, TinyQwenImageBackbone
 from guardrl.policy.z_image import RandomZImageTurboBackbone, TinyZImageBackbone
-from guardrl.rewards import JpegCompressibility, RemoteReward, Reward, RewardError
+from guardrl.rewards import (
+    GroupRank,
+    JpegCompressibility,
+    PairwiseFromScores,
+    PairwiseReward,
+    RemoteReward,
+    Reward,
+    RewardError,
+    VLMJudgeReward,
+)
+from guardrl.runs import resolve_checkpoint_to_evaluate
 from guardrl.sampling import flow_match_sigmas, noise_scales, reduce_elements, sample_rollouts
 from tests.conftest import REPO_ROOT, tiny_fit_args
 
@@ -251,6 +264,122 @@ def dynamic_sigmas_without_seq_len(tmp_path):
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     flow_match_sigmas(scheduler, 4, image_seq_len=None)
+
+
+def held_out(callback=Evaluation, name: str = "held_out.txt", content: str | None = "a circle\n", **kwargs):
+    """`callback(<prompt file>, **kwargs)`; the file is written when content is given, and left absent
+    otherwise."""
+
+    def trigger(tmp_path):
+        path = str(tmp_path / name) if content is None else write(tmp_path, name, content)
+        callback(path, **kwargs)
+
+    return trigger
+
+
+def tiny_backbone_image_size(height: int, width: int):
+    def trigger(tmp_path):
+        backbone = TinySD3Backbone()
+        backbone.load()
+        backbone.check_image_size(height, width, "evaluation.height", "evaluation.width")
+
+    return trigger
+
+
+def evaluate_last_without_checkpoint(tmp_path):
+    logger = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir=str(tmp_path / "runs"), name="guardrl"),
+    )
+    resolve_checkpoint_to_evaluate(Namespace(ckpt_path="last", trainer=Namespace(logger=logger)))
+
+
+def validate_without_evaluation(tmp_path):
+    from guardrl.cli import main
+
+    prompts = write(tmp_path, "prompts.txt", "a red circle\na blue square\n")
+    main(["validate", *tiny_fit_args(prompts, str(tmp_path / "runs"))])
+
+
+JUDGE_URL = "http://127.0.0.1:8000/v1"
+
+
+def judge(**kwargs):
+    return build(VLMJudgeReward, kwargs.pop("base_url", JUDGE_URL), model="judge", **kwargs)
+
+
+def judge_answers(top: list[tuple[str, float]], delay_s: float = 0.0, **kwargs):
+    """One 8x8 image scored by a VLMJudgeReward whose server (ThreadingHTTPServer on loopback, in a daemon
+    thread) waits `delay_s` and answers a chat completion with these (token, logprob) top log-probabilities
+    (tests/test_vlm_judge.py has a fuller one; importing it would pull in its fixtures and the reward server's
+    extra)."""
+    import http.server
+    import threading
+    import time
+
+    entries = [{"token": t, "logprob": lp} for t, lp in top]
+    payload = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": top[0][0]},
+                    "logprobs": {"content": [dict(entries[0], top_logprobs=entries)]},
+                }
+            ]
+        }
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(delay_s)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload.encode())
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    def trigger(tmp_path):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        try:
+            reward = VLMJudgeReward(
+                f"http://127.0.0.1:{server.server_port}/v1", model="judge", retry_delay_s=0.0, **kwargs
+            )
+            reward(torch.rand(1, 3, 8, 8), ["a cat"])
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    return trigger
+
+
+class Overconfident(PairwiseReward):
+    """A judge whose preferences are not probabilities."""
+
+    def prefer(self, images_a, images_b, prompts):
+        return torch.full((len(prompts),), 1.2)
+
+
+def scalars_of(files: dict[str, str]):
+    """guardrl.analysis.load_scalars on a folder holding `files` (name -> content)."""
+
+    def trigger(tmp_path):
+        from guardrl.analysis import load_scalars
+
+        (tmp_path / "run").mkdir()
+        for name, content in files.items():
+            write(tmp_path, f"run/{name}", content)
+        load_scalars(str(tmp_path / "run"))
+
+    return trigger
 
 
 SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.0], dtype=torch.float64)
@@ -725,6 +854,48 @@ CATALOGUE = [
          lambda t: geneval(t)(torch.zeros(1, 3, 8, 8), ["a photo of a unicorn"]), r"metadata='.*m\.jsonl'",
          r"'a photo of a unicorn'", r"train on the same file \(data\.train_prompts\)"),
 
+    Case("reward-judge-url-scheme", "rewards", "gives the VLM judge a base_url without http://",
+         judge(base_url="127.0.0.1:8000/v1"), r"base_url \(model\.rewards\[\.\.\.\]\.init_args\.base_url\)",
+         r"'127\.0\.0\.1:8000/v1'", r"an http:// or https:// URL"),
+    Case("reward-judge-question-no-prompt", "rewards", "writes a judge question without `{prompt}`",
+         judge(question="Is this a good image?"), r"init_args\.question", r"'Is this a good image\?'",
+         r"a string holding \{prompt\}"),
+    Case("reward-judge-top-logprobs", "rewards", "asks the judge for 50 top log-probabilities",
+         judge(top_logprobs=50), r"init_args\.top_logprobs", r"\b50\b", r"integer in \[1, 20\]"),
+    Case("reward-judge-timeout-0", "rewards", "sets the judge's timeout_s 0", judge(timeout_s=0),
+         r"init_args\.timeout_s", r"got 0\b", r"finite number of seconds > 0"),
+    Case("reward-judge-concurrency-0", "rewards", "sets the judge's max_concurrency 0",
+         judge(max_concurrency=0), r"init_args\.max_concurrency", r"got 0\b", r"integer >= 1"),
+    Case("reward-judge-token-both-ways", "rewards", "lists one token among both yes_tokens and no_tokens",
+         judge(yes_tokens=["yes"], no_tokens=["no", "Yes"]), r"init_args\.no_tokens", r"\['no', 'Yes'\]",
+         r"tokens not among yes_tokens \['yes'\] \(compared stripped and lower-cased\)"),
+    Case("reward-judge-on-missing", "rewards", "sets the judge's on_missing 'zero'", judge(on_missing="zero"),
+         r"init_args\.on_missing", r"'zero'", r"'error' or 'nan'"),
+    Case("reward-judge-timeout", "rewards", "points the judge at a server slower than timeout_s",
+         judge_answers([("yes", -0.1)], delay_s=1.0, timeout_s=0.2, max_retries=0),
+         r"VLM judge http://127\.0\.0\.1:\d+/v1/chat/completions", r"no answer within timeout_s=0\.2",
+         r"max_retries=0, timeout_s=0\.2", error=RewardError),
+    Case("reward-judge-no-yes-no", "rewards", "gets judge answers with neither yes nor no among the tokens",
+         judge_answers([("Maybe", -0.5), ("perhaps", -1.5)]), r"VLM judge http://127\.0\.0\.1:\d+",
+         r"\('Maybe', -0\.5\), \('perhaps', -1\.5\)",
+         r"neither yes_tokens \['yes'\] nor no_tokens \['no'\]", error=RewardError),
+    Case("reward-group-lone-image", "rewards", "scores a group reward on a batch with one image for a prompt",
+         lambda t: GroupRank(base=JpegCompressibility())(torch.zeros(3, 3, 8, 8), ["a", "a", "b"]),
+         r"reward 'jpeg_compressibility_rank' \(GroupRank\)", r"got 1 for prompt 'b'",
+         r"at least 2 consecutive images per prompt"),
+    Case("reward-pairwise-temperature-0", "rewards", "sets PairwiseFromScores temperature 0",
+         build(PairwiseFromScores, base=JpegCompressibility(), temperature=0),
+         r"temperature \(model\.rewards\[\.\.\.\]\.init_args\.temperature\)", r"got 0\b",
+         r"finite number > 0"),
+    Case("reward-pairwise-not-probability", "rewards", "writes a pairwise judge whose prefer() returns 1.2",
+         lambda t: Overconfident()(torch.zeros(2, 3, 8, 8), ["a", "a"]), r"reward 'overconfident'",
+         r"prefer\(\) returned 1\.2", r"finite probability in \[0, 1\]"),
+    Case("reward-group-base-weight", "rewards", "gives the reward a group reward wraps a weight",
+         build(GroupRank, base={"class_path": "guardrl.rewards.JpegCompressibility",
+                                "init_args": {"weight": 2.0}}),
+         r"model\.rewards\[\.\.\.\]\.init_args\.base\.init_args\.weight", r"=2\.0",
+         r"set the weight on the wrapping reward .* leave this one at 1\.0"),
+
     # ----- callbacks
     Case("checkpoint-every-n-minutes-0", "callbacks", "sets checkpoint.every_n_minutes 0",
          build(IterationCheckpoint, every_n_minutes=0), r"checkpoint\.every_n_minutes", r"\b0\b",
@@ -733,6 +904,45 @@ CATALOGUE = [
          build(RatioStatsCallback, histogram_every_n_iterations=0),
          r"ratio_stats\.histogram_every_n_iterations",
          r"\b0\b", r"integer >= 1"),
+
+    # ----- evaluation and `guardrl validate`
+    Case("eval-prompts-missing", "evaluation", "names evaluation prompts that do not exist",
+         held_out(name="missing.txt", content=None), r"evaluation\.prompts", r"missing\.txt",
+         r"no such file.*existing \.txt or \.jsonl file"),
+    Case("eval-group-field-txt", "evaluation", "sets evaluation.group_field with a .txt prompt file",
+         held_out(group_field="tag"), r"evaluation\.group_field", r"'tag'.*held_out\.txt",
+         r"needs a \.jsonl prompt file"),
+    Case("eval-group-field-absent", "evaluation", "has an evaluation .jsonl line without the group field",
+         held_out(name="p.jsonl", content='{"prompt": "a cat", "tag": "animals"}\n{"prompt": "a dog"}\n',
+                  group_field="tag"),
+         r"evaluation\.group_field='tag'", r"line 2 of .*p\.jsonl.*found None",
+         r"every line needs a non-empty string or integer under 'tag'"),
+    Case("eval-weights", "evaluation", "misspells evaluation.weights (`emma`)", held_out(weights="emma"),
+         r"evaluation\.weights", r"'emma'", r"one of 'auto', 'ema', 'policy'"),
+    Case("eval-weights-ema-without-ema", "evaluation", "evaluates the EMA weights of a run that keeps none",
+         build(resolve_weights, SimpleNamespace(policy=SimpleNamespace(ema_decay=None)), "ema", "evaluation"),
+         r"evaluation\.weights", r"='ema'.*model\.grpo\.ema_decay is null",
+         r"set model\.grpo\.ema_decay or use weights 'auto' or 'policy'"),
+    Case("eval-height-vae", "evaluation", "asks for an evaluation height the model cannot sample",
+         tiny_backbone_image_size(50, 48), r"evaluation\.height", r"=50\b",
+         r"multiple of 16 .* e\.g\. 48 or 64"),
+    Case("eval-metric-type", "evaluation", "lists a module that is neither Reward nor Metric as a metric",
+         held_out(metrics=[torch.nn.Identity()]), r"evaluation\.metrics\[0\]", r"got Identity",
+         r"a guardrl Reward .* or a torchmetrics Metric"),
+    Case("watch-gold-duplicate-names", "evaluation", "lists the same gold metric twice",
+         held_out(OverOptimizationWatch, gold=[ImageDetail(), ImageDetail()]), r"watch\.gold",
+         r"two metrics are named 'image_detail'", r"its own init_args\.name"),
+    Case("eval-steps-1", "evaluation", "sets evaluation.num_inference_steps 1",
+         held_out(num_inference_steps=1), r"evaluation\.num_inference_steps", r"got 1\b",
+         r"integer >= 2 or null"),
+    Case("validate-ckpt-last-missing", "evaluation",
+         "validates `--ckpt_path last` of a run with no checkpoint",
+         evaluate_last_without_checkpoint, r"ckpt_path", r"'last'",
+         r"pass a \.ckpt file, or leave ckpt_path unset to evaluate the base model"),
+    Case("validate-no-evaluation", "evaluation",
+         "runs `guardrl validate` with a config without an evaluation",
+         validate_without_evaluation, r"trainer\.callbacks", r"the config has no evaluation",
+         r"add guardrl\.callbacks\.Evaluation .* or guardrl\.callbacks\.OverOptimizationWatch"),
 
     # ----- library functions (sampling/ and algorithm/ called directly)
     Case("fn-sigmas-steps-0", "functions", "asks flow_match_sigmas for 0 steps",
@@ -786,6 +996,15 @@ CATALOGUE = [
     Case("fn-ratio-no-variance", "functions", "computes an importance ratio on a step with s = 0",
          ratio_terms([0.5, 0.0]), r"sampling\.noise_level", r"s = \[0\.5, 0\.0\]",
          r"s > 0 on every trained step"),
+
+    # ----- reading the logs (guardrl.analysis)
+    Case("analysis-no-logs", "analysis", "reads the scalars of a folder without logs", scalars_of({}),
+         r"run_dir=", r"run'",
+         r"guardrl\.analysis reads TensorBoard event files .* a CSVLogger's metrics\.csv",
+         FileNotFoundError),
+    Case("analysis-csv-without-step", "analysis", "reads a metrics.csv without a `step` column",
+         scalars_of({"metrics.csv": "epoch,reward/mean\n0,1.0\n"}), r"metrics\.csv: no `step` column",
+         r"columns: \['epoch', 'reward/mean'\]", r"not the metrics\.csv of lightning's CSVLogger"),
 ]
 # fmt: on
 
@@ -846,6 +1065,8 @@ def test_catalogue_ids_are_unique_and_cover_every_area():
         "rewards",
         "callbacks",
         "functions",
+        "evaluation",
+        "analysis",
     }
 
 

@@ -185,7 +185,7 @@ def test_the_evaluation_uses_the_ema_when_the_run_keeps_one(files, tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"weights": "emma"}, "evaluation.weights must be one of ('auto', 'ema', 'policy')"),
+        ({"weights": "emma"}, "evaluation.weights must be one of 'auto', 'ema', 'policy'"),
         ({"sampler": "euler"}, "evaluation.sampler must be 'ode' or 'sde', got 'euler'"),
         ({"num_inference_steps": 1}, "evaluation.num_inference_steps must be an integer >= 2 or null, got 1"),
         ({"guidance_scale": float("nan")}, "evaluation.guidance_scale must be a finite number >= 0 or null"),

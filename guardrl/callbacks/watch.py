@@ -62,6 +62,7 @@ class OverOptimizationWatch(Evaluation):
         weights: str = "auto",
         prompt_field: str = "prompt",
         group_field: Optional[str] = None,
+        image_field: Optional[str] = None,
         batch_size: int = 16,
         grid_prompts: int = 4,
     ) -> None:
@@ -86,6 +87,7 @@ class OverOptimizationWatch(Evaluation):
             weights: "auto" (the EMA when the run keeps one), "ema" or "policy".
             prompt_field: the .jsonl field holding the prompt.
             group_field: a .jsonl field grouping the prompts; gold metrics are also logged per group.
+            image_field: editing models: the .jsonl field naming each prompt's conditioning image.
             batch_size: images sampled at once per rank.
             grid_prompts: prompts in the logged image grid (0: none).
         """
@@ -106,6 +108,7 @@ class OverOptimizationWatch(Evaluation):
             max_prompts=max_prompts,
             prompt_field=prompt_field,
             group_field=group_field,
+            image_field=image_field,
             sampler=sampler,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
