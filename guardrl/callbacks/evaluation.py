@@ -148,8 +148,10 @@ class Evaluation(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # `guardrl validate`: one evaluation of the loaded checkpoint (GRPOModule.validation_step is empty)
         result = self.run(trainer, pl_module)
+        # Trainer.log_dir broadcasts from rank zero: every rank asks, or rank zero waits forever
+        directory = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
-            self._report(trainer, result)
+            self._report(directory, result)
 
     # ----- what
     def run(self, trainer: L.Trainer, pl_module) -> EvaluationResult:
@@ -182,8 +184,7 @@ class Evaluation(Callback):
         log_image(trainer, f"{self.name}/grid", grid, result.iteration, caption=text)
         log_text(trainer, f"{self.name}/grid_captions", text, result.iteration)
 
-    def _report(self, trainer: L.Trainer, result: EvaluationResult) -> None:
-        directory = trainer.log_dir or trainer.default_root_dir
+    def _report(self, directory: str, result: EvaluationResult) -> None:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "evaluation.json" if self.name == "eval" else f"{self.name}.json")
         settings = {k: v for k, v in vars(self.settings).items()}

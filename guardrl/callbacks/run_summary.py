@@ -265,7 +265,9 @@ class RunSummaryCallback(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self._summarize(trainer, pl_module, exception)
+        # `guardrl validate` has no run to summarize: its error speaks for itself
+        if trainer.state.fn == "fit":
+            self._summarize(trainer, pl_module, exception)
 
     def _summarize(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: Optional[BaseException]
