@@ -20,6 +20,7 @@ cloned per group). The run's own rewards are always scored too, as the proxy.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -361,7 +362,10 @@ def evaluate(
         name = metric_name(metric)
         if isinstance(metric, Reward):
             values[name], per_group[name] = reward_totals[name].reduce(module)
-        else:
+            continue
+        with warnings.catch_warnings():
+            # a rank may hold no image of a group (or of the whole set): its zero states still join the sum
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* called before")
             values[name] = float(metric.compute())  # torchmetrics syncs across ranks here
             if name in per_group_clones:
                 per_group[name] = {g: float(c.compute()) for g, c in per_group_clones[name].items()}

@@ -7,6 +7,7 @@ from guardrl.policy.kontext import FluxKontextBackbone, RandomFluxKontextBackbon
 from guardrl.policy.lora import LoraSpec
 from guardrl.policy.policy import WEIGHT_SETS, FlowPolicy
 from guardrl.policy.qwen_image import QwenImageBackbone, RandomQwenImageBackbone
+from guardrl.policy.qwen_image21 import QwenImage21Backbone, TinyQwenImage21Backbone
 from guardrl.policy.qwen_image_edit import (
     QwenImageEditBackbone,
     RandomQwenImageEditBackbone,
@@ -29,6 +30,7 @@ __all__ = [
     "FluxBackbone",
     "FluxKontextBackbone",
     "LoraSpec",
+    "QwenImage21Backbone",
     "QwenImageBackbone",
     "QwenImageEditBackbone",
     "RandomFlux2Klein4BBackbone",
@@ -43,6 +45,7 @@ __all__ = [
     "SD3Backbone",
     "TinyFluxBackbone",
     "TinyFluxKontextBackbone",
+    "TinyQwenImage21Backbone",
     "TinyQwenImageEditBackbone",
     "TinySD3Backbone",
     "ZImageBackbone",

@@ -72,6 +72,7 @@ BACKBONE_OF_PIPELINE = {
     "FluxKontextPipeline": "guardrl.policy.FluxKontextBackbone",
     "QwenImageEditPipeline": "guardrl.policy.QwenImageEditBackbone",
     "ZImagePipeline": "guardrl.policy.ZImageBackbone",
+    "QwenImage21Pipeline": "guardrl.policy.QwenImage21Backbone",
 }
 
 
