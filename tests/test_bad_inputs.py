@@ -59,6 +59,8 @@ from guardrl.policy import (
     TinySD3Backbone,
 )
 from guardrl.policy.flux2 import TinyFlux2KleinBackbone
+from guardrl.policy.qwen_image21 import QwenImage21Backbone, TinyQwenImage21Backbone
+from guardrl.policy.qwen_image_edit import TinyQwenImageEditBackbone
 from guardrl.policy.qwen_image import QwenImageBackbone, RandomQwenImageBackbone, TinyQwenImageBackbone
 from guardrl.policy.z_image import RandomZImageTurboBackbone, TinyZImageBackbone
 from guardrl.rewards import (
@@ -788,6 +790,16 @@ CATALOGUE = [
          "asks Qwen-Image for a resolution the VAE and patching cannot take",
          lambda t: TinyQwenImageBackbone(resolution=120).load(), r"model\.backbone\.init_args\.resolution",
          r"=120", r"multiple of 16 .* e\.g\. 112 or 128"),
+    Case("backbone-qwen-edit-condition-size", "backbone", "sets Qwen-Image-Edit's condition_image_size 16",
+         lambda t: TinyQwenImageEditBackbone(condition_image_size=16),
+         r"model\.backbone\.init_args\.condition_image_size", r"got 16\b", r"null .* or an integer >= 32"),
+    Case("backbone-qwen21-sample-sigmas", "backbone", "gives Qwen-Image 2.1 `use_sample_sigmas: \"yes\"`",
+         lambda t: QwenImage21Backbone("unused", use_sample_sigmas="yes"),
+         r"model\.backbone\.init_args\.use_sample_sigmas", r"'yes'", r"true or false"),
+    Case("backbone-qwen21-resolution", "backbone",
+         "asks Qwen-Image 2.1 for a resolution its 16x VAE and patching cannot take",
+         lambda t: TinyQwenImage21Backbone(resolution=112).load(), r"model\.backbone\.init_args\.resolution",
+         r"=112", r"multiple of 32 .* e\.g\. 96 or 128"),
     Case("backbone-qwen-tiny-layers", "backbone", "builds the tiny Qwen-Image with 0 layers",
          build(TinyQwenImageBackbone, num_layers=0), r"model\.backbone\.init_args\.num_layers", r"\b0\b",
          r"integer >= 1"),
