@@ -199,6 +199,8 @@ def test_readme_first_command_runs_the_toy_world_and_says_where_its_logs_are(tmp
     assert f"logs: {version_dir}" in output
     assert "grpo_guard" in output and "ToyBackbone, rewards toy_color_share x 1" in output
     assert "guardrl: finished at iteration 2 of 2" in output and "reward/mean:" in output
+    # the held-out evaluation's first and last values (configs/quickstart.yaml's Evaluation callback)
+    assert "held-out, iteration 0 -> 2: eval/proxy " in output and "eval/learned_judge" in output
     assert glob.glob(os.path.join(version_dir, "events.out.tfevents.*"))
     assert os.path.isfile(os.path.join(version_dir, "checkpoints", "last.ckpt"))
 

@@ -222,8 +222,8 @@ class _RecordAdvantages(L.Callback):
         self.scores, self.advantages = [], []
         score = module.score
 
-        def recording_score(images, prompts):
-            total, per_reward = score(images, prompts)
+        def recording_score(images, prompts, group_size=None):
+            total, per_reward = score(images, prompts, group_size)
             self.scores.append(per_reward)
             return total, per_reward
 

@@ -121,6 +121,10 @@ class Evaluation(Callback):
         self.name = name
         self.last_evaluated: Optional[int] = None  # resumable: no second evaluation of one iteration
         self.last_result: Optional[EvaluationResult] = None
+        # (iteration, logged scalars) of the run's first and latest evaluation: the end-of-run summary's
+        # held-out line (the first is resumable)
+        self.first_scalars: Optional[tuple[int, dict[str, float]]] = None
+        self.last_scalars: Optional[tuple[int, dict[str, float]]] = None
 
     metrics_option = "metrics"
     prompts_option = "prompts"
@@ -160,7 +164,12 @@ class Evaluation(Callback):
         )
         self.last_evaluated = result.iteration
         self.last_result = result
-        write_scalars(trainer, self.scalars(result), result.iteration)
+        scalars = self.scalars(result)
+        if trainer.state.fn == "fit":
+            self.last_scalars = (result.iteration, scalars)
+            if self.first_scalars is None:
+                self.first_scalars = self.last_scalars
+        write_scalars(trainer, scalars, result.iteration)
         if trainer.is_global_zero and result.grid is not None:
             self._log_grid(trainer, result)
         self.after_evaluation(trainer, pl_module, result)
@@ -200,7 +209,9 @@ class Evaluation(Callback):
 
     # ----- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"last_evaluated": self.last_evaluated}
+        return {"last_evaluated": self.last_evaluated, "first_scalars": self.first_scalars}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_evaluated = state_dict.get("last_evaluated")
+        first = state_dict.get("first_scalars")
+        self.first_scalars = None if first is None else (int(first[0]), dict(first[1]))

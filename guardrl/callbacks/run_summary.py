@@ -161,9 +161,11 @@ def end_summary_lines(
     last_checkpoint: Optional[str],
     log_dir: Optional[str],
     window: int,
+    evaluations: Sequence[tuple[int, Mapping[str, float], int, Mapping[str, float]]] = (),
 ) -> list[str]:
     """The end-of-run summary. `history`: (iteration, reward mean, reward std) of every iteration of the run
-    (all sessions); `status`: how it stopped, in words."""
+    (all sessions); `status`: how it stopped, in words; `evaluations`: each held-out evaluation's first and
+    last (iteration, scalars) of the run."""
     lines = [
         f"guardrl: {status} at iteration {num_iterations}"
         + (f" of {max_iterations}" if max_iterations is not None else "")
@@ -182,6 +184,15 @@ def end_summary_lines(
             f"  reward/mean: {first[0]:.4g} ± {first[1]:.2g} over the first {w} iteration(s) -> "
             f"{last[0]:.4g} ± {last[1]:.2g} over the last {w} (change {last[0] - first[0]:+.4g})"
         )
+    for first_at, first_values, last_at, last_values in evaluations:
+        # overall values only (tags with one '/'); per-group ones are in the logs
+        changes = [
+            f"{tag} {first_values[tag]:.4g} -> {value:.4g}"
+            for tag, value in last_values.items()
+            if tag.count("/") == 1 and tag in first_values
+        ]
+        if changes and last_at > first_at:
+            lines.append(f"  held-out, iteration {first_at} -> {last_at}: " + ", ".join(changes))
     lines.append(
         f"  updates: {optimizer_steps} optimizer step(s); {skipped_updates} iteration(s) skipped their "
         "update (non-finite values, docs/reliability.md)"
@@ -300,6 +311,11 @@ class RunSummaryCallback(Callback):
             last_checkpoint=last,
             log_dir=self._log_dir,
             window=self.window,
+            evaluations=[
+                (*c.first_scalars, *c.last_scalars)
+                for c in trainer.callbacks
+                if getattr(c, "first_scalars", None) and getattr(c, "last_scalars", None)
+            ],
         )
         if done > 0 and trainer.global_step == 0:
             log.warning(
