@@ -279,9 +279,10 @@ def test_each_published_recipe_carries_a_watch_block_that_fits_the_classes(path)
 
 
 @pytest.mark.slow
-def test_validate_on_two_ddp_processes_gives_the_one_process_numbers(files, tmp_path):
+def test_validate_on_two_ddp_or_fsdp2_processes_gives_the_one_process_numbers(files, tmp_path):
     """Prompt i is sampled on rank i % 2 from its own seeds, and sums, counts and Metric states are reduced
-    over ranks: two processes evaluate the same images as one (3 prompts: the ranks hold 2 and 1)."""
+    over ranks: two processes, DDP or FSDP2 (sharded transformer), evaluate the same images as one (3 prompts:
+    the ranks hold 2 and 1)."""
     import subprocess
     import sys
 
@@ -293,12 +294,16 @@ def test_validate_on_two_ddp_processes_gives_the_one_process_numbers(files, tmp_
     }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     reports = {}
-    for devices in (1, 2):
-        out = tmp_path / f"devices{devices}"
+    strategies = {
+        "one": ["--trainer.devices", "1"],
+        "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        "fsdp2": ["--trainer.devices", "2", "--config", "configs/strategy/fsdp.yaml"],
+    }
+    for name, strategy in strategies.items():
+        out = tmp_path / name
         command = [
             sys.executable, "-m", "guardrl.cli", "validate", "--config", "configs/tiny/grpo_guard.yaml",
-            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-            *(["--trainer.strategy", "ddp"] if devices == 2 else []),
+            "--trainer.accelerator", "cpu", *strategy,
             "--trainer.logger.init_args.save_dir", str(out),
             "--trainer.callbacks", json.dumps([_evaluation(held_out, max_prompts=3, grid_prompts=3)]),
         ]
@@ -310,13 +315,15 @@ def test_validate_on_two_ddp_processes_gives_the_one_process_numbers(files, tmp_
             if "evaluation.json" in names
         ]
         with open(report) as f:
-            reports[devices] = json.load(f)
-    one, two = reports[1], reports[2]
-    assert one["num_images"] == two["num_images"] == 6
-    assert one["metrics"]["image_detail"] == pytest.approx(two["metrics"]["image_detail"], rel=1e-6)
-    assert one["metrics_per_group"]["image_detail"] == pytest.approx(
-        two["metrics_per_group"]["image_detail"], rel=1e-6
-    )
-    # JPEG sizes are whole bytes (0.001 KB): float32 differences of other batch shapes may move one by a byte
-    assert one["proxy_per_group"] == pytest.approx(two["proxy_per_group"], abs=0.01)
+            reports[name] = json.load(f)
+    one = reports["one"]
     assert set(one["proxy_per_group"]) == {"colors"}  # the first 3 prompts are the colour ones
+    for name in ("ddp", "fsdp2"):
+        two = reports[name]
+        assert one["num_images"] == two["num_images"] == 6
+        assert one["metrics"]["image_detail"] == pytest.approx(two["metrics"]["image_detail"], rel=1e-6)
+        assert one["metrics_per_group"]["image_detail"] == pytest.approx(
+            two["metrics_per_group"]["image_detail"], rel=1e-6
+        )
+        # JPEG sizes are whole bytes (0.001 KB): float32 differences of other batch shapes may move one a byte
+        assert one["proxy_per_group"] == pytest.approx(two["proxy_per_group"], abs=0.01)
