@@ -10,9 +10,7 @@ refused with the option's name.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ import torch
 from diffusers import QwenImage21Pipeline
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift, retrieve_timesteps
 
-from conftest import tiny_fit_args
 from guardrl.cli import main
 from guardrl.export import export_lora
 from guardrl.policy import Conditioning, QwenImage21Backbone, SD3Backbone
@@ -30,6 +27,8 @@ from guardrl.policy.qwen_image21 import (
     rgba_over_white,
 )
 from guardrl.sampling import sample_rollouts
+from tests.test_qwen_image import _fit_args as qwen_image_fit_args
+from tests.test_qwen_image import _last_checkpoint, check_resume_is_bitwise
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 TINY = "guardrl.policy.qwen_image21.TinyQwenImage21Backbone"
@@ -231,24 +230,7 @@ def test_bad_inputs_are_refused_with_the_option_name():
 
 # ----- a GRPO run on the tiny backbone: exact resume, LoRA export
 def _fit_args(prompt_file, log_dir, iterations):
-    return tiny_fit_args(
-        str(prompt_file),
-        str(log_dir),
-        **{
-            "--model.backbone": TINY,
-            "--model.sampling.guidance_scale": "2.0",
-            "--model.max_iterations": str(iterations),
-            "--model.lora": '{"rank": 2, "alpha": 8}',
-            "--model.optimizer": '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}',
-            "--checkpoint.every_n_iterations": "1",
-            "--seed_everything": "7",
-        },
-    )
-
-
-def _last_checkpoint(log_dir):
-    (path,) = glob.glob(os.path.join(str(log_dir), "guardrl", "version_*", "checkpoints", "last.ckpt"))
-    return torch.load(path, weights_only=True)
+    return qwen_image_fit_args(prompt_file, log_dir, iterations, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -273,23 +255,7 @@ def test_two_grpo_iterations_on_tiny_qwen_image21_train_the_lora(straight):
 
 @pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI
 def test_a_stopped_and_resumed_run_equals_the_straight_run_bitwise(straight, tmp_path, caplog):
-    _, prompt_file, expected = straight
-    main(["fit", *_fit_args(prompt_file, tmp_path, 1)])
-    assert _last_checkpoint(tmp_path)["guardrl"]["num_iterations"] == 1
-    with caplog.at_level("WARNING"):
-        cli = main(["fit", *_fit_args(prompt_file, tmp_path, 2), "--ckpt_path", "last"])
-    assert "--ckpt_path last resolved to" in caplog.text  # resumed in place (one version dir, below)
-    assert cli.trainer.global_step == expected["global_step"]
-    resumed = _last_checkpoint(tmp_path)
-    assert resumed["guardrl"]["num_iterations"] == 2
-    assert expected["state_dict"].keys() == resumed["state_dict"].keys()
-    for key, value in expected["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
-    (opt_a,), (opt_b,) = expected["optimizer_states"], resumed["optimizer_states"]
-    for index, state in opt_a["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, opt_b["state"][index][name]), (index, name)
-    assert expected["global_step"] == resumed["global_step"]
+    check_resume_is_bitwise(TINY, straight, tmp_path, caplog)
 
 
 @pytest.mark.slow  # a guardrl fit: the inner loop leaves it to CI

@@ -55,7 +55,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VL
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from guardrl.policy.backbones import OPTION, FlowBackbone, _is_int
-from guardrl.policy.qwen_image import QwenImageBackbone, make_qwen_tokenizer
+from guardrl.policy.qwen_image import QwenImageBackbone, make_qwen_tokenizer, tiny_qwen_image_scheduler
 from guardrl.policy.qwen_image_edit import VISION_TOKENS
 from guardrl.policy.tiny import _eval
 
@@ -339,20 +339,6 @@ def _tiny_qwen21_vae(seed: int, z_dim: int) -> AutoencoderKLQwenImage21:
     )
 
 
-def tiny_qwen_image21_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    # A dynamic exponential shift (as Qwen-Image's), with a base and a max shift that differ over the tiny
-    # token counts (12 x 12 / 8 x 6 latents), so that the image's token count matters.
-    return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=16,
-        max_image_seq_len=256,
-        time_shift_type="exponential",
-        shift_terminal=0.02,
-    )
-
-
 def make_tiny_qwen_image21_pipeline(
     seed: int = 0, num_layers: int = 2, sample_sigmas: list[float] | None = None
 ) -> QwenImage21Pipeline:
@@ -374,7 +360,7 @@ def make_tiny_qwen_image21_pipeline(
         axes_dims_rope=(4, 6, 6),
     )
     pipe = QwenImage21Pipeline(
-        scheduler=tiny_qwen_image21_scheduler(),
+        scheduler=tiny_qwen_image_scheduler(),  # the Qwen-Image one: its token count matters here too
         vae=_tiny_qwen21_vae(seed + 1, z_dim),
         text_encoder=text_encoder,
         processor=processor,
