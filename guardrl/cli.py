@@ -133,8 +133,7 @@ class GuardRLCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         if self.subcommand == "validate":
-            # an evaluation writes no checkpoint (and the run's checkpoint callback state is not its own)
-            callbacks = [c for c in callbacks if not isinstance(c, IterationCheckpoint)]
+            # an evaluation writes no checkpoint (the forced IterationCheckpoint is dropped below)
             config["enable_checkpointing"] = False
         if config.get("enable_checkpointing") is False:
             # Lightning refuses a ModelCheckpoint when checkpointing is off; the forced one goes quietly.

@@ -94,13 +94,14 @@ class EvaluationResult:
     grid_prompts: list[str] = dataclasses.field(default_factory=list)
     grid_proxy: Optional[torch.Tensor] = None
 
-    def scalars(self, prefix: str) -> dict[str, float]:
-        """The tags an evaluation logs: <prefix>/proxy, <prefix>/<metric>, and per group (when the prompts
-        have groups) <prefix>/proxy/<group>, <prefix>/<metric>/<group>."""
-        out = {f"{prefix}/proxy": self.proxy}
+    def scalars(self, prefix: str, proxy_tag: Optional[str] = None) -> dict[str, float]:
+        """The tags an evaluation logs: <proxy_tag> (default <prefix>/proxy), <prefix>/<metric>, and per group
+        (when the prompts have groups) <proxy_tag>/<group>, <prefix>/<metric>/<group>."""
+        proxy_tag = f"{prefix}/proxy" if proxy_tag is None else proxy_tag
+        out = {proxy_tag: self.proxy}
         out.update({f"{prefix}/{name}": value for name, value in self.metrics.items()})
         if list(self.proxy_per_group) != [ALL]:
-            out.update({f"{prefix}/proxy/{g}": value for g, value in self.proxy_per_group.items()})
+            out.update({f"{proxy_tag}/{g}": value for g, value in self.proxy_per_group.items()})
             for name, groups in self.metrics_per_group.items():
                 out.update({f"{prefix}/{name}/{g}": value for g, value in groups.items()})
         return out

@@ -156,19 +156,16 @@ class OverOptimizationWatch(Evaluation):
         diverging = drop > self.tolerance and gain > 0
         self.diverging_in_a_row = self.diverging_in_a_row + 1 if diverging else 0
         self._latest = {"drop": drop, "gain": gain}
-        metrics = {
-            "watch/proxy": proxy,
-            "gold/average": average,
-            "watch/gold_drop": drop,
-            "watch/proxy_gain": gain,
-            "watch/diverging": float(diverging),
-        }
-        metrics.update({f"gold/{name}": value for name, value in values.items()})
-        for tag, value in result.scalars("gold").items():
-            if tag.startswith("gold/proxy/"):
-                metrics["watch/proxy/" + tag[len("gold/proxy/") :]] = value
-            elif tag.count("/") == 2:
-                metrics[tag] = value
+        # watch/proxy, gold/<name> and, with groups, watch/proxy/<group>, gold/<name>/<group>
+        metrics = result.scalars("gold", proxy_tag="watch/proxy")
+        metrics.update(
+            {
+                "gold/average": average,
+                "watch/gold_drop": drop,
+                "watch/proxy_gain": gain,
+                "watch/diverging": float(diverging),
+            }
+        )
         return metrics
 
     def after_evaluation(self, trainer: L.Trainer, pl_module, result: EvaluationResult) -> None:
